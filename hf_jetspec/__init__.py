@@ -1,0 +1,39 @@
+"""hf_jetspec: JetSpec tree speculative decoding as a native Transformers generation strategy.
+
+`import hf_jetspec` hooks `generate()` so that `model.generate(..., assistant_model=head)` with a [`JetSpecHead`]
+drafts a token tree per round and verifies it in one target forward. Output equals plain `generate()`.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .candidate_generator import JetSpecCandidateGenerator, default_tree_budget
+from .configuration_jetspec import JetSpecConfig, default_target_layer_ids
+from .decoding import JetSpecGenerateStats, jetspec_decoding
+from .default_target import DEFAULT_TARGET_SHA256, default_target_path, load_default_target
+from .integration import install
+from .modeling_jetspec import JetSpecContextCache, JetSpecHead, draft_attention_mask
+from .tree import DraftTree, build_tree, tree_from_parents
+
+__version__ = "0.1.0"
+
+install()
+AutoConfig.register("jetspec", JetSpecConfig, exist_ok=True)
+AutoModel.register(JetSpecConfig, JetSpecHead, exist_ok=True)
+
+__all__ = [
+    "DEFAULT_TARGET_SHA256",
+    "DraftTree",
+    "JetSpecCandidateGenerator",
+    "JetSpecConfig",
+    "JetSpecContextCache",
+    "JetSpecGenerateStats",
+    "JetSpecHead",
+    "build_tree",
+    "default_target_layer_ids",
+    "default_target_path",
+    "default_tree_budget",
+    "draft_attention_mask",
+    "jetspec_decoding",
+    "load_default_target",
+    "tree_from_parents",
+]

@@ -1,0 +1,98 @@
+"""`JetSpecCandidateGenerator`: Transformers' `CandidateGenerator` interface, drafting a token tree per round."""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation.candidate_generator import CandidateGenerator
+
+from .modeling_jetspec import JetSpecContextCache, JetSpecHead
+from .tree import DraftTree, build_tree
+
+
+def default_tree_budget(device: torch.device) -> int:
+    """Node budget (root included) when `head.generation_config.tree_budget` is unset.
+
+    On a CPU a verify forward of 8-16 rows costs about as much as one of 2, while 64+ rows cost several plain steps
+    (see `examples/benchmark_rounds.py`); on a GPU rows are nearly free up to a few hundred.
+    """
+    return 128 if device.type == "cuda" else 16
+
+
+def tap_features(hidden_states: tuple[torch.Tensor | None, ...], target_layer_ids: list[int]) -> torch.Tensor:
+    """Concatenates the outputs of the tapped target layers: `(batch, seq, K * hidden)`.
+
+    `hidden_states` is a Transformers `hidden_states` tuple (index `i + 1` holds layer `i`'s output).
+    """
+    return torch.cat([hidden_states[i + 1] for i in target_layer_ids], dim=-1)
+
+
+class JetSpecCandidateGenerator(CandidateGenerator):
+    """Drafts one [`DraftTree`] per round with a [`JetSpecHead`].
+
+    The head's context (fused tap hidden states of committed positions) is fed by the decoding loop through
+    [`add_context`] after every target forward, so drafting never needs a target forward of its own.
+
+    Args:
+        head ([`JetSpecHead`]): the draft head, already bound to the target.
+        tree_budget (`int`): nodes per tree, root included (1 disables drafting).
+        tree_topk (`int`): candidate tokens per depth.
+    """
+
+    def __init__(self, head: JetSpecHead, tree_budget: int, tree_topk: int):
+        if tree_budget < 1 or tree_topk < 1:
+            raise ValueError(f"`tree_budget` and `tree_topk` must be >= 1, got {tree_budget} and {tree_topk}")
+        self.head = head
+        self.tree_budget = tree_budget
+        self.tree_topk = tree_topk
+        self.context_cache = JetSpecContextCache()
+        self._pending_features: list[torch.Tensor] = []
+        self._pending_positions: list[torch.Tensor] = []
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return self.head.config.target_layer_ids
+
+    def add_context(self, features: torch.Tensor, position_ids: torch.LongTensor) -> None:
+        """Queues context rows for the next draft.
+
+        Args:
+            features (`torch.Tensor` of shape `(1, n, K * hidden)`): concatenated tap hidden states.
+            position_ids (`torch.LongTensor` of shape `(1, n)`): their positions (contiguous, after the cached ones).
+        """
+        if self.tree_budget == 1:  # nothing will be drafted
+            return
+        self._pending_features.append(features)
+        self._pending_positions.append(position_ids)
+
+    @torch.no_grad()
+    def get_candidates(self, input_ids: torch.LongTensor) -> tuple[DraftTree, None]:
+        """Drafts a tree rooted at `input_ids[0, -1]` (the last committed token, not yet seen by the target).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(1, sequence_length)`): all committed tokens.
+
+        Returns:
+            `(DraftTree, None)`: the tree (no candidate logits: acceptance is greedy/sampled from the target alone).
+        """
+        root = int(input_ids[0, -1])
+        if self.tree_budget == 1:
+            return build_tree(root, torch.zeros(0, 1, device=input_ids.device), 1, 1), None
+        features = positions = None
+        if self._pending_features:
+            features = torch.cat(self._pending_features, dim=1).to(self.head.dtype)
+            positions = torch.cat(self._pending_positions, dim=1)
+            self._pending_features, self._pending_positions = [], []
+        anchor_position = input_ids.shape[1] - 1
+        output = self.head(
+            anchor_ids=input_ids[:, -1:],
+            anchor_position_ids=torch.tensor([[anchor_position]], device=input_ids.device),
+            context_features=features,
+            context_position_ids=positions,
+            past_key_values=self.context_cache,
+        )
+        depth_logprobs = output.logits[0, 0].float().log_softmax(dim=-1)  # (block_size - 1, vocab)
+        return build_tree(root, depth_logprobs, self.tree_budget, self.tree_topk), None
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
+        """Fixed budget for now; the hook where budget calibration will plug in."""
+        return

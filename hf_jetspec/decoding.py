@@ -1,0 +1,217 @@
+"""The JetSpec decode loop: draft a tree, verify it in one target forward, accept, compact the cache, emit.
+
+`generate(assistant_model=head)` lands here (see `integration.py`). Batch size 1, greedy. The loop keeps one
+invariant: the target cache holds every committed token except the last one, which is the next tree's root.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .candidate_generator import JetSpecCandidateGenerator, default_tree_budget, tap_features
+from .modeling_jetspec import JetSpecHead
+
+TREE_MASK_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class JetSpecGenerateStats:
+    """What the last `generate(assistant_model=head)` call did.
+
+    Args:
+        rounds (`int`): draft-verify rounds (the prefill is not a round).
+        new_tokens (`int`): tokens emitted, the prefill's token included.
+        drafted_nodes (`int`): tree nodes drafted, roots excluded.
+        accepted_drafts (`int`): drafted tokens accepted.
+        tree_budget (`int`), tree_topk (`int`): the tree settings used.
+        time_prefill, time_draft, time_verify, time_accept, time_cache, time_total (`float`): seconds.
+    """
+
+    rounds: int = 0
+    new_tokens: int = 0
+    drafted_nodes: int = 0
+    accepted_drafts: int = 0
+    tree_budget: int = 0
+    tree_topk: int = 0
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_accept: float = 0.0
+    time_cache: float = 0.0
+    time_total: float = 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens emitted per round (accepted drafts + the target's own token)."""
+        return (self.accepted_drafts + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def time_overhead(self) -> float:
+        """Host time outside the measured phases (Python bookkeeping, streamer, stopping criteria)."""
+        measured = self.time_prefill + self.time_draft + self.time_verify + self.time_accept + self.time_cache
+        return max(self.time_total - measured, 0.0)
+
+
+def compact_cache(cache: DynamicCache, past_length: int, keep: torch.LongTensor) -> None:
+    """Keeps `past_length` prefix rows plus the tree rows `keep` (sorted, relative to the tree) in every layer.
+
+    The kept rows are moved down in place; the rest is dropped with the public `crop(-n)`.
+    """
+    for layer in cache.layers:
+        tree_rows = layer.keys.shape[-2] - past_length
+        if keep.numel() < tree_rows:
+            source = past_length + keep
+            target = slice(past_length, past_length + keep.numel())
+            layer.keys[:, :, target] = layer.keys[:, :, source]
+            layer.values[:, :, target] = layer.values[:, :, source]
+    cache.crop(-(cache.layers[0].keys.shape[-2] - past_length - keep.numel()))
+
+
+def _validate(model, input_ids, generation_config, head, model_kwargs) -> DynamicCache:
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"JetSpec tree decoding supports batch size 1 for now, got {input_ids.shape[0]}: "
+            "call generate() once per prompt."
+        )
+    if generation_config.do_sample:
+        raise ValueError("JetSpec tree decoding is greedy for now: pass `do_sample=False` (sampling is not supported yet).")
+    if not model_kwargs.get("use_cache", True):
+        raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")
+    for name in ("output_attentions", "output_hidden_states"):
+        if getattr(generation_config, name, False) and generation_config.return_dict_in_generate:
+            raise ValueError(f"`{name}=True` is not supported with a JetSpec head; `output_scores`/`output_logits` are.")
+    attn = model.config._attn_implementation
+    if attn not in TREE_MASK_ATTENTION:
+        raise ValueError(
+            f"The target uses attn_implementation={attn!r}, which cannot take a tree attention mask. "
+            f"Load it with attn_implementation='sdpa' (or one of {TREE_MASK_ATTENTION})."
+        )
+    cache = model_kwargs.get("past_key_values")
+    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise ValueError(
+            f"JetSpec tree decoding needs a plain DynamicCache (no static, sliding-window or quantized cache), got "
+            f"{type(cache).__name__}: drop `cache_implementation` / `past_key_values`."
+        )
+    if cache.get_seq_length() > 0:
+        raise ValueError("JetSpec tree decoding starts from an empty cache: do not pass a pre-filled `past_key_values`.")
+    attention_mask = model_kwargs.get("attention_mask")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("JetSpec tree decoding does not support padded inputs yet: pass unpadded `input_ids`.")
+    head.bind(model)
+    return cache
+
+
+@torch.no_grad()
+def jetspec_decoding(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    assistant_model: JetSpecHead | None = None,
+    **model_kwargs,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    """Tree speculative decoding with a [`JetSpecHead`] (called by `generate()`; same arguments as `_assisted_decoding`)."""
+    head = assistant_model
+    cache = _validate(model, input_ids, generation_config, head, model_kwargs)
+    start = time.perf_counter()
+    budget = head.generation_config.tree_budget or default_tree_budget(model.device)
+    generator = JetSpecCandidateGenerator(head, tree_budget=budget, tree_topk=head.generation_config.tree_topk)
+    stats = JetSpecGenerateStats(tree_budget=budget, tree_topk=generator.tree_topk)
+    decoder = getattr(model, model.base_model_prefix)
+    lm_head = model.get_output_embeddings()
+    hidden_state_ids = [i + 1 for i in generator.target_layer_ids]
+    return_dict = generation_config.return_dict_in_generate
+    scores = () if return_dict and generation_config.output_scores else None
+    raw_logits = () if return_dict and generation_config.output_logits else None
+
+    def emit(token_logits: torch.Tensor) -> tuple[int, bool]:
+        """Processes one row of logits with the current path, appends the target's token; returns (token, done)."""
+        nonlocal input_ids, scores, raw_logits
+        next_logits = token_logits.to(dtype=torch.float32, device=input_ids.device)[None]
+        next_scores = logits_processor(input_ids, next_logits.clone())
+        token = next_scores.argmax(dim=-1)
+        input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
+        if scores is not None:
+            scores += (next_scores,)
+        if raw_logits is not None:
+            raw_logits += (next_logits,)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        stats.new_tokens += 1
+        return int(token), bool(stopping_criteria(input_ids, scores).all())
+
+    # 0. Prefill: the whole prompt, its tap features become the head's first context.
+    prompt_length = input_ids.shape[1]
+    outputs = decoder(
+        input_ids=input_ids,
+        position_ids=torch.arange(prompt_length, device=input_ids.device)[None],
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=hidden_state_ids,
+    )
+    generator.add_context(tap_features(outputs.hidden_states, generator.target_layer_ids), torch.arange(prompt_length, device=input_ids.device)[None])
+    _, done = emit(lm_head(outputs.last_hidden_state[0, -1]))
+    stats.time_prefill = time.perf_counter() - start
+
+    while not done:
+        # 1. Draft a tree rooted at the last committed token.
+        t0 = time.perf_counter()
+        tree, _ = generator.get_candidates(input_ids)
+        past_length = input_ids.shape[1] - 1
+
+        # 2. Verify every node in one target forward (ancestor mask, tree positions).
+        t1 = time.perf_counter()
+        outputs = decoder(
+            input_ids=tree.tokens[None],
+            position_ids=tree.position_ids(past_length),
+            attention_mask=tree.attention_mask(past_length, model.dtype),
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=hidden_state_ids,
+        )
+        node_hidden = outputs.last_hidden_state[0]
+
+        # 3. Accept: follow the target's own token from the root while a child carries it; the last one is the bonus.
+        t2 = time.perf_counter()
+        node, accepted = 0, []
+        while True:
+            token, done = emit(lm_head(node_hidden[node]))
+            child = tree.child_with_token(node, token)
+            if done or child is None:
+                break
+            accepted.append(child)
+            node = child
+
+        # 4. Compact the cache to prefix + root + accepted nodes; their tap features are the next context rows.
+        t3 = time.perf_counter()
+        keep = torch.tensor([0, *accepted], device=node_hidden.device)
+        compact_cache(cache, past_length, keep)
+        features = tap_features(outputs.hidden_states, generator.target_layer_ids)[:, keep]
+        generator.add_context(features, torch.arange(past_length, past_length + keep.numel(), device=input_ids.device)[None])
+        generator.update_candidate_strategy(input_ids, None, len(accepted))
+
+        t4 = time.perf_counter()
+        stats.rounds += 1
+        stats.drafted_nodes += tree.num_nodes - 1
+        stats.accepted_drafts += len(accepted)
+        stats.time_draft += t1 - t0
+        stats.time_verify += t2 - t1
+        stats.time_accept += t3 - t2
+        stats.time_cache += t4 - t3
+
+    if streamer is not None:
+        streamer.end()
+    stats.time_total = time.perf_counter() - start
+    head.last_generate_stats = stats
+    if return_dict:
+        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, past_key_values=cache)
+    return input_ids

@@ -1,0 +1,66 @@
+"""Hooks JetSpec into `generate()`: when `assistant_model` is a `JetSpecHead`, assisted generation runs the tree loop.
+
+Transformers has no public registry of candidate-generator strategies, so this wraps two private `GenerationMixin`
+methods. They are checked against the tested transformers range at import and we fail loudly outside it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import transformers
+from packaging.version import Version
+from transformers.generation.utils import GenerationMixin, GenerationMode
+
+from .decoding import jetspec_decoding
+from .modeling_jetspec import JetSpecHead
+
+TESTED_TRANSFORMERS = (Version("5.23.0"), Version("5.24.0"))
+
+
+def _check_transformers_version() -> None:
+    version = Version(transformers.__version__)
+    low, high = TESTED_TRANSFORMERS
+    if not low <= version < high:
+        raise ImportError(
+            f"hf_jetspec hooks transformers' private generation internals and is tested with transformers "
+            f">={low},<{high}; found {version}. Install a tested version: pip install 'transformers>={low},<{high}'."
+        )
+    for name in ("_assisted_decoding", "_validate_generation_mode"):
+        if not hasattr(GenerationMixin, name):
+            raise ImportError(f"transformers {version} has no GenerationMixin.{name}; hf_jetspec cannot hook generate().")
+
+
+def install() -> None:
+    """Wraps `GenerationMixin._assisted_decoding` and `_validate_generation_mode` (idempotent)."""
+    _check_transformers_version()
+    if getattr(GenerationMixin._assisted_decoding, "_jetspec", False):
+        return
+
+    original_decoding = GenerationMixin._assisted_decoding
+    original_validate = GenerationMixin._validate_generation_mode
+
+    @functools.wraps(original_decoding)
+    def _assisted_decoding(self, *args, assistant_model=None, **kwargs):
+        if isinstance(assistant_model, JetSpecHead):
+            kwargs.pop("inputs_tensor", None)
+            kwargs.pop("assistant_tokenizer", None)
+            kwargs.pop("tokenizer", None)
+            return jetspec_decoding(self, *args, assistant_model=assistant_model, **kwargs)
+        return original_decoding(self, *args, assistant_model=assistant_model, **kwargs)
+
+    @functools.wraps(original_validate)
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        if isinstance(generation_mode_kwargs.get("assistant_model"), JetSpecHead):
+            if generation_mode != GenerationMode.ASSISTED_GENERATION:
+                raise ValueError(
+                    f"A JetSpec head drafts for greedy decoding only; these settings select {generation_mode.value!r} "
+                    f"(num_beams={generation_config.num_beams}). Use num_beams=1, or drop `assistant_model`."
+                )
+            if "assistant_tokenizer" in generation_mode_kwargs:
+                raise ValueError("A JetSpec head shares the target's tokenizer: do not pass `assistant_tokenizer`.")
+        return original_validate(self, generation_mode, generation_config, generation_mode_kwargs)
+
+    _assisted_decoding._jetspec = True
+    GenerationMixin._assisted_decoding = _assisted_decoding
+    GenerationMixin._validate_generation_mode = _validate_generation_mode

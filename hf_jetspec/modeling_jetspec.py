@@ -1,0 +1,319 @@
+"""`JetSpecHead`: the causal parallel draft head, composed from the target family's own Transformers layers.
+
+The head reads hidden states of a few target layers ("taps"), fuses them (`Linear(K*H -> H)` + RMSNorm) into one
+context row per committed position, and lets every head layer attend to those rows as extra keys/values (projected
+with that layer's own `k_proj`/`v_proj`). The queries are one block per anchor: `[anchor, MASK x (block_size - 1)]`,
+causal inside the block. The target's input embeddings and `lm_head` are shared and bound at run time, never saved.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+from .configuration_jetspec import JetSpecConfig, default_target_layer_ids
+
+
+def family_classes(model_type: str) -> tuple[type, type, type, object]:
+    """Decoder layer, RMSNorm and rotary-embedding classes (and the modeling module) of a Transformers family.
+
+    Raises:
+        `ValueError`: when the family does not follow the `<Name>DecoderLayer/<Name>RMSNorm/<Name>RotaryEmbedding`
+            layout that the head composes (Llama, Qwen2/3, Mistral and their kin do).
+    """
+    base_name = MODEL_MAPPING_NAMES.get(model_type)
+    if base_name is None:
+        raise ValueError(f"Unknown target architecture {model_type!r}: JetSpec heads support decoder-only LMs.")
+    import transformers
+
+    base_cls = getattr(transformers, base_name)
+    module = sys.modules[base_cls.__module__]
+    prefix = base_name[: -len("Model")]
+    names = (f"{prefix}DecoderLayer", f"{prefix}RMSNorm", f"{prefix}RotaryEmbedding")
+    found = [getattr(module, name, None) for name in names]
+    if any(cls is None for cls in found) or not hasattr(module, "apply_rotary_pos_emb"):
+        raise ValueError(
+            f"Target architecture {model_type!r} is not supported by JetSpecHead: its modeling module lacks one of "
+            f"{names} or `apply_rotary_pos_emb`. Llama- and Qwen-style decoders are supported."
+        )
+    return (*found, module)
+
+
+class JetSpecContextCache(DynamicCache):
+    """Per-layer keys/values of the context rows (committed positions only).
+
+    The head's decoder layers call `update` with the keys/values of the query block; those are attended to together
+    with the cached context but never stored, so the cache only ever grows by committed positions.
+    """
+
+    def append_context(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
+        super().update(key_states, value_states, layer_idx)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx >= len(self.layers) or not self.layers[layer_idx].is_initialized:
+            return key_states, value_states
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+
+@dataclass
+class JetSpecHeadOutput(ModelOutput):
+    """
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch, num_blocks, block_size - 1, vocab_size)`):
+            Logits for depths `1 .. block_size - 1` of every block (depth `d` is the token at `anchor_pos + d`).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, num_blocks * block_size, hidden_size)`):
+            Final-normed hidden states of all block rows.
+        past_key_values (`JetSpecContextCache`): the context cache, grown by the context rows of this call.
+    """
+
+    logits: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: JetSpecContextCache | None = None
+
+
+def draft_attention_mask(
+    context_position_ids: torch.Tensor,
+    anchor_position_ids: torch.Tensor,
+    block_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Additive 4D mask for blocks of queries over `[context rows, block rows]`.
+
+    Block `j` (anchor at position `a_j`) sees the context rows at positions `< a_j`, and the rows of its own block
+    causally. Context rows are never queries.
+
+    Args:
+        context_position_ids (`torch.LongTensor` of shape `(batch, num_context)`): positions of all context rows.
+        anchor_position_ids (`torch.LongTensor` of shape `(batch, num_blocks)`): position of each block's anchor.
+        block_size (`int`): rows per block.
+        dtype (`torch.dtype`): dtype of the returned additive mask.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, 1, num_blocks * block_size, num_context + num_blocks * block_size)`:
+        0 where attention is allowed, the dtype's minimum elsewhere.
+    """
+    batch, num_blocks = anchor_position_ids.shape
+    rows = num_blocks * block_size
+    sees_context = context_position_ids[:, None, :] < anchor_position_ids.repeat_interleave(block_size, dim=1)[..., None]
+    block_of_row = torch.arange(rows, device=anchor_position_ids.device) // block_size
+    offset_in_block = torch.arange(rows, device=anchor_position_ids.device) % block_size
+    sees_block = (block_of_row[:, None] == block_of_row[None, :]) & (offset_in_block[:, None] >= offset_in_block[None, :])
+    allowed = torch.cat([sees_context, sees_block.expand(batch, rows, rows)], dim=-1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+class JetSpecPreTrainedModel(PreTrainedModel):
+    config: JetSpecConfig
+    config_class = JetSpecConfig
+    base_model_prefix = "jetspec"
+    main_input_name = "anchor_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        std = self.config.draft_config.get("initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, JetSpecHead):
+            nn.init.normal_(module.mask_embedding, mean=0.0, std=std)
+        elif hasattr(module, "weight") and module.__class__.__name__.endswith("RMSNorm"):
+            nn.init.ones_(module.weight)
+
+
+class JetSpecHead(JetSpecPreTrainedModel):
+    """A JetSpec draft head. Pass it as `assistant_model` to the target's `generate()` after `import hf_jetspec`.
+
+    Example:
+
+    ```python
+    >>> import hf_jetspec
+    >>> from hf_jetspec import JetSpecHead
+    >>> head = JetSpecHead.from_pretrained("path/to/head")  # or JetSpecHead.from_target(target, num_hidden_layers=1)
+    >>> out = target.generate(**inputs, assistant_model=head, max_new_tokens=128)
+    ```
+    """
+
+    def __init__(self, config: JetSpecConfig):
+        super().__init__(config)
+        family_config = config.to_family_config()
+        decoder_layer_cls, norm_cls, rotary_cls, self._family_module = family_classes(config.target_model_type)
+        hidden = family_config.hidden_size
+        self.fc = nn.Linear(len(config.target_layer_ids) * hidden, hidden, bias=False)
+        self.context_norm = norm_cls(hidden, eps=family_config.rms_norm_eps)
+        self.mask_embedding = nn.Parameter(torch.zeros(hidden))
+        self.layers = nn.ModuleList(
+            [decoder_layer_cls(family_config, layer_idx) for layer_idx in range(family_config.num_hidden_layers)]
+        )
+        self.norm = norm_cls(hidden, eps=family_config.rms_norm_eps)
+        self.rotary_emb = rotary_cls(config=family_config)
+        self._target_modules: tuple[nn.Module, nn.Module] | None = None  # (input embeddings, lm_head); not submodules
+        self.last_generate_stats = None
+        self.post_init()
+        self.generation_config = GenerationConfig(tree_budget=None, tree_topk=7)
+
+    # ------------------------------------------------------------------ binding to a target
+    @classmethod
+    def from_target(
+        cls,
+        target_model: PreTrainedModel,
+        num_hidden_layers: int = 1,
+        block_size: int = 16,
+        target_layer_ids: list[int] | None = None,
+        init_from_target: bool = True,
+        **draft_overrides,
+    ) -> JetSpecHead:
+        """Builds a fresh head for `target_model` (random fc/mask; decoder layers copied from the target's last ones).
+
+        Args:
+            target_model (`PreTrainedModel`): the causal LM the head drafts for.
+            num_hidden_layers (`int`, *optional*, defaults to 1): decoder layers in the head.
+            block_size (`int`, *optional*, defaults to 16): anchor + drafted depths per block.
+            target_layer_ids (`list[int]`, *optional*): tapped target layers; default evenly spaced (see
+                [`default_target_layer_ids`]) with `max(num_hidden_layers, 3)` taps.
+            init_from_target (`bool`, *optional*, defaults to `True`): copy the weights of the target's last
+                `num_hidden_layers` decoder layers and its final norm into the head.
+            draft_overrides: other fields of the family config to override (e.g. `intermediate_size`).
+        """
+        target_config = target_model.config.get_text_config()
+        num_target_layers = target_config.num_hidden_layers
+        if target_layer_ids is None:
+            target_layer_ids = default_target_layer_ids(num_target_layers, max(num_hidden_layers, 3))
+        draft_config = target_config.to_dict()
+        draft_config.update(num_hidden_layers=num_hidden_layers, **draft_overrides)
+        config = JetSpecConfig(
+            draft_config=draft_config,
+            target_layer_ids=target_layer_ids,
+            block_size=block_size,
+            target_num_hidden_layers=num_target_layers,
+            target_name_or_path=getattr(target_config, "_name_or_path", None) or None,
+        )
+        head = cls(config).to(device=target_model.device, dtype=target_model.dtype)
+        if init_from_target and not draft_overrides:
+            decoder = getattr(target_model, target_model.base_model_prefix)
+            for head_layer, target_layer in zip(head.layers, decoder.layers[-num_hidden_layers:]):
+                head_layer.load_state_dict(target_layer.state_dict())
+            head.norm.load_state_dict(decoder.norm.state_dict())
+        head.bind(target_model)
+        return head
+
+    def check_compatible(self, target_model: PreTrainedModel) -> None:
+        """Raises a `ValueError` naming both sides when this head was built for another target."""
+        target_config = target_model.config.get_text_config()
+        draft = self.config.draft_config
+        checks = {
+            "vocab_size": (draft.get("vocab_size"), target_config.vocab_size),
+            "hidden_size": (draft.get("hidden_size"), target_config.hidden_size),
+            "num_hidden_layers": (self.config.target_num_hidden_layers, target_config.num_hidden_layers),
+            "model_type": (draft.get("model_type"), target_config.model_type),
+        }
+        mismatches = [f"{name}: head expects {want}, target has {got}" for name, (want, got) in checks.items() if want != got]
+        if mismatches:
+            raise ValueError(
+                f"This JetSpec head was built for another target ({self.config.target_name_or_path or 'unknown'}) "
+                f"than {getattr(target_config, '_name_or_path', '') or type(target_model).__name__}: "
+                + "; ".join(mismatches)
+                + ". Use a head trained for this target, or build one with `JetSpecHead.from_target(target)`."
+            )
+
+    def bind(self, target_model: PreTrainedModel) -> JetSpecHead:
+        """Shares the target's input embeddings and `lm_head` with the head (checked for compatibility first)."""
+        self.check_compatible(target_model)
+        self._target_modules = (target_model.get_input_embeddings(), target_model.get_output_embeddings())
+        return self
+
+    def _bound(self) -> tuple[nn.Module, nn.Module]:
+        if self._target_modules is None:
+            raise RuntimeError(
+                "This JetSpec head is not bound to a target yet: call `head.bind(target_model)` or pass it to "
+                "`target_model.generate(..., assistant_model=head)`, which binds it."
+            )
+        return self._target_modules
+
+    # ------------------------------------------------------------------ forward
+    def fuse_context(self, tap_hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(batch, n, K*H)` concatenated tap hidden states -> `(batch, n, H)` context rows."""
+        return self.context_norm(self.fc(tap_hidden_states))
+
+    def _append_context(self, context: torch.Tensor, position_ids: torch.Tensor, cache: JetSpecContextCache) -> None:
+        cos, sin = self.rotary_emb(context, position_ids)
+        for layer_idx, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            shape = (*context.shape[:-1], -1, attn.head_dim)
+            keys = attn.k_proj(context).view(shape)
+            if hasattr(attn, "k_norm"):
+                keys = attn.k_norm(keys)
+            keys = keys.transpose(1, 2)
+            values = attn.v_proj(context).view(shape).transpose(1, 2)
+            _, keys = self._family_module.apply_rotary_pos_emb(keys, keys, cos, sin)
+            cache.append_context(keys, values, layer_idx)
+
+    def forward(
+        self,
+        anchor_ids: torch.LongTensor,
+        anchor_position_ids: torch.LongTensor,
+        context_features: torch.Tensor | None = None,
+        context_position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: JetSpecContextCache | None = None,
+        logits_to_keep: bool = True,
+    ) -> JetSpecHeadOutput:
+        r"""
+        Args:
+            anchor_ids (`torch.LongTensor` of shape `(batch, num_blocks)`): the anchor token of each block.
+            anchor_position_ids (`torch.LongTensor` of shape `(batch, num_blocks)`): the anchor's position.
+            context_features (`torch.Tensor` of shape `(batch, n, K*H)`, *optional*): NEW concatenated tap hidden
+                states (rows not yet in `past_key_values`).
+            context_position_ids (`torch.LongTensor` of shape `(batch, n)`, *optional*): their positions.
+            attention_mask (`torch.Tensor` of shape `(batch, 1, num_blocks * block_size, total_context + num_blocks * block_size)`, *optional*):
+                additive mask; by default built with [`draft_attention_mask`] assuming the cached and new context
+                rows sit at positions `0 .. total_context - 1` (the generation case).
+            past_key_values (`JetSpecContextCache`, *optional*): context keys/values of earlier calls.
+            logits_to_keep (`bool`, *optional*, defaults to `True`): compute depth logits with the target's lm_head.
+        """
+        embed_tokens, lm_head = self._bound()
+        block_size = self.config.block_size
+        batch, num_blocks = anchor_ids.shape
+        cache = past_key_values if past_key_values is not None else JetSpecContextCache()
+
+        if context_features is not None and context_features.shape[1] > 0:
+            self._append_context(self.fuse_context(context_features), context_position_ids, cache)
+
+        # Block rows: [anchor embedding, MASK x (block_size - 1)] at positions anchor + 0 .. block_size - 1.
+        anchor_embeds = embed_tokens(anchor_ids)  # (batch, num_blocks, H)
+        mask_embeds = self.mask_embedding.to(anchor_embeds.dtype).expand(batch, num_blocks, block_size - 1, -1)
+        hidden_states = torch.cat([anchor_embeds[:, :, None], mask_embeds], dim=2).flatten(1, 2)
+        offsets = torch.arange(block_size, device=anchor_ids.device)
+        position_ids = (anchor_position_ids[..., None] + offsets).flatten(1)
+
+        if attention_mask is None:
+            total_context = cache.get_seq_length()
+            all_context_positions = torch.arange(total_context, device=anchor_ids.device).expand(batch, -1)
+            attention_mask = draft_attention_mask(all_context_positions, anchor_position_ids, block_size, hidden_states.dtype)
+
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                position_embeddings=position_embeddings,
+            )
+        hidden_states = self.norm(hidden_states)
+
+        logits = None
+        if logits_to_keep:
+            drafted = hidden_states.view(batch, num_blocks, block_size, -1)[:, :, 1:]
+            logits = lm_head(drafted)
+        return JetSpecHeadOutput(logits=logits, last_hidden_state=hidden_states, past_key_values=cache)

@@ -1,0 +1,121 @@
+"""Draft trees as data: best-first construction from per-depth log-probs, and the tensors verification needs."""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """A token tree rooted at the last committed token, nodes listed parents-first.
+
+    Args:
+        tokens (`torch.LongTensor` of shape `(num_nodes,)`): node tokens; `tokens[0]` is the root.
+        parents (`list[int]`): parent index of each node; `-1` for the root.
+        depths (`torch.LongTensor` of shape `(num_nodes,)`): 0 for the root, parent depth + 1 otherwise.
+        ancestor_mask (`torch.BoolTensor` of shape `(num_nodes, num_nodes)`): `[i, j]` is True when node `j` is
+            node `i` or one of its ancestors.
+    """
+
+    tokens: torch.LongTensor
+    parents: list[int]
+    depths: torch.LongTensor
+    ancestor_mask: torch.BoolTensor
+    children: dict[tuple[int, int], int] = field(repr=False)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.parents)
+
+    def child_with_token(self, node: int, token: int) -> int | None:
+        """Index of the child of `node` that carries `token`, or `None`."""
+        return self.children.get((node, token))
+
+    def path_tokens(self, node: int) -> list[int]:
+        """Tokens from the root's first child down to `node` (the root itself excluded)."""
+        path = []
+        while node > 0:
+            path.append(int(self.tokens[node]))
+            node = self.parents[node]
+        return path[::-1]
+
+    def attention_mask(self, past_length: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask `(1, 1, num_nodes, past_length + num_nodes)`: every node sees the whole prefix, itself and its
+        ancestors only."""
+        allowed = torch.cat(
+            [torch.ones(self.num_nodes, past_length, dtype=torch.bool, device=self.tokens.device), self.ancestor_mask],
+            dim=1,
+        )
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.tokens.device)
+        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[None, None]
+
+    def position_ids(self, past_length: int) -> torch.LongTensor:
+        """`(1, num_nodes)` positions: the root sits at `past_length`, a node at depth d at `past_length + d`."""
+        return (past_length + self.depths)[None]
+
+
+def tree_from_parents(tokens: list[int], parents: list[int], device: torch.device | str = "cpu") -> DraftTree:
+    """Builds a [`DraftTree`] from parents-first lists (`parents[0] == -1`, `parents[i] < i`)."""
+    if not tokens or parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i > 0):
+        raise ValueError("a tree needs a root at index 0 and every parent listed before its children")
+    num_nodes = len(tokens)
+    depths = [0] * num_nodes
+    ancestor = torch.eye(num_nodes, dtype=torch.bool)
+    children = {}
+    for i in range(1, num_nodes):
+        parent = parents[i]
+        depths[i] = depths[parent] + 1
+        ancestor[i] |= ancestor[parent]
+        children.setdefault((parent, tokens[i]), i)
+    return DraftTree(
+        tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+        parents=list(parents),
+        depths=torch.tensor(depths, dtype=torch.long, device=device),
+        ancestor_mask=ancestor.to(device),
+        children=children,
+    )
+
+
+def build_tree(root_token: int, depth_logprobs: torch.Tensor, budget: int, topk: int) -> DraftTree:
+    """Best-first tree under a node budget ("accum_logp").
+
+    Every depth `d` offers the same top-`topk` tokens to all parents at depth `d - 1` (independent marginals); a
+    path's score is the sum of its tokens' log-probs. Nodes are popped from a heap by score until `budget` nodes
+    (root included) are taken. Children are pushed lazily (first child, then next sibling), so each pop costs O(log n).
+
+    Args:
+        root_token (`int`): the last committed token, not yet seen by the target.
+        depth_logprobs (`torch.FloatTensor` of shape `(max_depth, vocab_size)`): log-probs of depth 1 .. max_depth.
+        budget (`int`): total nodes including the root (1 means no drafting).
+        topk (`int`): candidates per depth.
+
+    Returns:
+        [`DraftTree`] with at most `budget` nodes, parents listed before children.
+    """
+    if budget < 1 or topk < 1:
+        raise ValueError(f"tree budget and topk must be >= 1, got budget={budget}, topk={topk}")
+    max_depth = depth_logprobs.shape[0]
+    values, ids = depth_logprobs.float().topk(min(topk, depth_logprobs.shape[-1]), dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    width = len(values[0]) if max_depth else 0
+
+    tokens, parents = [root_token], [-1]
+    # heap entries: (-score, tie, depth (1-based), parent index, rank at that depth, parent score)
+    heap = [(-values[0][0], 0, 1, 0, 0, 0.0)] if max_depth and budget > 1 else []
+    tie = 1
+    while heap and len(tokens) < budget:
+        neg_score, _, depth, parent, rank, parent_score = heapq.heappop(heap)
+        node = len(tokens)
+        tokens.append(ids[depth - 1][rank])
+        parents.append(parent)
+        if rank + 1 < width:  # next sibling
+            heapq.heappush(heap, (-(parent_score + values[depth - 1][rank + 1]), tie, depth, parent, rank + 1, parent_score))
+            tie += 1
+        if depth < max_depth:  # first child
+            heapq.heappush(heap, (neg_score - values[depth][0], tie, depth + 1, node, 0, -neg_score))
+            tie += 1
+    return tree_from_parents(tokens, parents, device=depth_logprobs.device)

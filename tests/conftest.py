@@ -1,0 +1,113 @@
+"""Shared fixtures: tiny random Llama/Qwen3 targets, an oracle head, the default target, eval prompts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+import hf_jetspec  # noqa: F401  (hooks generate())
+from hf_jetspec import JetSpecHead
+from hf_jetspec.modeling_jetspec import JetSpecHeadOutput
+
+SHARED_EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+FALLBACK_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in two sentences.",
+    "List three prime numbers greater than 10.",
+    "Give me a recipe for pancakes.",
+    "Translate 'good morning' into Spanish.",
+]
+
+TINY_FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+
+
+def make_tiny_target(family: str, seed: int = 0, vocab_size: int = 96, num_hidden_layers: int = 4):
+    config_cls, model_cls = TINY_FAMILIES[family]
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+class OracleHead(JetSpecHead):
+    """Test-only drafter that knows the right continuation `reference` (a 1D tensor of the full sequence).
+
+    At depth d it puts the true token at rank `rank_of_truth` (0 = top) among random distractors, so the tree must
+    branch to find it; beyond the reference it drafts junk.
+    """
+
+    reference: torch.Tensor
+    rank_of_truth: int = 0
+
+    def forward(self, anchor_ids, anchor_position_ids, context_features=None, context_position_ids=None,
+                attention_mask=None, past_key_values=None, logits_to_keep=True):
+        block = self.config.block_size
+        vocab = self.config.vocab_size
+        anchor = int(anchor_position_ids[0, 0])
+        generator = torch.Generator().manual_seed(anchor)
+        logits = 0.1 * torch.randn(block - 1, vocab, generator=generator)
+        for depth in range(1, block):
+            position = anchor + depth
+            if position < self.reference.numel():
+                truth = int(self.reference[position])
+                decoys = torch.randint(vocab, (self.rank_of_truth,), generator=generator)
+                logits[depth - 1, decoys] = 10.0
+                logits[depth - 1, truth] = 9.9 if self.rank_of_truth else 10.0
+        return JetSpecHeadOutput(logits=logits[None, None].to(self.dtype))
+
+
+def oracle_for(target, reference: torch.Tensor, rank_of_truth: int = 0, block_size: int = 8) -> OracleHead:
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=block_size)
+    head.__class__ = OracleHead
+    head.reference = reference.flatten()
+    head.rank_of_truth = rank_of_truth
+    return head
+
+
+def eval_prompts(per_file: int) -> list[tuple[str, str]]:
+    """`(category, prompt)` pairs, `per_file` from each eval set in ../shared (fallback prompts without it)."""
+    if not SHARED_EVAL.is_dir():
+        return [("fallback", p) for p in FALLBACK_PROMPTS]
+    prompts = []
+    for path in sorted(SHARED_EVAL.glob("*.jsonl")):
+        with path.open() as handle:
+            for _, line in zip(range(per_file), handle):
+                prompts.append((path.stem, json.loads(line)["prompt"]))
+    return prompts
+
+
+@pytest.fixture(scope="session")
+def default_target():
+    pytest.importorskip("gguf")
+    try:
+        return hf_jetspec.load_default_target()
+    except FileNotFoundError as error:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(error))
+
+
+def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]

@@ -1,0 +1,165 @@
+"""The test that matters most: speculative output equals the target's own output, token for token."""
+
+import pytest
+import torch
+from conftest import make_tiny_target, oracle_for
+from transformers.generation.streamers import BaseStreamer
+
+from hf_jetspec import JetSpecHead
+
+PROMPT = torch.tensor([[5, 17, 42, 8, 61, 3, 29]])
+
+
+class CollectingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+    @property
+    def tokens(self):
+        return [token for chunk in self.chunks for token in chunk]
+
+
+def run(target, head, budget, **kwargs):
+    head.generation_config.tree_budget = budget
+    kwargs.setdefault("do_sample", False)
+    return target.generate(PROMPT, assistant_model=head, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("budget", [1, 4, 16, 64])
+def test_random_head_greedy_equals_plain_generate(family, budget):
+    target = make_tiny_target(family, seed=1)
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
+    expected = target.generate(PROMPT, do_sample=False, max_new_tokens=40)
+    out = run(target, head, budget, max_new_tokens=40)
+    assert out.tolist() == expected.tolist()
+    stats = head.last_generate_stats
+    assert stats.new_tokens == 40 and stats.tree_budget == budget
+    assert stats.drafted_nodes <= stats.rounds * (budget - 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("rank_of_truth", [0, 2])
+@pytest.mark.parametrize("budget", [8, 32])
+def test_oracle_head_accepts_many_tokens_and_stays_exact(family, rank_of_truth, budget):
+    target = make_tiny_target(family, seed=2)
+    expected = target.generate(PROMPT, do_sample=False, max_new_tokens=48)
+    head = oracle_for(target, expected, rank_of_truth=rank_of_truth, block_size=8)
+    out = run(target, head, budget, max_new_tokens=48)
+    assert out.tolist() == expected.tolist()
+    stats = head.last_generate_stats
+    # a chain of 7 fits in 8 nodes when the truth is on top; with 2 decoys per depth the tree spreads 3-wide, so
+    # 8 nodes reach about depth 2 and 32 nodes about depth 3
+    minimum = {(0, 8): 4.0, (0, 32): 4.0, (2, 8): 1.5, (2, 32): 2.5}[(rank_of_truth, budget)]
+    assert stats.mean_accepted_length > minimum
+
+
+def test_eos_inside_an_accepted_path_stops_exactly_there():
+    target = make_tiny_target("llama", seed=3)
+    free_run = target.generate(PROMPT, do_sample=False, max_new_tokens=40)
+    continuation = free_run[0, PROMPT.shape[1]:].tolist()
+    eos = continuation[12]
+    expected = target.generate(PROMPT, do_sample=False, max_new_tokens=40, eos_token_id=[95, eos])
+    assert expected.shape[1] < free_run.shape[1]  # plain generate stopped at the EOS
+    head = oracle_for(target, free_run, rank_of_truth=0, block_size=8)  # drafts straight through the EOS
+    out = run(target, head, 16, max_new_tokens=40, eos_token_id=[95, eos])
+    assert out.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("processors", [{"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2},
+                                        {"repetition_penalty": 1.3, "no_repeat_ngram_size": 3}])
+def test_logits_processors_see_each_node_own_path(processors):
+    target = make_tiny_target("qwen3", seed=4)
+    expected = target.generate(PROMPT, do_sample=False, max_new_tokens=40, **processors)
+    plain_run = target.generate(PROMPT, do_sample=False, max_new_tokens=40)
+    for reference in (expected, plain_run):  # an oracle for the processed output, and one for the unprocessed one
+        head = oracle_for(target, reference, rank_of_truth=1, block_size=8)
+        out = run(target, head, 24, max_new_tokens=40, **processors)
+        assert out.tolist() == expected.tolist()
+
+
+def test_scores_logits_streamer_and_cache_match_plain_generate():
+    target = make_tiny_target("llama", seed=5)
+    kwargs = dict(do_sample=False, max_new_tokens=30, return_dict_in_generate=True, output_scores=True,
+                  output_logits=True)
+    plain_streamer, spec_streamer = CollectingStreamer(), CollectingStreamer()
+    expected = target.generate(PROMPT, streamer=plain_streamer, **kwargs)
+    head = oracle_for(target, expected.sequences, rank_of_truth=1, block_size=8)
+    out = run(target, head, 16, streamer=spec_streamer, **kwargs)
+
+    assert out.sequences.tolist() == expected.sequences.tolist()
+    assert len(out.scores) == len(expected.scores) == 30
+    for ours, theirs in zip(out.scores, expected.scores):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    for ours, theirs in zip(out.logits, expected.logits):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    assert spec_streamer.tokens == plain_streamer.tokens and spec_streamer.ended
+    assert head.last_generate_stats.mean_accepted_length > 2
+
+    # The target cache holds exactly what plain generate leaves: every token but the last, same keys/values.
+    ours, theirs = out.past_key_values, expected.past_key_values
+    assert ours.get_seq_length() == theirs.get_seq_length() == out.sequences.shape[1] - 1
+    for layer_ours, layer_theirs in zip(ours.layers, theirs.layers):
+        torch.testing.assert_close(layer_ours.keys, layer_theirs.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer_ours.values, layer_theirs.values, atol=1e-5, rtol=1e-4)
+
+
+def test_stopping_criteria_are_checked_after_every_token():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAfterToken(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    target = make_tiny_target("qwen3", seed=6)
+    free_run = target.generate(PROMPT, do_sample=False, max_new_tokens=30)
+    stop_token = free_run[0, PROMPT.shape[1] + 9].item()
+    criteria = StoppingCriteriaList([StopAfterToken(stop_token)])
+    expected = target.generate(PROMPT, do_sample=False, max_new_tokens=30, stopping_criteria=criteria)
+    head = oracle_for(target, free_run, block_size=8)
+    out = run(target, head, 16, max_new_tokens=30, stopping_criteria=criteria)
+    assert out.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_beams=2), "num_beams=1"),
+        (dict(do_sample=True), "do_sample=False"),
+        (dict(cache_implementation="static"), "DynamicCache"),
+        (dict(return_dict_in_generate=True, output_attentions=True), "output_attentions"),
+    ],
+)
+def test_unsupported_settings_raise_clear_errors(kwargs, message):
+    target = make_tiny_target("llama")
+    head = JetSpecHead.from_target(target)
+    with pytest.raises(ValueError, match=message):
+        target.generate(PROMPT, max_new_tokens=4, assistant_model=head, **kwargs)
+
+
+def test_batches_and_tree_incapable_attention_raise_clear_errors():
+    target = make_tiny_target("llama")
+    head = JetSpecHead.from_target(target)
+    with pytest.raises(ValueError, match="batch size 1"):
+        target.generate(PROMPT.repeat(2, 1), max_new_tokens=4, do_sample=False, assistant_model=head)
+    target.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="cannot take a tree attention mask"):
+        target.generate(PROMPT, max_new_tokens=4, do_sample=False, assistant_model=head)
+
+
+def test_other_assistants_still_use_transformers_own_path():
+    target = make_tiny_target("llama", seed=7)
+    expected = target.generate(PROMPT, do_sample=False, max_new_tokens=20)
+    out = target.generate(PROMPT, do_sample=False, max_new_tokens=20, assistant_model=make_tiny_target("llama", seed=8))
+    assert out.tolist() == expected.tolist()
+    out = target.generate(PROMPT, do_sample=False, max_new_tokens=20, prompt_lookup_num_tokens=3)
+    assert out.tolist() == expected.tolist()

@@ -1,0 +1,87 @@
+import pytest
+import torch
+from conftest import make_tiny_target
+
+from hf_jetspec import JetSpecConfig, JetSpecContextCache, JetSpecHead, default_target_layer_ids, draft_attention_mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_head_drafts_block_size_minus_one_depths_and_caches_only_context(family):
+    target = make_tiny_target(family)
+    head = JetSpecHead.from_target(target, num_hidden_layers=2, block_size=5)
+    taps = len(head.config.target_layer_ids)
+    cache = JetSpecContextCache()
+    features = torch.randn(1, 6, taps * 32)
+    out = head(torch.tensor([[3]]), torch.tensor([[6]]), features, torch.arange(6)[None], past_key_values=cache)
+    assert out.logits.shape == (1, 1, 4, 96)
+    assert [cache.get_seq_length(i) for i in range(2)] == [6, 6]  # block rows are never cached
+    out2 = head(torch.tensor([[4]]), torch.tensor([[8]]), torch.randn(1, 2, taps * 32), torch.tensor([[6, 7]]),
+                past_key_values=cache)
+    assert [cache.get_seq_length(i) for i in range(2)] == [8, 8]
+    assert out2.logits.shape == (1, 1, 4, 96)
+
+
+def test_incremental_context_equals_one_shot_context():
+    target = make_tiny_target("llama")
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4)
+    features = torch.randn(1, 9, len(head.config.target_layer_ids) * 32)
+    one_shot = head(torch.tensor([[5]]), torch.tensor([[9]]), features, torch.arange(9)[None]).logits
+    cache = JetSpecContextCache()
+    head(torch.tensor([[1]]), torch.tensor([[6]]), features[:, :6], torch.arange(6)[None], past_key_values=cache)
+    incremental = head(torch.tensor([[5]]), torch.tensor([[9]]), features[:, 6:], torch.arange(6, 9)[None],
+                       past_key_values=cache).logits
+    torch.testing.assert_close(incremental, one_shot, atol=1e-5, rtol=1e-5)
+
+
+def test_draft_mask_is_causal_inside_blocks_and_sees_only_earlier_context():
+    mask = draft_attention_mask(torch.arange(3)[None], torch.tensor([[3, 5]]), 4, torch.float32)
+    allowed = mask[0, 0] == 0
+    # block 0 (anchor 3) sees context 0..2; block 1 (anchor 5) sees context 0..2 too (all < 5)
+    assert allowed[:4, :3].all() and allowed[4:, :3].all()
+    # inside a block: lower-triangular; across blocks: nothing
+    block = allowed[:, 3:]
+    assert torch.equal(block[:4, :4], torch.ones(4, 4, dtype=torch.bool).tril())
+    assert not block[:4, 4:].any() and not block[4:, :4].any()
+    mask2 = draft_attention_mask(torch.arange(6)[None], torch.tensor([[2]]), 3, torch.float32)
+    assert ((mask2[0, 0, :, :6] == 0).sum(-1) == 2).all()  # anchor at 2 sees context positions 0, 1 only
+
+
+def test_head_layers_start_as_copies_of_the_target_last_layers():
+    target = make_tiny_target("llama")
+    head = JetSpecHead.from_target(target, num_hidden_layers=2)
+    for head_layer, target_layer in zip(head.layers, target.model.layers[-2:]):
+        for (name, a), (_, b) in zip(head_layer.state_dict().items(), target_layer.state_dict().items()):
+            assert torch.equal(a, b), name
+    assert not any("embed_tokens" in name or "lm_head" in name for name in head.state_dict())
+
+
+def test_default_taps_are_evenly_spaced():
+    assert default_target_layer_ids(30, 3) == [1, 14, 27]
+    assert default_target_layer_ids(36, 5) == [1, 9, 17, 25, 33]
+    assert default_target_layer_ids(4, 3) == [0, 2, 3]
+    assert default_target_layer_ids(30, 1) == [14]
+
+
+def test_head_for_another_target_is_refused_with_both_sides_named():
+    head = JetSpecHead.from_target(make_tiny_target("llama"))
+    other = make_tiny_target("llama", vocab_size=80)
+    with pytest.raises(ValueError, match="vocab_size: head expects 96, target has 80"):
+        head.bind(other)
+    deeper = make_tiny_target("llama", num_hidden_layers=6)
+    with pytest.raises(ValueError, match="num_hidden_layers: head expects 4, target has 6"):
+        deeper.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, assistant_model=head)
+
+
+def test_unbound_head_says_how_to_bind():
+    head = JetSpecHead(JetSpecHead.from_target(make_tiny_target("llama")).config)
+    with pytest.raises(RuntimeError, match="bind"):
+        head(torch.tensor([[1]]), torch.tensor([[0]]))
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="block_size"):
+        JetSpecConfig(block_size=1)
+    with pytest.raises(ValueError, match="out of range"):
+        JetSpecConfig(draft_config={"model_type": "llama"}, target_layer_ids=[7], target_num_hidden_layers=4)
+    with pytest.raises(ValueError, match="not supported|Unknown"):
+        JetSpecHead(JetSpecConfig(draft_config={"model_type": "bert"}, target_layer_ids=[0], target_num_hidden_layers=2))
