@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import hf_jetspec
-from hf_jetspec import JetSpecHead
+from hf_jetspec import JetSpecHead, chat_input_ids
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -45,11 +45,7 @@ def main() -> None:
 
     model, tokenizer = hf_jetspec.load_default_target()
     head = JetSpecHead.from_target(model) if args.head == "random" else JetSpecHead.from_pretrained(args.head).bind(model)
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-        for p in PROMPTS[: args.prompts]
-    ]
+    prompts = [chat_input_ids(tokenizer, prompt) for prompt in PROMPTS[: args.prompts]]
     model.generate(prompts[0], max_new_tokens=4, do_sample=False)  # warm-up
 
     rows = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import hf_jetspec
-from hf_jetspec import JetSpecHead
+from hf_jetspec import JetSpecHead, chat_input_ids
 
 SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "heads" / "smollm2-135m-instruct-jetspec"
 
@@ -43,8 +43,7 @@ def main() -> None:
     if args.tree_budget:
         head.generation_config.tree_budget = args.tree_budget
 
-    input_ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                              return_tensors="pt", return_dict=True)["input_ids"]
+    input_ids = chat_input_ids(tokenizer, args.prompt)
     model.generate(input_ids, max_new_tokens=8, do_sample=False)  # warm-up
 
     timings = {}

@@ -6,6 +6,7 @@ drafts a token tree per round and verifies it in one target forward. Output equa
 
 from transformers import AutoConfig, AutoModel
 
+from .chat import chat_input_ids
 from .candidate_generator import JetSpecCandidateGenerator, default_tree_budget
 from .configuration_jetspec import JetSpecConfig, default_target_layer_ids
 from .decoding import JetSpecGenerateStats, jetspec_decoding
@@ -29,6 +30,7 @@ __all__ = [
     "JetSpecGenerateStats",
     "JetSpecHead",
     "build_tree",
+    "chat_input_ids",
     "default_target_layer_ids",
     "default_target_path",
     "default_tree_budget",

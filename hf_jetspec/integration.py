@@ -31,6 +31,15 @@ def _check_transformers_version() -> None:
             raise ImportError(f"transformers {version} has no GenerationMixin.{name}; hf_jetspec cannot hook generate().")
 
 
+def as_jetspec_head(assistant_model):
+    """The `JetSpecHead` itself, or inside a PEFT wrapper (a LoRA-adapted head); anything else unchanged."""
+    if not isinstance(assistant_model, JetSpecHead) and hasattr(assistant_model, "get_base_model"):
+        base = assistant_model.get_base_model()
+        if isinstance(base, JetSpecHead):
+            return base
+    return assistant_model
+
+
 def install() -> None:
     """Wraps `GenerationMixin._assisted_decoding` and `_validate_generation_mode` (idempotent)."""
     _check_transformers_version()
@@ -42,6 +51,7 @@ def install() -> None:
 
     @functools.wraps(original_decoding)
     def _assisted_decoding(self, *args, assistant_model=None, **kwargs):
+        assistant_model = as_jetspec_head(assistant_model)
         if isinstance(assistant_model, JetSpecHead):
             kwargs.pop("inputs_tensor", None)
             kwargs.pop("assistant_tokenizer", None)
@@ -51,7 +61,7 @@ def install() -> None:
 
     @functools.wraps(original_validate)
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
-        if isinstance(generation_mode_kwargs.get("assistant_model"), JetSpecHead):
+        if isinstance(as_jetspec_head(generation_mode_kwargs.get("assistant_model")), JetSpecHead):
             if generation_mode != GenerationMode.ASSISTED_GENERATION:
                 raise ValueError(
                     f"A JetSpec head drafts for greedy decoding only; these settings select {generation_mode.value!r} "

@@ -105,9 +105,3 @@ def default_target():
         if os.environ.get("CI"):
             raise
         pytest.skip(str(error))
-
-
-def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]

@@ -1,20 +1,22 @@
 """Exactness on the embedded default target (SmolLM2-135M-Instruct, fp32) over eval prompts of every category.
 
-CI runs a reduced grid; `JETSPEC_FULL_EQUALITY=1` runs the acceptance grid (>= 20 prompts, 128 new tokens, budgets
-1/8/32/128, random and oracle heads) and prints tau per setting.
+CI runs a reduced grid; `JETSPEC_FULL_EQUALITY=1` runs the acceptance grid (24 prompts, 128 new tokens, budgets
+1/8/32/128, random and oracle heads) and prints tau per setting. `JETSPEC_SHARD=i/n` runs every n-th prompt from i,
+to spread that grid over processes.
 """
 
 import os
 
 import pytest
 import torch
-from conftest import chat_ids, eval_prompts, oracle_for
+from conftest import eval_prompts, oracle_for
 from transformers import TextStreamer
 
-from hf_jetspec import JetSpecHead
+from hf_jetspec import JetSpecHead, chat_input_ids
 
 FULL = os.environ.get("JETSPEC_FULL_EQUALITY") == "1"
-PROMPTS = eval_prompts(per_file=4 if FULL else 1)
+SHARD, NUM_SHARDS = map(int, os.environ.get("JETSPEC_SHARD", "0/1").split("/"))
+PROMPTS = eval_prompts(per_file=4 if FULL else 1)[SHARD::NUM_SHARDS]
 MAX_NEW_TOKENS = 128 if FULL else 32
 ORACLE_BUDGETS = [1, 8, 32, 128]
 RANDOM_BUDGETS = [1, 8, 32, 128] if FULL else [8, 32]
@@ -30,7 +32,7 @@ def target(default_target):
 @pytest.mark.parametrize("category,prompt", PROMPTS, ids=[f"{c}-{i}" for i, (c, _) in enumerate(PROMPTS)])
 def test_greedy_equals_plain_generate_on_eval_prompts(target, category, prompt):
     model, tokenizer = target
-    input_ids = chat_ids(tokenizer, prompt)
+    input_ids = chat_input_ids(tokenizer, prompt)
     expected = model.generate(input_ids, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
     random_head = JetSpecHead.from_target(model, num_hidden_layers=1)
     oracle = oracle_for(model, expected, rank_of_truth=1, block_size=16)
@@ -47,7 +49,7 @@ def test_greedy_equals_plain_generate_on_eval_prompts(target, category, prompt):
 
 def test_streamer_stop_strings_and_repetition_penalty(target, capsys):
     model, tokenizer = target
-    input_ids = chat_ids(tokenizer, "Count from one to twenty in words, separated by commas.")
+    input_ids = chat_input_ids(tokenizer, "Count from one to twenty in words, separated by commas.")
     free_run = model.generate(input_ids, do_sample=False, max_new_tokens=60, repetition_penalty=1.3)
     text = tokenizer.decode(free_run[0, input_ids.shape[1]:], skip_special_tokens=True)
     stop = text[len(text) // 2 : len(text) // 2 + 5]  # a string that appears mid-generation
@@ -69,7 +71,7 @@ def test_streamer_stop_strings_and_repetition_penalty(target, capsys):
 
 def test_scores_and_cache_equal_plain_generate(target):
     model, tokenizer = target
-    input_ids = chat_ids(tokenizer, "Why is the sky blue?")
+    input_ids = chat_input_ids(tokenizer, "Why is the sky blue?")
     kwargs = dict(do_sample=False, max_new_tokens=40, return_dict_in_generate=True, output_scores=True)
     expected = model.generate(input_ids, **kwargs)
     head = oracle_for(model, expected.sequences, rank_of_truth=1, block_size=16)

@@ -1,0 +1,12 @@
+"""Prompt encoding shared by the demo, benchmarks and training."""
+
+from __future__ import annotations
+
+import torch
+
+
+def chat_input_ids(tokenizer, prompt: str) -> torch.LongTensor:
+    """`(1, n)` token ids of a one-turn chat with the tokenizer's chat template, ready for the assistant's reply."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]

@@ -1,0 +1,198 @@
+"""Training pipeline on a tiny target: data handling, objective, a short run where loss falls and tau rises, resume."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_target
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from hf_jetspec import chat_input_ids
+from hf_jetspec_training import (
+    AnchorCollator,
+    JetSpecTrainingConfig,
+    depth_weights,
+    distillation_loss,
+    load_prompts,
+    measure_tau,
+    sample_anchors,
+    teacher_rows,
+)
+from hf_jetspec_training.train import train
+
+WORDS = "the a cat dog sat ran on under mat log big small red blue one two three four five six and or".split()
+
+
+def tiny_tokenizer():
+    vocab = {"<unk>": 0, "<eos>": 1, "<user>": 2, "<assistant>": 3}
+    vocab.update({word: i + 4 for i, word in enumerate(WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    tokenizer.chat_template = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}<assistant>"
+    return tokenizer
+
+
+def write_prompts(path, count=24, extra_lines=()):
+    generator = torch.Generator().manual_seed(0)
+    with path.open("w") as handle:
+        for index in range(count):
+            words = [WORDS[i] for i in torch.randint(len(WORDS), (6,), generator=generator)]
+            handle.write(json.dumps({"id": f"p{index}", "prompt": " ".join(words), "near_eval_variant": None}) + "\n")
+        for line in extra_lines:
+            handle.write(line + "\n")
+
+
+def test_prompts_skip_malformed_and_near_eval_rows(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    write_prompts(path, 5, ['{"id": "bad", "prompt": ', '{"id": "x", "prompt": ""}', '{"id": "p0", "prompt": "dup"}',
+                            '{"id": "near", "prompt": "close to eval", "near_eval_variant": "gsm8k-1"}', "[1, 2]"])
+    prompts = load_prompts([path])
+    assert [row["id"] for row in prompts.rows] == [f"p{i}" for i in range(5)]
+    assert prompts.skipped == {"malformed json": 1, "no prompt": 2, "duplicate id": 1, "near_eval_variant": 1}
+    with pytest.raises(FileNotFoundError):
+        load_prompts([tmp_path / "missing.jsonl"])
+
+
+def test_anchors_and_label_rows():
+    anchors = sample_anchors(prompt_length=5, sequence_length=12, max_anchors=3, generator=torch.Generator().manual_seed(1))
+    assert anchors.numel() == 3 and anchors.min() >= 5 and anchors.max() <= 10 and torch.equal(anchors, anchors.sort().values)
+    assert sample_anchors(5, 6, 3).numel() == 0
+    rows, valid = teacher_rows(torch.tensor([[9]]), block_size=4, sequence_length=11)
+    assert rows.tolist() == [[[9, 10, 0]]] and valid.tolist() == [[[True, True, False]]]
+    torch.testing.assert_close(depth_weights(4), torch.full((3,), 1 / 3))
+    torch.testing.assert_close(depth_weights(3, 0.5), torch.tensor([2 / 3, 1 / 3]))
+
+
+def test_loss_is_minimised_by_the_teacher_distribution():
+    teacher_ids = torch.tensor([[[[2, 0, 1]]]])
+    teacher_probs = torch.tensor([[[[0.7, 0.2, 0.1]]]])
+    valid = torch.ones(1, 1, 1, dtype=torch.bool)
+    weights = torch.ones(1)
+    exact = torch.zeros(1, 1, 1, 3)
+    exact[..., [2, 0, 1]] = torch.tensor([0.7, 0.2, 0.1]).log()
+    best, metrics = distillation_loss(exact, teacher_ids, teacher_probs, valid, weights)
+    worse, _ = distillation_loss(torch.zeros(1, 1, 1, 3), teacher_ids, teacher_probs, valid, weights)
+    entropy = -(torch.tensor([0.7, 0.2, 0.1]) * torch.tensor([0.7, 0.2, 0.1]).log()).sum()
+    torch.testing.assert_close(best, entropy)  # cross-entropy = entropy exactly when head == target
+    assert worse > best and metrics["accuracy"].item() == 1.0
+    none_valid, _ = distillation_loss(exact, teacher_ids, teacher_probs, torch.zeros_like(valid), weights)
+    assert none_valid.item() == 0.0
+
+
+def test_collator_pads_and_masks(tmp_path):
+    rows = [
+        {"input_ids": torch.arange(10), "prompt_length": torch.tensor([4]), "taps": torch.randn(10, 6),
+         "teacher_ids": torch.arange(10)[:, None].repeat(1, 2).int(), "teacher_probs": torch.ones(10, 2)},
+        {"input_ids": torch.arange(6), "prompt_length": torch.tensor([5]), "taps": torch.randn(6, 6),
+         "teacher_ids": torch.zeros(6, 2, dtype=torch.int32), "teacher_probs": torch.ones(6, 2)},
+    ]
+    batch = AnchorCollator(block_size=3, max_anchors=8)(rows)
+    assert batch["context_features"].shape == (2, 10, 6)
+    assert batch["anchor_position_ids"][0].tolist() == [4, 5, 6, 7, 8]  # every response position but the last
+    assert batch["teacher_ids"][0, 0, :, 0].tolist() == [4, 5]  # depth d of anchor a: target row a + d - 1
+    assert not batch["valid"][1].any()  # 1-token response: no anchor, only padding
+    assert batch["valid"][0].all()  # anchor 8 drafts tokens 9 and 10, labelled by target rows 8 and 9
+
+
+def test_tiny_training_run_lowers_loss_raises_tau_and_resumes(tmp_path):
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=11, vocab_size=len(tokenizer))
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, 16, ['not json'])
+    prompt_ids = [chat_input_ids(tokenizer, json.loads(line)["prompt"]) for line in prompts.read_text().splitlines()[:4]]
+
+    def config(**overrides):
+        values = dict(output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), train_files=[str(prompts)],
+                      block_size=5, max_new_tokens=24, generation_batch_size=4, max_anchors=16, teacher_topk=8,
+                      per_device_train_batch_size=4, learning_rate=3e-3, max_steps=40, logging_steps=5,
+                      save_steps=20, use_cpu=True, seed=0, disable_tqdm=True)
+        values.update(overrides)
+        return JetSpecTrainingConfig(**values)
+
+    from hf_jetspec import JetSpecHead
+
+    untrained = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=5)
+    tau_before = measure_tau(target, untrained, prompt_ids, max_new_tokens=24)
+
+    trainer, final_dir = train(config(max_steps=20), target=target, tokenizer=tokenizer)
+    assert (tmp_path / "run" / "checkpoint-20").is_dir()
+    trainer, final_dir = train(config(), target=target, tokenizer=tokenizer)  # resumes from checkpoint-20
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    steps = [entry["step"] for entry in history]
+    # one history, continued from the checkpoint: no step logged twice, as a restart from 0 would
+    assert steps == sorted(set(steps)) and steps[-1] == trainer.state.global_step == 40
+    losses = [entry["loss"] for entry in history]
+    assert losses[-1] < losses[0]
+
+    head = JetSpecHead.from_pretrained(final_dir).bind(target)
+    assert head.config.training_recipe["skipped_prompt_rows"] == {"malformed json": 1}
+    tau_after = measure_tau(target, head, prompt_ids, max_new_tokens=24)
+    print(f"tau before {tau_before:.2f} after {tau_after:.2f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert tau_after > tau_before + 0.3
+
+
+def save_tiny_target(directory):
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=11, vocab_size=len(tokenizer))
+    target.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return target, tokenizer
+
+
+def test_accelerate_launch_with_two_cpu_processes(tmp_path):
+    import subprocess
+    import sys
+
+    save_tiny_target(tmp_path / "target")
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, 12)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_jetspec_training.train",
+        "--target_model", str(tmp_path / "target"), "--train_files", str(prompts),
+        "--data_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run"), "--block_size", "4",
+        "--max_new_tokens", "12", "--max_anchors", "8", "--teacher_topk", "4", "--per_device_train_batch_size", "2",
+        "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--use_cpu", "true", "--disable_tqdm", "true",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    recipe = json.loads((tmp_path / "run" / "final" / "config.json").read_text())["training_recipe"]
+    assert recipe["world_size"] == 2 and recipe["total_train_batch_size"] == 4  # 2 processes x 2 sequences
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()
+
+
+def test_lora_adapter_on_a_head_and_a_peft_wrapped_target(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from hf_jetspec import JetSpecHead
+
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=12, vocab_size=len(tokenizer))
+    JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4).save_pretrained(tmp_path / "base_head")
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, 8)
+    config = JetSpecTrainingConfig(
+        output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), train_files=[str(prompts)],
+        head_init=str(tmp_path / "base_head"), use_peft=True, lora_r=4, lora_alpha=8, block_size=4,
+        max_new_tokens=12, max_anchors=8, teacher_topk=4, per_device_train_batch_size=2, max_steps=3, use_cpu=True,
+        learning_rate=1e-2, disable_tqdm=True,
+    )
+    _, final_dir = train(config, target=target, tokenizer=tokenizer)
+    assert (final_dir / "adapter_model.safetensors").is_file()
+
+    base = JetSpecHead.from_pretrained(tmp_path / "base_head").bind(target)
+    adapted = PeftModel.from_pretrained(base, final_dir)
+    adapted.generation_config.tree_budget = 8
+    prompt = chat_input_ids(tokenizer, "the cat sat on the mat")
+    expected = target.generate(prompt, do_sample=False, max_new_tokens=16)
+    out = target.generate(prompt, do_sample=False, max_new_tokens=16, assistant_model=adapted)
+    assert out.tolist() == expected.tolist()
+    assert base.last_generate_stats.rounds > 0  # the adapted head really drafted
+
+    peft_target = get_peft_model(target, LoraConfig(r=2, target_modules=["q_proj"]))
+    plain = peft_target.generate(input_ids=prompt, do_sample=False, max_new_tokens=16)
+    with_head = peft_target.generate(input_ids=prompt, do_sample=False, max_new_tokens=16, assistant_model=base)
+    assert with_head.tolist() == plain.tolist()

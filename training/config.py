@@ -1,0 +1,82 @@
+"""`JetSpecTrainingConfig`: every setting of a head-training run, parsed by `TrlParser` from CLI flags or YAML."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl.trainer.base_config import _BaseConfig
+
+
+@dataclass
+class JetSpecTrainingConfig(_BaseConfig):
+    r"""
+    Configuration of [`JetSpecTrainer`] and the `jetspec-train` script (TRL style: `TrainingArguments` plus the
+    fields below; see `training/recipes/*.yaml`).
+
+    Parameters:
+        target_model (`str`, defaults to `"default"`): target name or path; `"default"` is the embedded
+            SmolLM2-135M-Instruct (`hf_jetspec.load_default_target`).
+        head_init (`str`, *optional*): an existing head to start from (fine-tuning, `--use_peft` domain adaptation).
+        num_head_layers (`int`, defaults to 1): decoder layers in a new head.
+        block_size (`int`, defaults to 16): anchor + drafted depths per block.
+        num_taps (`int`, *optional*): tapped target layers of a new head (default: `max(num_head_layers, 3)`).
+        train_files (`list[str]`): prompt files (JSON/JSONL with a `prompt` field).
+        limit_per_file (`int`, *optional*): prompts kept per file.
+        max_new_tokens (`int`, defaults to 256): length of the target's on-policy responses.
+        generation_temperature (`float`, defaults to 0.0): 0 = greedy responses.
+        generation_batch_size (`int`, defaults to 8): prompts per batched `generate()`.
+        teacher_topk (`int`, defaults to 32): target probabilities kept per position for the KL.
+        max_anchors (`int`, defaults to 512): random anchors per sequence and step.
+        depth_decay (`float`, *optional*): per-depth loss weight `decay ** (d - 1)`; unset = uniform.
+        data_dir (`str`, defaults to `"outputs/jetspec-data"`): cache of responses and teacher features.
+        tau_eval_steps (`int`, defaults to 0): measure tau with the real `generate()` path every N steps (0 = off).
+        tau_eval_prompts (`int`, defaults to 4): held-out prompts for that measurement.
+        tau_eval_max_new_tokens (`int`, defaults to 64).
+        use_peft (`bool`, defaults to `False`): train a LoRA adapter (`lora_r`, `lora_alpha`, `lora_dropout`) on the
+            head's linear layers instead of all weights.
+    """
+
+    target_model: str = field(default="default", metadata={"help": "Target name/path, or 'default' (SmolLM2-135M)."})
+    head_init: str | None = field(default=None, metadata={"help": "Start from this head (path)."})
+    num_head_layers: int = field(default=1, metadata={"help": "Decoder layers of a new head."})
+    block_size: int = field(default=16, metadata={"help": "Anchor + drafted depths per block."})
+    num_taps: int | None = field(default=None, metadata={"help": "Tapped target layers of a new head."})
+    train_files: list[str] = field(default_factory=list, metadata={"help": "Prompt JSON/JSONL files."})
+    limit_per_file: int | None = field(default=None, metadata={"help": "Prompts kept per file."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Length of on-policy responses."})
+    generation_temperature: float = field(default=0.0, metadata={"help": "0 = greedy responses."})
+    generation_batch_size: int = field(default=8, metadata={"help": "Prompts per batched generate()."})
+    teacher_topk: int = field(default=32, metadata={"help": "Target probabilities kept per position."})
+    max_anchors: int = field(default=512, metadata={"help": "Random anchors per sequence and step."})
+    depth_decay: float | None = field(default=None, metadata={"help": "Loss weight decay per depth (unset: uniform)."})
+    data_dir: str = field(default="outputs/jetspec-data", metadata={"help": "Cache of responses and features."})
+    tau_eval_steps: int = field(default=0, metadata={"help": "Measure tau with generate() every N steps (0: off)."})
+    tau_eval_prompts: int = field(default=4, metadata={"help": "Held-out prompts for tau."})
+    tau_eval_max_new_tokens: int = field(default=64, metadata={"help": "New tokens per tau prompt."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all head weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+
+    # TrainingArguments defaults that fit a small head trained from cached features.
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
+    num_train_epochs: float = field(default=6.0, metadata={"help": "Epochs over the cached sequences."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all collated fields."})
+    save_strategy: str = field(default="steps", metadata={"help": "Checkpoint strategy."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
+
+    def __post_init__(self):
+        if self.bf16 is None:  # bf16 on GPUs; fp32 on CPUs, where bf16 matmuls are far slower
+            self.bf16 = torch.cuda.is_available() and not self.fp16
+        if self.block_size < 2:
+            raise ValueError(f"`block_size` must be >= 2, got {self.block_size}")
+        if self.max_anchors < 1 or self.teacher_topk < 1 or self.num_head_layers < 1:
+            raise ValueError("`max_anchors`, `teacher_topk` and `num_head_layers` must be >= 1")
+        if self.generation_temperature < 0:
+            raise ValueError(f"`generation_temperature` must be >= 0, got {self.generation_temperature}")
+        if self.depth_decay is not None and not 0 < self.depth_decay <= 1:
+            raise ValueError(f"`depth_decay` must be in (0, 1], got {self.depth_decay}")
+        super().__post_init__()

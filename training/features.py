@@ -1,0 +1,98 @@
+"""Teacher pass: one frozen-target forward per cached response gives the head's inputs and labels.
+
+For each sequence we keep the tapped hidden states (the head's context rows) and the target's top-k next-token
+distribution at every position (the labels), as one safetensors file per sequence. Written atomically, skipped when
+present, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from hf_jetspec.candidate_generator import tap_features
+
+
+def feature_path(directory: Path, row_id: str) -> Path:
+    return directory / f"{hashlib.sha1(row_id.encode()).hexdigest()[:16]}.safetensors"
+
+
+@torch.no_grad()
+def compute_teacher_features(
+    target,
+    rows: list[dict],
+    directory: str | Path,
+    target_layer_ids: list[int],
+    topk: int = 32,
+    batch_size: int = 4,
+    dtype: torch.dtype = torch.float16,
+) -> list[Path]:
+    """Writes `input_ids`, `prompt_length`, `taps` `(T, K*H)`, `teacher_ids`/`teacher_probs` `(T, topk)` per row.
+
+    Args:
+        target: the frozen causal LM.
+        rows (`list[dict]`): cached responses (`id`, `input_ids`, `prompt_length`).
+        directory (`str | Path`): output folder.
+        target_layer_ids (`list[int]`): tapped layers.
+        topk (`int`): target probabilities kept per position.
+        batch_size (`int`): sequences per forward (right-padded).
+        dtype (`torch.dtype`): storage dtype of taps and probabilities.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [feature_path(directory, row["id"]) for row in rows]
+    todo = sorted((row for row, path in zip(rows, paths) if not path.is_file()), key=lambda r: len(r["input_ids"]))
+    decoder = getattr(target, target.base_model_prefix)
+    lm_head = target.get_output_embeddings()
+    hidden_state_ids = [i + 1 for i in target_layer_ids]
+    for start in tqdm(range(0, len(todo), batch_size), desc="teacher features", total=-(-len(todo) // batch_size)):
+        batch = todo[start : start + batch_size]
+        width = max(len(row["input_ids"]) for row in batch)
+        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for index, row in enumerate(batch):
+            input_ids[index, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+            attention_mask[index, : len(row["input_ids"])] = 1
+        out = decoder(
+            input_ids=input_ids.to(target.device),
+            attention_mask=attention_mask.to(target.device),
+            output_hidden_states=hidden_state_ids,
+        )
+        taps = tap_features(out.hidden_states, target_layer_ids)
+        for index, row in enumerate(batch):
+            length = len(row["input_ids"])
+            probs = lm_head(out.last_hidden_state[index, :length]).float().softmax(-1)
+            top_probs, top_ids = probs.topk(topk, dim=-1)
+            tensors = {
+                "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),
+                "prompt_length": torch.tensor([row["prompt_length"]], dtype=torch.long),
+                "taps": taps[index, :length].to(dtype).cpu().contiguous(),
+                "teacher_ids": top_ids.to(torch.int32).cpu().contiguous(),
+                "teacher_probs": top_probs.to(dtype).cpu().contiguous(),
+            }
+            path = feature_path(directory, row["id"])
+            tmp = path.with_suffix(".tmp")
+            save_file(tensors, str(tmp), metadata={"id": row["id"]})
+            tmp.replace(path)
+    return paths
+
+
+class TeacherFeatureDataset(Dataset):
+    """Sequences written by [`compute_teacher_features`], loaded lazily."""
+
+    def __init__(self, paths: list[str | Path]):
+        self.paths = [Path(p) for p in paths]
+        missing = [p for p in self.paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} feature files are missing, e.g. {missing[0]}: rerun the teacher pass")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self.paths[index]))

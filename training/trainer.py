@@ -1,0 +1,115 @@
+"""`JetSpecTrainer`: distils a frozen target into a JetSpec head from cached teacher features (TRL trainer base)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import TrainerCallback
+from trl.trainer.base_trainer import _BaseTrainer
+
+from hf_jetspec import JetSpecHead, draft_attention_mask
+
+from .collator import AnchorCollator
+from .objective import depth_weights, distillation_loss
+
+
+def unwrap_head(model) -> JetSpecHead:
+    """The `JetSpecHead` inside a PEFT / DDP wrapper."""
+    while not isinstance(model, JetSpecHead):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module"):
+            model = model.module
+        else:
+            raise TypeError(f"expected a JetSpecHead (optionally PEFT/DDP-wrapped), got {type(model).__name__}")
+    return model
+
+
+class JetSpecTrainer(_BaseTrainer):
+    """Trains a [`JetSpecHead`] with the JetSpec objective: random anchors per sequence, all anchor blocks in one
+    forward under a block-sparse causal mask, KL(target || head) per depth (target frozen, head trainable).
+
+    Args:
+        model ([`JetSpecHead`] or a `PeftModel` around one): bound to the target (shared embeddings and lm_head).
+        args ([`JetSpecTrainingConfig`]).
+        train_dataset, eval_dataset ([`TeacherFeatureDataset`]).
+        callbacks, optimizers: as in `transformers.Trainer`.
+    """
+
+    _tag_names = ["trl", "jetspec", "speculative-decoding"]
+    _name = "JetSpec"
+
+    def __init__(self, model, args, train_dataset, eval_dataset=None, callbacks=None, optimizers=(None, None)):
+        head = unwrap_head(model)
+        self.block_size = head.config.block_size
+        self.depth_weights = depth_weights(self.block_size, args.depth_decay)
+        self._depth_metrics = defaultdict(list)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=AnchorCollator(self.block_size, args.max_anchors),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        features = inputs["context_features"]
+        batch, length = features.shape[:2]
+        context_positions = torch.arange(length, device=features.device).expand(batch, -1)
+        mask = draft_attention_mask(context_positions, inputs["anchor_position_ids"], self.block_size, features.dtype)
+        outputs = model(
+            anchor_ids=inputs["anchor_ids"],
+            anchor_position_ids=inputs["anchor_position_ids"],
+            context_features=features,
+            context_position_ids=context_positions,
+            attention_mask=mask,
+        )
+        loss, metrics = distillation_loss(
+            outputs.logits, inputs["teacher_ids"], inputs["teacher_probs"], inputs["valid"], self.depth_weights
+        )
+        mode = "train" if model.training else "eval"
+        self._depth_metrics[f"{mode}_accuracy"].append(metrics["accuracy"].detach().cpu())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        values = self._depth_metrics.pop(f"{mode}_accuracy", [])
+        if values:
+            accuracy = torch.stack(values).mean(0)
+            prefix = "eval_" if mode == "eval" else ""
+            logs[f"{prefix}top1_depth1"] = round(float(accuracy[0]), 4)
+            # expected chain acceptance if depths were independent: sum over d of prod_{i<=d} acc_i, plus the bonus
+            logs[f"{prefix}expected_chain_tau"] = round(float(1 + accuracy.cumprod(0).sum()), 3)
+        super().log(logs, start_time)
+
+
+class TauCallback(TrainerCallback):
+    """Every `steps` optimiser steps, measures tau with the real `generate(assistant_model=head)` path."""
+
+    def __init__(self, trainer: JetSpecTrainer, target, prompt_ids: list[torch.Tensor], steps: int, max_new_tokens: int):
+        self.trainer, self.target, self.prompt_ids = trainer, target, prompt_ids
+        self.steps, self.max_new_tokens = steps, max_new_tokens
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.steps and state.global_step % self.steps == 0 and state.is_world_process_zero:
+            tau = measure_tau(self.target, self.trainer.model, self.prompt_ids, self.max_new_tokens)
+            self.trainer.log({"tau": round(tau, 3)})
+
+
+@torch.no_grad()
+def measure_tau(target, model, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> float:
+    """tau (tokens per round, pooled over prompts) of greedy `generate(assistant_model=head)`."""
+    head = unwrap_head(model)
+    was_training = head.training
+    head.eval()
+    accepted = rounds = 0
+    for input_ids in prompt_ids:
+        target.generate(input_ids.to(target.device), do_sample=False, max_new_tokens=max_new_tokens,
+                        assistant_model=head)
+        accepted += head.last_generate_stats.accepted_drafts
+        rounds += head.last_generate_stats.rounds
+    head.train(was_training)
+    return (accepted + rounds) / max(rounds, 1)
