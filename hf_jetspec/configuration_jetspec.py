@@ -79,6 +79,16 @@ class JetSpecConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.validate()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"This config has model_type={model_type!r}, not {cls.model_type!r}: it is not a JetSpec head. "
+                "Load it with its own class (e.g. AutoModelForCausalLM for a target model)."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def target_model_type(self) -> str | None:
         return self.draft_config.get("model_type")

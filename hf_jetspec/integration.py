@@ -61,7 +61,9 @@ def install() -> None:
 
     @functools.wraps(original_validate)
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
-        if isinstance(as_jetspec_head(generation_mode_kwargs.get("assistant_model")), JetSpecHead):
+        head = as_jetspec_head(generation_mode_kwargs.get("assistant_model"))
+        if isinstance(head, JetSpecHead):
+            head.check_compatible(self)  # before transformers' own vocab check, which would ask for tokenizers
             if generation_mode != GenerationMode.ASSISTED_GENERATION:
                 raise ValueError(
                     f"A JetSpec head drafts for greedy decoding only; these settings select {generation_mode.value!r} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -161,6 +162,57 @@ class JetSpecHead(JetSpecPreTrainedModel):
         self.last_generate_stats = None
         self.post_init()
         self.generation_config = GenerationConfig(tree_budget=None, tree_topk=7)
+
+    # ------------------------------------------------------------------ files
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> JetSpecHead:
+        """Loads a head from a folder or a Hub repo id (the Hugging Face cache works offline), safetensors only.
+
+        The tree settings come back from `generation_config.json` when the folder has one. Bind the head to its
+        target with [`bind`] (or let `generate(assistant_model=head)` do it).
+
+        Raises:
+            `ValueError`: pickled weights requested or only pickles present, a config of another `model_type`, or
+                a truncated/corrupt safetensors file.
+            `OSError`: no weights file.
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("JetSpec heads load from safetensors only; pickled checkpoints are refused.")
+        kwargs["use_safetensors"] = True
+        hub_kwargs = {key: kwargs[key] for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+                      if key in kwargs}
+        try:
+            head = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:  # re-raised with the fix when it is a damaged or pickled checkpoint
+            text = str(error)
+            if "deserializing header" in text or "incomplete metadata" in text or type(error).__name__ == "SafetensorError":
+                raise ValueError(
+                    f"The weights of the JetSpec head at {pretrained_model_name_or_path} are truncated or corrupt "
+                    f"({text}). Download or save the head again."
+                ) from error
+            local = Path(str(pretrained_model_name_or_path))
+            if local.is_dir() and any(any(local.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth", "*.pkl")):
+                raise ValueError(
+                    f"No safetensors weights for the JetSpec head at {pretrained_model_name_or_path}; pickled "
+                    f"checkpoints (pytorch_model.bin) are refused. Convert them with safetensors' save_file."
+                ) from error
+            raise
+        try:
+            head.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError:
+            pass  # no generation_config.json: keep the defaults
+        return head
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained` plus the tree settings (`generation_config.json`).
+
+        Only the head's own weights are written (the target's embeddings and lm_head are bound, not owned).
+        """
+        repo_id = kwargs.pop("repo_id", None)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.generation_config.save_pretrained(save_directory)
+        if push_to_hub:
+            self.push_to_hub(repo_id or str(save_directory).rstrip("/").split("/")[-1], token=kwargs.get("token"))
 
     # ------------------------------------------------------------------ binding to a target
     @classmethod

@@ -1,0 +1,117 @@
+"""Heads as Hub model repos: save/load round trips (path and offline cache by repo id) and bad-input errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_target
+from transformers import AutoConfig, AutoModel
+
+from hf_jetspec import JetSpecConfig, JetSpecHead
+
+PROMPT = torch.tensor([[5, 17, 42, 8, 61, 3, 29]])
+
+
+@pytest.fixture
+def saved_head(tmp_path):
+    target = make_tiny_target("qwen3", seed=3)
+    head = JetSpecHead.from_target(target, num_hidden_layers=2, block_size=6)
+    torch.nn.init.normal_(head.mask_embedding)
+    head.generation_config.tree_budget = 12
+    head.save_pretrained(tmp_path / "head")
+    return target, head, tmp_path / "head"
+
+
+def test_save_writes_safetensors_config_and_tree_settings_only(saved_head):
+    _, head, directory = saved_head
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    assert names and not any("embed_tokens" in n or "lm_head" in n for n in names)
+    assert json.loads((directory / "generation_config.json").read_text())["tree_budget"] == 12
+
+
+def test_round_trip_by_path_and_automodel_gives_identical_weights_and_output(saved_head):
+    target, head, directory = saved_head
+    for loaded in (JetSpecHead.from_pretrained(directory), AutoModel.from_pretrained(directory)):
+        assert type(loaded) is JetSpecHead and isinstance(AutoConfig.from_pretrained(directory), JetSpecConfig)
+        for name, tensor in head.state_dict().items():
+            assert torch.equal(tensor, loaded.state_dict()[name]), name
+        assert loaded.generation_config.tree_budget == 12
+        ours = target.generate(PROMPT, do_sample=False, max_new_tokens=20, assistant_model=head)
+        stats = head.last_generate_stats
+        theirs = target.generate(PROMPT, do_sample=False, max_new_tokens=20, assistant_model=loaded)
+        assert ours.tolist() == theirs.tolist()
+        assert loaded.last_generate_stats.accepted_drafts == stats.accepted_drafts  # same drafts, not just same text
+
+
+def test_repo_id_loads_offline_from_the_hugging_face_cache(saved_head, tmp_path):
+    target, head, directory = saved_head
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = cache / "models--someone--tiny-jetspec-head" / "snapshots" / commit
+    shutil.copytree(directory, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text(commit)
+    expected = head.state_dict()
+    torch.save({k: v for k, v in expected.items()}, tmp_path / "expected.pt")
+    script = f"""
+import torch, hf_jetspec
+from transformers import AutoModel
+head = AutoModel.from_pretrained("someone/tiny-jetspec-head")
+expected = torch.load({str(tmp_path / 'expected.pt')!r})
+assert type(head).__name__ == "JetSpecHead"
+assert all(torch.equal(expected[k], v) for k, v in head.state_dict().items())
+print("loaded offline", head.generation_config.tree_budget)
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded offline 12" in result.stdout
+
+
+def _copy(directory: Path, name: str) -> Path:
+    copy = directory.parent / name
+    shutil.copytree(directory, copy)
+    return copy
+
+
+def test_bad_checkpoints_get_clear_errors(saved_head):
+    target, head, directory = saved_head
+    missing = _copy(directory, "missing")
+    (missing / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="model.safetensors"):
+        JetSpecHead.from_pretrained(missing)
+
+    truncated = _copy(directory, "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        JetSpecHead.from_pretrained(truncated)
+
+    wrong_type = _copy(directory, "wrong_type")
+    config = json.loads((wrong_type / "config.json").read_text())
+    config["model_type"] = "llama"
+    (wrong_type / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not a JetSpec head"):
+        JetSpecHead.from_pretrained(wrong_type)
+
+    pickled = _copy(directory, "pickled")
+    (pickled / "model.safetensors").unlink()
+    torch.save(head.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickled checkpoints"):
+        JetSpecHead.from_pretrained(pickled)
+    with pytest.raises(ValueError, match="safetensors only"):
+        JetSpecHead.from_pretrained(directory, use_safetensors=False)
+
+    other_target = make_tiny_target("qwen3", vocab_size=80)
+    loaded = JetSpecHead.from_pretrained(directory)
+    with pytest.raises(ValueError, match="head expects 96, target has 80"):
+        other_target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, assistant_model=loaded)
