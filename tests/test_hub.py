@@ -115,3 +115,45 @@ def test_bad_checkpoints_get_clear_errors(saved_head):
     loaded = JetSpecHead.from_pretrained(directory)
     with pytest.raises(ValueError, match="head expects 96, target has 80"):
         other_target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, assistant_model=loaded)
+
+
+RESULTS = [
+    {"dataset": "gsm8k", "prompts": 50, "max_new_tokens": 256, "tau": 3.1, "speedup": 1.4,
+     "hardware": "2-core x86 CPU, fp32", "settings": "greedy, tree budget 16, top-7"},
+]
+
+
+def test_card_renders_metadata_and_measured_numbers_with_hardware(saved_head, tmp_path):
+    from hf_jetspec_hub import render_card, validate_card_metadata
+
+    _, head, directory = saved_head
+    head.config.target_name_or_path = "someone/tiny-qwen3"
+    card = render_card(head, "someone/tiny-jetspec-head", results=RESULTS, datasets=["openai/gsm8k"])
+    validate_card_metadata(card)
+    data = card.data.to_dict()
+    assert data["base_model"] == "someone/tiny-qwen3" and "speculative-decoding" in data["tags"]
+    assert "| gsm8k | 50 | 256 | 3.1 | 1.4 | 2-core x86 CPU, fp32 | greedy, tree budget 16, top-7 |" in card.text
+    metrics = {m["type"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {"mean_accepted_length": 3.1, "speedup": 1.4}
+    with pytest.raises(ValueError, match="hardware"):
+        render_card(head, "someone/x", results=[{**RESULTS[0], "hardware": ""}])
+
+
+def test_publish_dry_run_writes_exactly_the_repo_and_nothing_on_failure(saved_head, tmp_path):
+    from hf_jetspec_hub.publish import main
+
+    _, _, directory = saved_head
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(RESULTS))
+    out = tmp_path / "repo"
+    main([str(directory), "--repo-id", "someone/tiny-jetspec-head", "--results", str(results), "--dry-run", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                     "model.safetensors"]
+    assert JetSpecHead.from_pretrained(out).generation_config.tree_budget == 12
+
+    broken = _copy(directory, "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        main([str(broken), "--repo-id", "someone/x", "--dry-run", str(tmp_path / "repo2")])
+    assert not (tmp_path / "repo2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo2")]  # no staging folder left behind

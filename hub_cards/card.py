@@ -1,0 +1,80 @@
+"""Renders a head's model card with `huggingface_hub.ModelCard` from the template next to this file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+TEMPLATE = Path(__file__).with_name("jetspec_head_card.md")
+RESULT_FIELDS = ("dataset", "prompts", "max_new_tokens", "tau", "speedup", "hardware", "settings")
+
+
+def _eval_results(results: list[dict], model_name: str) -> list[EvalResult]:
+    evals = []
+    for row in results:
+        for metric, value in (("mean_accepted_length", row["tau"]), ("speedup", row.get("speedup"))):
+            if value is None:
+                continue
+            evals.append(EvalResult(
+                task_type="text-generation", task_name="speculative decoding", dataset_type=row["dataset"],
+                dataset_name=row["dataset"], metric_type=metric, metric_value=float(value),
+                metric_name=f"{metric} ({row['hardware']})",
+            ))
+    return evals
+
+
+def render_card(head, repo_id: str, results: list[dict] | None = None, license: str = "apache-2.0",
+                datasets: list[str] | None = None) -> ModelCard:
+    """The model card of `head` for `repo_id`.
+
+    Args:
+        head ([`JetSpecHead`]): the head (its config names the target, taps, block size and training recipe).
+        repo_id (`str`): where it will live (`org/name`).
+        results (`list[dict]`, *optional*): measured rows with keys `dataset`, `prompts`, `max_new_tokens`, `tau`,
+            `speedup`, `hardware` and `settings` (every row must name its hardware).
+        license (`str`), datasets (`list[str]`): card metadata.
+    """
+    results = list(results or [])
+    for row in results:
+        missing = [name for name in RESULT_FIELDS if row.get(name) in (None, "")]
+        if missing:
+            raise ValueError(f"result row {row} lacks {missing}: every number needs its dataset, hardware and settings")
+    config = head.config
+    base_model = config.target_name_or_path or "unknown"
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        base_model=base_model, library_name="transformers", license=license, datasets=datasets or None,
+        tags=["hf_jetspec", "jetspec", "speculative-decoding", "draft-model"], model_name=model_name,
+        eval_results=_eval_results(results, model_name) or None,
+    )
+    recipe = config.training_recipe
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATE), model_name=model_name, repo_id=repo_id, base_model=base_model,
+        target_model_type=config.target_model_type, target_num_hidden_layers=config.target_num_hidden_layers,
+        vocab_size=config.vocab_size, num_head_layers=config.num_hidden_layers, block_size=config.block_size,
+        target_layer_ids=config.target_layer_ids, num_parameters=f"{head.num_parameters():,}",
+        tree_budget=head.generation_config.tree_budget or "per device (16 CPU / 128 GPU)",
+        tree_topk=head.generation_config.tree_topk, results=results,
+        training_recipe=json.dumps(recipe, indent=2) if recipe else None,
+    )
+
+
+def validate_card_metadata(card: ModelCard) -> None:
+    """Offline version of the Hub's metadata check: the YAML parses into `ModelCardData`, the model-index round
+    trips through `huggingface_hub`'s own converters, and the required fields are there.
+
+    Raises:
+        `ValueError`: naming what is wrong.
+    """
+    data = card.data.to_dict()
+    for required in ("base_model", "library_name", "license", "tags"):
+        if not data.get(required):
+            raise ValueError(f"model card metadata lacks `{required}`")
+    if "model-index" in data:
+        name, evals = model_index_to_eval_results(data["model-index"])
+        if eval_results_to_model_index(name, evals) != data["model-index"]:
+            raise ValueError("model-index does not round-trip through huggingface_hub's eval-result converters")
+    ModelCardData(**data)
