@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     (config,) = parser.parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO)
     train(config)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Tear the process group down before exit: left to interpreter shutdown, gloo's threads can abort
+        # ("terminate called without an active exception") and fail the launch.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
