@@ -19,6 +19,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from .configuration_jetspec import JetSpecConfig, default_target_layer_ids
+from .tree import additive_mask
 
 
 def family_classes(model_type: str) -> tuple[type, type, type, object]:
@@ -107,9 +108,7 @@ def draft_attention_mask(
     offset_in_block = torch.arange(rows, device=anchor_position_ids.device) % block_size
     sees_block = (block_of_row[:, None] == block_of_row[None, :]) & (offset_in_block[:, None] >= offset_in_block[None, :])
     allowed = torch.cat([sees_context, sees_block.expand(batch, rows, rows)], dim=-1)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    return additive_mask(allowed, dtype)
 
 
 class JetSpecPreTrainedModel(PreTrainedModel):
@@ -235,7 +234,8 @@ class JetSpecHead(JetSpecPreTrainedModel):
                 [`default_target_layer_ids`]) with `max(num_hidden_layers, 3)` taps.
             init_from_target (`bool`, *optional*, defaults to `True`): copy the weights of the target's last
                 `num_hidden_layers` decoder layers and its final norm into the head.
-            draft_overrides: other fields of the family config to override (e.g. `intermediate_size`).
+            draft_overrides: other fields of the family config to override (e.g. `intermediate_size`); the layers
+                then start from random weights, since the target's no longer fit.
         """
         target_config = target_model.config.get_text_config()
         num_target_layers = target_config.num_hidden_layers

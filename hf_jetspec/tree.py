@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 import torch
 
 
+def additive_mask(allowed: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `allowed`, the dtype's minimum elsewhere (what both sdpa and eager attention take), with a head
+    dimension inserted at 1."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(-3)
+
+
 @dataclass(frozen=True)
 class DraftTree:
     """A token tree rooted at the last committed token, nodes listed parents-first.
@@ -49,9 +57,7 @@ class DraftTree:
             [torch.ones(self.num_nodes, past_length, dtype=torch.bool, device=self.tokens.device), self.ancestor_mask],
             dim=1,
         )
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.tokens.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[None, None]
+        return additive_mask(allowed[None], dtype)
 
     def position_ids(self, past_length: int) -> torch.LongTensor:
         """`(1, num_nodes)` positions: the root sits at `past_length`, a node at depth d at `past_length + d`."""
