@@ -46,10 +46,12 @@ def write_prompts(path, count=24, extra_lines=()):
 
 def test_prompts_skip_malformed_and_near_eval_rows(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    write_prompts(path, 5, ['{"id": "bad", "prompt": ', '{"id": "x", "prompt": ""}', '{"id": "p0", "prompt": "dup"}',
+    separator_row = json.dumps({"id": "sep", "prompt": "a raw U+2028 \u2028 is text inside JSON"}, ensure_ascii=False)
+    write_prompts(path, 5, [separator_row,
+                            '{"id": "bad", "prompt": ', '{"id": "x", "prompt": ""}', '{"id": "p0", "prompt": "dup"}',
                             '{"id": "near", "prompt": "close to eval", "near_eval_variant": "gsm8k-1"}', "[1, 2]"])
     prompts = load_prompts([path])
-    assert [row["id"] for row in prompts.rows] == [f"p{i}" for i in range(5)]
+    assert [row["id"] for row in prompts.rows] == [f"p{i}" for i in range(5)] + ["sep"]
     assert prompts.skipped == {"malformed json": 1, "no prompt": 2, "duplicate id": 1, "near_eval_variant": 1}
     with pytest.raises(FileNotFoundError):
         load_prompts([tmp_path / "missing.jsonl"])

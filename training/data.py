@@ -83,7 +83,7 @@ def _parse_records(text: str, path: Path, skipped: Counter) -> list:
             skipped["malformed json"] += 1
             return []
     records = []
-    for line in text.splitlines():
+    for line in text.split("\n"):  # not splitlines(): JSON strings may hold U+2028 and other line separators
         if not line.strip():
             continue
         try:
@@ -97,7 +97,7 @@ def read_cache(path: Path) -> dict[str, dict]:
     """Rows of a JSONL cache by id; a torn last line (a killed write) is ignored."""
     cached = {}
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8").split("\n"):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
