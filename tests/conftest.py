@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 import hf_jetspec  # noqa: F401  (hooks generate())
 from hf_jetspec import JetSpecHead
@@ -105,3 +106,25 @@ def default_target():
         if os.environ.get("CI"):
             raise
         pytest.skip(str(error))
+
+
+# A word-level tokenizer with a chat template, for tiny targets that need text (training, benchmarks).
+WORDS = "the a cat dog sat ran on under mat log big small red blue one two three four five six and or".split()
+
+
+def tiny_tokenizer():
+    vocab = {"<unk>": 0, "<eos>": 1, "<user>": 2, "<assistant>": 3}
+    vocab.update({word: i + 4 for i, word in enumerate(WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    tokenizer.chat_template = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}<assistant>"
+    return tokenizer
+
+
+def save_tiny_target(directory):
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=11, vocab_size=len(tokenizer))
+    target.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return target, tokenizer

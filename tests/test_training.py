@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_target
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from conftest import WORDS, make_tiny_target, save_tiny_target, tiny_tokenizer
 
 from hf_jetspec import chat_input_ids
 from hf_jetspec_training import (
     AnchorCollator,
     JetSpecTrainingConfig,
+    candidate_vocabulary,
     depth_weights,
     distillation_loss,
     load_prompts,
@@ -20,19 +19,6 @@ from hf_jetspec_training import (
     teacher_rows,
 )
 from hf_jetspec_training.train import train
-
-WORDS = "the a cat dog sat ran on under mat log big small red blue one two three four five six and or".split()
-
-
-def tiny_tokenizer():
-    vocab = {"<unk>": 0, "<eos>": 1, "<user>": 2, "<assistant>": 3}
-    vocab.update({word: i + 4 for i, word in enumerate(WORDS)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
-    tokenizer.chat_template = "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}<assistant>"
-    return tokenizer
-
 
 def write_prompts(path, count=24, extra_lines=()):
     generator = torch.Generator().manual_seed(0)
@@ -55,6 +41,36 @@ def test_prompts_skip_malformed_and_near_eval_rows(tmp_path):
     assert prompts.skipped == {"malformed json": 1, "no prompt": 2, "duplicate id": 1, "near_eval_variant": 1}
     with pytest.raises(FileNotFoundError):
         load_prompts([tmp_path / "missing.jsonl"])
+
+
+def test_prompt_limits_per_file(tmp_path):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_prompts(first, 6)
+    second.write_text("".join(json.dumps({"id": f"b{i}", "prompt": f"q {i}"}) + "\n" for i in range(6)))
+    rows = load_prompts([first, second], [2, 5]).rows
+    assert sum(row["source"] == "a" for row in rows) == 2 and sum(row["source"] == "b" for row in rows) == 5
+    assert len(load_prompts([first, second], [3]).rows) == 6  # one value: every file
+    with pytest.raises(ValueError, match="one per file"):
+        load_prompts([first, second], [1, 2, 3])
+
+
+def test_candidate_vocabulary_keeps_every_teacher_token():
+    teacher_ids = torch.tensor([[[[7, 3], [9, 3]], [[40, 41], [5, 6]]]])  # (1, 2 anchors, 2 depths, k=2)
+    valid = torch.tensor([[[True, True], [False, True]]])  # 40 and 41 belong to an invalid pair
+    vocabulary, local = candidate_vocabulary(teacher_ids, valid, vocab_size=50)
+    assert vocabulary.tolist() == [3, 5, 6, 7, 9]
+    assert torch.equal(vocabulary[local][valid], teacher_ids[valid])
+    with_negatives, _ = candidate_vocabulary(teacher_ids, valid, vocab_size=50, num_negatives=200,
+                                             generator=torch.Generator().manual_seed(0))
+    assert set(vocabulary.tolist()) < set(with_negatives.tolist()) and with_negatives.max() < 50
+    # with every token a candidate, the restricted loss is the full-vocabulary loss
+    full_vocabulary, full_local = candidate_vocabulary(teacher_ids, valid, vocab_size=50, num_negatives=5000,
+                                                       generator=torch.Generator().manual_seed(0))
+    assert full_vocabulary.tolist() == list(range(50))
+    logits, probs, weights = torch.randn(1, 2, 2, 50), torch.rand(1, 2, 2, 2), torch.ones(2) / 2
+    expected, _ = distillation_loss(logits, teacher_ids, probs, valid, weights)
+    restricted, _ = distillation_loss(logits[..., full_vocabulary], full_local, probs, valid, weights)
+    torch.testing.assert_close(restricted, expected)
 
 
 def test_anchors_and_label_rows():
@@ -127,6 +143,11 @@ def test_tiny_training_run_lowers_loss_raises_tau_and_resumes(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == trainer.state.global_step == 40
     losses = [entry["loss"] for entry in history]
     assert losses[-1] < losses[0]
+    minutes = [entry["train_minutes"] for entry in history]
+    assert minutes == sorted(minutes) and minutes[0] > 0  # wall clock continued across the resume
+    curve = json.loads((tmp_path / "run" / "training_curve.json").read_text())
+    assert [point["step"] for point in curve["loss"]] == steps
+    assert (tmp_path / "run" / "training_curve.png").stat().st_size > 0
 
     head = JetSpecHead.from_pretrained(final_dir).bind(target)
     assert head.config.training_recipe["skipped_prompt_rows"] == {"malformed json": 1}
@@ -135,12 +156,25 @@ def test_tiny_training_run_lowers_loss_raises_tau_and_resumes(tmp_path):
     assert tau_after > tau_before + 0.3
 
 
-def save_tiny_target(directory):
+def test_training_over_the_batch_candidate_vocabulary(tmp_path):
     tokenizer = tiny_tokenizer()
     target = make_tiny_target("llama", seed=11, vocab_size=len(tokenizer))
-    target.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return target, tokenizer
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, 8)
+    config = JetSpecTrainingConfig(
+        output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), train_files=[str(prompts)], block_size=4,
+        max_new_tokens=16, generation_batch_size=4, max_anchors=8, teacher_topk=4, per_device_train_batch_size=4,
+        learning_rate=3e-3, max_steps=12, logging_steps=4, save_steps=100, use_cpu=True, seed=0, disable_tqdm=True,
+        loss_vocabulary="batch", num_negative_tokens=0,
+    )
+    trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+    from hf_jetspec import JetSpecHead
+
+    assert JetSpecHead.from_pretrained(final_dir).config.training_recipe["loss_vocabulary"] == "batch"
+    with pytest.raises(ValueError, match="loss_vocabulary"):
+        JetSpecTrainingConfig(output_dir=str(tmp_path / "x"), loss_vocabulary="sampled")
 
 
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):

@@ -22,13 +22,17 @@ class JetSpecTrainingConfig(_BaseConfig):
         block_size (`int`, defaults to 16): anchor + drafted depths per block.
         num_taps (`int`, *optional*): tapped target layers of a new head (default: `max(num_head_layers, 3)`).
         train_files (`list[str]`): prompt files (JSON/JSONL with a `prompt` field).
-        limit_per_file (`int`, *optional*): prompts kept per file.
+        limit_per_file (`list[int]`, *optional*): prompts kept per file: one value for every file, or one per file.
         max_new_tokens (`int`, defaults to 256): length of the target's on-policy responses.
         generation_temperature (`float`, defaults to 0.0): 0 = greedy responses.
         generation_batch_size (`int`, defaults to 8): prompts per batched `generate()`.
         teacher_topk (`int`, defaults to 32): target probabilities kept per position for the KL.
         max_anchors (`int`, defaults to 512): random anchors per sequence and step.
         depth_decay (`float`, *optional*): per-depth loss weight `decay ** (d - 1)`; unset = uniform.
+        loss_vocabulary (`str`, defaults to `"full"`): `"full"` = softmax over the whole vocabulary (the objective of
+            the paper); `"batch"` = over the batch's teacher top-k tokens plus `num_negative_tokens` random others
+            (several times cheaper on CPUs, where the lm_head over anchor rows dominates a step).
+        num_negative_tokens (`int`, defaults to 2048): random extra tokens of `loss_vocabulary="batch"`.
         data_dir (`str`, defaults to `"outputs/jetspec-data"`): cache of responses and teacher features.
         tau_eval_steps (`int`, defaults to 0): measure tau with the real `generate()` path every N steps (0 = off).
         tau_eval_prompts (`int`, defaults to 4): held-out prompts for that measurement.
@@ -43,13 +47,17 @@ class JetSpecTrainingConfig(_BaseConfig):
     block_size: int = field(default=16, metadata={"help": "Anchor + drafted depths per block."})
     num_taps: int | None = field(default=None, metadata={"help": "Tapped target layers of a new head."})
     train_files: list[str] = field(default_factory=list, metadata={"help": "Prompt JSON/JSONL files."})
-    limit_per_file: int | None = field(default=None, metadata={"help": "Prompts kept per file."})
+    limit_per_file: list[int] | None = field(
+        default=None, metadata={"help": "Prompts kept per file: one value, or one per train file."}
+    )
     max_new_tokens: int = field(default=256, metadata={"help": "Length of on-policy responses."})
     generation_temperature: float = field(default=0.0, metadata={"help": "0 = greedy responses."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per batched generate()."})
     teacher_topk: int = field(default=32, metadata={"help": "Target probabilities kept per position."})
     max_anchors: int = field(default=512, metadata={"help": "Random anchors per sequence and step."})
     depth_decay: float | None = field(default=None, metadata={"help": "Loss weight decay per depth (unset: uniform)."})
+    loss_vocabulary: str = field(default="full", metadata={"help": "'full' or 'batch' (teacher top-k + negatives)."})
+    num_negative_tokens: int = field(default=2048, metadata={"help": "Random extra tokens for loss_vocabulary=batch."})
     data_dir: str = field(default="outputs/jetspec-data", metadata={"help": "Cache of responses and features."})
     tau_eval_steps: int = field(default=0, metadata={"help": "Measure tau with generate() every N steps (0: off)."})
     tau_eval_prompts: int = field(default=4, metadata={"help": "Held-out prompts for tau."})
@@ -75,6 +83,8 @@ class JetSpecTrainingConfig(_BaseConfig):
             raise ValueError(f"`block_size` must be >= 2, got {self.block_size}")
         if self.max_anchors < 1 or self.teacher_topk < 1 or self.num_head_layers < 1:
             raise ValueError("`max_anchors`, `teacher_topk` and `num_head_layers` must be >= 1")
+        if self.loss_vocabulary not in ("full", "batch"):
+            raise ValueError(f"`loss_vocabulary` must be 'full' or 'batch', got {self.loss_vocabulary!r}")
         if self.generation_temperature < 0:
             raise ValueError(f"`generation_temperature` must be >= 0, got {self.generation_temperature}")
         if self.depth_decay is not None and not 0 < self.depth_decay <= 1:

@@ -29,7 +29,9 @@ class PromptSet:
     skipped: Counter = field(default_factory=Counter)
 
 
-def load_prompts(paths: list[str | Path], limit_per_file: int | None = None, seed: int = 0) -> PromptSet:
+def load_prompts(
+    paths: list[str | Path], limit_per_file: int | list[int] | None = None, seed: int = 0
+) -> PromptSet:
     """Reads prompt rows from JSON/JSONL files.
 
     A row needs a non-empty string `prompt`; its `id` defaults to `<file stem>-<line>`. Lines that are not valid
@@ -38,14 +40,17 @@ def load_prompts(paths: list[str | Path], limit_per_file: int | None = None, see
 
     Args:
         paths (`list[str | Path]`): JSON lines files (one object per line) or JSON files holding a list.
-        limit_per_file (`int`, *optional*): keep at most this many rows per file (a seeded shuffle picks them).
+        limit_per_file (`int` or `list[int]`, *optional*): keep at most this many rows per file (a seeded shuffle picks
+            them); a list gives one limit per file, a one-element list applies to every file.
         seed (`int`): seed of that shuffle.
     """
     from datasets import Dataset
 
+    paths = [Path(path) for path in paths]
+    limits = _per_file_limits(limit_per_file, len(paths))
     result = PromptSet()
     seen = set()
-    for path in map(Path, paths):
+    for path, limit in zip(paths, limits):
         if not path.is_file():
             raise FileNotFoundError(f"prompt file {path} does not exist")
         rows = []
@@ -65,12 +70,25 @@ def load_prompts(paths: list[str | Path], limit_per_file: int | None = None, see
                 continue
             seen.add(row_id)
             rows.append({"id": row_id, "prompt": prompt, "source": path.stem})
-        if rows and limit_per_file is not None and len(rows) > limit_per_file:
-            rows = Dataset.from_list(rows).shuffle(seed=seed).select(range(limit_per_file)).to_list()
+        if rows and limit is not None and len(rows) > limit:
+            rows = Dataset.from_list(rows).shuffle(seed=seed).select(range(limit)).to_list()
         result.rows.extend(rows)
     if result.skipped:
         logger.warning("skipped prompt rows: %s", dict(result.skipped))
     return result
+
+
+def _per_file_limits(limit_per_file, num_files: int) -> list[int | None]:
+    if limit_per_file is None or isinstance(limit_per_file, int):
+        return [limit_per_file] * num_files
+    limits = list(limit_per_file)
+    if len(limits) == 1:
+        return limits * num_files
+    if len(limits) != num_files:
+        raise ValueError(
+            f"`limit_per_file` has {len(limits)} values for {num_files} train files: give one value, or one per file"
+        )
+    return limits
 
 
 def _parse_records(text: str, path: Path, skipped: Counter) -> list:

@@ -58,6 +58,41 @@ def teacher_rows(anchor_positions: torch.LongTensor, block_size: int, sequence_l
     return torch.where(valid, rows, torch.zeros_like(rows)), valid
 
 
+def candidate_vocabulary(
+    teacher_ids: torch.LongTensor,
+    valid: torch.BoolTensor,
+    vocab_size: int,
+    num_negatives: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """The tokens a batch's loss is computed over when the full-vocabulary softmax is too expensive (CPU training).
+
+    The set is every teacher top-k token of a valid (anchor, depth) pair plus `num_negatives` tokens drawn uniformly
+    from the rest of the vocabulary, so the head also learns to keep probability off tokens the target never
+    proposes in this batch. The lm_head is frozen and shared with the target, so what the head learns is its hidden
+    state; the full-vocabulary distribution is what drafting uses and what tau measures.
+
+    Args:
+        teacher_ids (`torch.LongTensor` of shape `(..., k)`): teacher top-k token ids.
+        valid (`torch.BoolTensor` of shape `teacher_ids.shape[:-1]`): pairs that count.
+        vocab_size (`int`), num_negatives (`int`), generator (`torch.Generator`, *optional*).
+
+    Returns:
+        `(vocabulary, local_teacher_ids)`: the sorted token ids `(n,)`, and `teacher_ids` as indices into it (ids of
+        invalid pairs map to index 0).
+    """
+    kept = teacher_ids[valid].flatten()
+    if num_negatives > 0:
+        negatives = torch.randint(vocab_size, (num_negatives,), generator=generator).to(kept.device)
+        kept = torch.cat([kept, negatives])
+    vocabulary = kept.unique(sorted=True)
+    if vocabulary.numel() == 0:
+        vocabulary = torch.zeros(1, dtype=torch.long, device=teacher_ids.device)
+    local = torch.searchsorted(vocabulary, teacher_ids).clamp_max(vocabulary.numel() - 1)
+    local = torch.where(valid[..., None], local, torch.zeros_like(local))
+    return vocabulary, local
+
+
 def distillation_loss(
     head_logits: torch.Tensor,
     teacher_ids: torch.LongTensor,
@@ -69,7 +104,8 @@ def distillation_loss(
     as its top-k tokens (renormalised).
 
     Args:
-        head_logits (`torch.FloatTensor` of shape `(batch, num_anchors, depth, vocab)`).
+        head_logits (`torch.FloatTensor` of shape `(batch, num_anchors, depth, vocab)`): over the full vocabulary,
+            or over a [`candidate_vocabulary`] (then `teacher_ids` index into it).
         teacher_ids (`torch.LongTensor` of shape `(batch, num_anchors, depth, k)`): target's top-k token ids.
         teacher_probs (`torch.FloatTensor` of shape `(batch, num_anchors, depth, k)`): their probabilities.
         valid (`torch.BoolTensor` of shape `(batch, num_anchors, depth)`): which (anchor, depth) pairs count.

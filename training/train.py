@@ -25,6 +25,7 @@ import hf_jetspec
 from hf_jetspec import JetSpecHead, chat_input_ids
 
 from .config import JetSpecTrainingConfig
+from .curve import save_training_curve
 from .data import generate_responses, load_prompts
 from .features import TeacherFeatureDataset, compute_teacher_features
 from .trainer import JetSpecTrainer, TauCallback
@@ -118,6 +119,8 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         "generation_temperature": config.generation_temperature,
         "max_anchors": config.max_anchors,
         "depth_decay": config.depth_decay,
+        "loss_vocabulary": config.loss_vocabulary,
+        "num_negative_tokens": config.num_negative_tokens if config.loss_vocabulary == "batch" else None,
         "teacher_topk": config.teacher_topk,
         "epochs": config.num_train_epochs,
         "max_steps": config.max_steps,
@@ -130,6 +133,8 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     }
     final_dir = Path(config.output_dir) / "final"
     trainer.save_model(str(final_dir))
+    if trainer.is_world_process_zero():
+        save_training_curve(trainer.state.log_history, config.output_dir)
     return trainer, final_dir
 
 

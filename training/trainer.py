@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import torch
@@ -11,7 +12,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from hf_jetspec import JetSpecHead, draft_attention_mask
 
 from .collator import AnchorCollator
-from .objective import depth_weights, distillation_loss
+from .objective import candidate_vocabulary, depth_weights, distillation_loss
 
 
 def unwrap_head(model) -> JetSpecHead:
@@ -45,6 +46,7 @@ class JetSpecTrainer(_BaseTrainer):
         self.block_size = head.config.block_size
         self.depth_weights = depth_weights(self.block_size, args.depth_decay)
         self._depth_metrics = defaultdict(list)
+        self._clock: tuple[float, float] | None = None  # (monotonic start of this process's run, minutes before it)
         super().__init__(
             model=model,
             args=args,
@@ -54,22 +56,33 @@ class JetSpecTrainer(_BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        self.add_callback(_TrainClock(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         features = inputs["context_features"]
         batch, length = features.shape[:2]
         context_positions = torch.arange(length, device=features.device).expand(batch, -1)
         mask = draft_attention_mask(context_positions, inputs["anchor_position_ids"], self.block_size, features.dtype)
+        full = self.args.loss_vocabulary == "full"
         outputs = model(
             anchor_ids=inputs["anchor_ids"],
             anchor_position_ids=inputs["anchor_position_ids"],
             context_features=features,
             context_position_ids=context_positions,
             attention_mask=mask,
+            logits_to_keep=full,
         )
-        loss, metrics = distillation_loss(
-            outputs.logits, inputs["teacher_ids"], inputs["teacher_probs"], inputs["valid"], self.depth_weights
-        )
+        teacher_ids, valid = inputs["teacher_ids"], inputs["valid"]
+        if full:
+            logits = outputs.logits
+        else:  # softmax over the batch's candidate tokens only: the lm_head rows of the rest are never multiplied
+            lm_head = unwrap_head(model)._bound()[1]
+            vocabulary, teacher_ids = candidate_vocabulary(
+                teacher_ids, valid, lm_head.weight.shape[0], self.args.num_negative_tokens
+            )
+            drafted = outputs.last_hidden_state.view(*inputs["anchor_ids"].shape, self.block_size, -1)[:, :, 1:]
+            logits = drafted @ lm_head.weight[vocabulary].to(drafted.dtype).T
+        loss, metrics = distillation_loss(logits, teacher_ids, inputs["teacher_probs"], valid, self.depth_weights)
         mode = "train" if model.training else "eval"
         self._depth_metrics[f"{mode}_accuracy"].append(metrics["accuracy"].detach().cpu())
         return (loss, outputs) if return_outputs else loss
@@ -83,7 +96,21 @@ class JetSpecTrainer(_BaseTrainer):
             logs[f"{prefix}top1_depth1"] = round(float(accuracy[0]), 4)
             # expected chain acceptance if depths were independent: sum over d of prod_{i<=d} acc_i, plus the bonus
             logs[f"{prefix}expected_chain_tau"] = round(float(1 + accuracy.cumprod(0).sum()), 3)
+        if self._clock is not None:  # wall-clock minutes of training, continued across resumes (training curves)
+            started, before = self._clock
+            logs["train_minutes"] = round(before + (time.monotonic() - started) / 60, 3)
         super().log(logs, start_time)
+
+
+class _TrainClock(TrainerCallback):
+    """Starts the trainer's wall clock when training (re)starts, continuing the minutes of a resumed checkpoint."""
+
+    def __init__(self, trainer: JetSpecTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        before = max((entry["train_minutes"] for entry in state.log_history if "train_minutes" in entry), default=0.0)
+        self.trainer._clock = (time.monotonic(), before)
 
 
 class TauCallback(TrainerCallback):

@@ -1,0 +1,295 @@
+"""`jetspec-bench`: tau and speedup of JetSpec against plain `generate()` and Transformers' own speculative methods,
+measured side by side in one process, on the same prompts, in interleaved order, with bootstrap confidence intervals.
+
+Every (prompt, method) run is appended to `records.jsonl` as it finishes, so an interrupted benchmark resumes. Every
+lossless method's output is compared token by token with plain greedy `generate()` on the same prompt; a mismatch is
+reported loudly (and recorded). Results: `results.json` (settings, hardware, versions, per-prompt records, summary),
+`results.md` (the table) and `speedup.png`.
+
+Methods:
+    plain            greedy `generate()` (the baseline every ratio is taken against)
+    jetspec          the head's own tree settings (`head.generation_config`)
+    jetspec:B        tree budget B (nodes per tree, root included)
+    chain            the same head drafting a single path (tree_topk=1, depth = block_size - 1): the tree ablation
+    prompt_lookup    Transformers' prompt-lookup decoding (`prompt_lookup_num_tokens=10`)
+
+Usage:
+    jetspec-bench --head heads/smollm2-135m-instruct-jetspec --datasets gsm8k_test mt_bench --limit 50 \\
+        --max-new-tokens 256 --methods plain jetspec prompt_lookup --output-dir outputs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+DEFAULT_EVAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def load_eval_prompts(data_dir: str | Path, datasets: list[str], limit: int | None) -> list[dict]:
+    """The first `limit` prompts of each dataset (`<data_dir>/<name>.jsonl`, rows with `id` and `prompt`).
+
+    `spec_bench` is split into its categories (`spec_bench/<task>`), each limited separately.
+    """
+    data_dir = Path(data_dir)
+    prompts = []
+    for name in datasets:
+        path = data_dir / f"{name}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"eval set {path} not found: pass --data-dir (a folder of <name>.jsonl files)")
+        counts: dict[str, int] = {}
+        for line_number, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number + 1} is not valid JSON ({error})") from None
+            if not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}:{line_number + 1} has no string 'prompt'")
+            dataset = f"{name}/{row['task']}" if name == "spec_bench" and "task" in row else name
+            if limit is not None and counts.get(dataset, 0) >= limit:
+                continue
+            counts[dataset] = counts.get(dataset, 0) + 1
+            prompts.append({"dataset": dataset, "id": str(row.get("id", f"{name}-{line_number}")),
+                            "prompt": row["prompt"]})
+    return prompts
+
+
+# -------------------------------------------------------------------------------------------------------- methods
+def method_kwargs(method: str, head) -> dict:
+    """`generate()` keyword arguments of a method name (see the module docstring)."""
+    if method == "plain":
+        return {}
+    if method == "prompt_lookup":
+        return {"prompt_lookup_num_tokens": 10}
+    if head is None:
+        raise ValueError(f"method {method!r} needs a head: pass --head")
+    if method == "jetspec":
+        return {"assistant_model": head}
+    if method == "chain":
+        return {"assistant_model": head, "tree_budget": head.config.block_size, "tree_topk": 1}
+    if method.startswith("jetspec:"):
+        budget = method.split(":", 1)[1]
+        if not budget.isdigit() or int(budget) < 1:
+            raise ValueError(f"bad method {method!r}: expected jetspec:<budget>, e.g. jetspec:16")
+        return {"assistant_model": head, "tree_budget": int(budget)}
+    raise ValueError(f"unknown method {method!r}; known: plain, jetspec, jetspec:<budget>, chain, prompt_lookup")
+
+
+def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: int) -> dict:
+    kwargs = method_kwargs(method, head)
+    tree_settings = {key: kwargs.pop(key) for key in ("tree_budget", "tree_topk") if key in kwargs}
+    saved = {}
+    if tree_settings:
+        saved = {key: getattr(head.generation_config, key, None) for key in tree_settings}
+        for key, value in tree_settings.items():
+            setattr(head.generation_config, key, value)
+    try:
+        start = time.perf_counter()
+        output = model.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
+        seconds = time.perf_counter() - start
+    finally:
+        for key, value in saved.items():
+            setattr(head.generation_config, key, value)
+    tokens = output[0, input_ids.shape[1] :].tolist()
+    record = {"method": method, "new_tokens": len(tokens), "seconds": seconds, "tokens": tokens}
+    if "assistant_model" in kwargs:
+        stats = head.last_generate_stats
+        record.update(rounds=stats.rounds, accepted_drafts=stats.accepted_drafts, tree_budget=stats.tree_budget,
+                      tree_topk=stats.tree_topk, tau=stats.mean_accepted_length)
+    return record
+
+
+# -------------------------------------------------------------------------------------------------------- summary
+def bootstrap_ci(values: list[float], statistic, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of `statistic(sample)` over resampled prompts."""
+    if len(values) < 2:
+        value = statistic(values) if values else float("nan")
+        return value, value
+    rng = random.Random(seed)
+    stats = sorted(statistic([values[rng.randrange(len(values))] for _ in values]) for _ in range(resamples))
+    return stats[int(0.025 * resamples)], stats[min(resamples - 1, int(0.975 * resamples))]
+
+
+def summarize(records: list[dict], methods: list[str]) -> list[dict]:
+    """Per dataset (and `all`) and method: tokens/s, tau, speedup over plain with 95% bootstrap CIs, mismatches."""
+    by_prompt: dict[tuple[str, str], dict[str, dict]] = {}
+    for record in records:
+        by_prompt.setdefault((record["dataset"], record["id"]), {})[record["method"]] = record
+    complete = {key: runs for key, runs in by_prompt.items() if all(m in runs for m in methods)}
+    datasets = sorted({dataset for dataset, _ in complete})
+    rows = []
+    for dataset in datasets + ["all"]:
+        prompts = [runs for (d, _), runs in complete.items() if dataset in ("all", d)]
+        if not prompts:
+            continue
+        for method in methods:
+            pairs = [(runs["plain"], runs[method]) for runs in prompts]
+            plain_s = sum(p["seconds"] for p, _ in pairs)
+            method_s = sum(m["seconds"] for _, m in pairs)
+            tokens = sum(m["new_tokens"] for _, m in pairs)
+            row = {
+                "dataset": dataset, "method": method, "prompts": len(pairs),
+                "tokens_per_s": tokens / method_s if method_s else float("nan"),
+                # ratio of times for the same outputs: plain time / method time (pooled over prompts)
+                "speedup": plain_s / method_s if method_s else float("nan"),
+                "speedup_ci95": bootstrap_ci(pairs, lambda s: sum(p["seconds"] for p, _ in s)
+                                             / max(sum(m["seconds"] for _, m in s), 1e-12)),
+                "mismatches": sum(m["tokens"] != p["tokens"] for p, m in pairs),
+            }
+            if all("rounds" in m for _, m in pairs):
+                taus = [m["tau"] for _, m in pairs]
+                row["tau"] = sum(taus) / len(taus)  # mean over prompts of tokens per round
+                row["tau_ci95"] = bootstrap_ci(taus, lambda s: sum(s) / len(s))
+                rounds = sum(m["rounds"] for _, m in pairs)
+                row["tau_pooled"] = (sum(m["accepted_drafts"] for _, m in pairs) + rounds) / max(rounds, 1)
+            rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| dataset | method | prompts | tau (95% CI) | tokens/s | speedup vs plain (95% CI) | mismatches |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        tau = f"{row['tau']:.2f} ({row['tau_ci95'][0]:.2f}-{row['tau_ci95'][1]:.2f})" if "tau" in row else "-"
+        low, high = row["speedup_ci95"]
+        lines.append(f"| {row['dataset']} | {row['method']} | {row['prompts']} | {tau} | {row['tokens_per_s']:.1f} | "
+                     f"{row['speedup']:.2f}x ({low:.2f}-{high:.2f}) | {row['mismatches']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_speedup(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in dict.fromkeys(row["method"] for row in rows) if m != "plain"]
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    figure, axis = plt.subplots(figsize=(max(6, 1.4 * len(datasets) * max(1, len(methods)) / 2), 4))
+    width = 0.8 / max(1, len(methods))
+    for index, method in enumerate(methods):
+        points = [next((r for r in rows if r["dataset"] == d and r["method"] == method), None) for d in datasets]
+        xs = [i + (index - (len(methods) - 1) / 2) * width for i in range(len(datasets))]
+        values = [p["speedup"] if p else 0 for p in points]
+        errors = [[p["speedup"] - p["speedup_ci95"][0] if p else 0 for p in points],
+                  [p["speedup_ci95"][1] - p["speedup"] if p else 0 for p in points]]
+        axis.bar(xs, values, width, yerr=errors, capsize=3, label=method)
+    axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    axis.set_xticks(range(len(datasets)), datasets, rotation=20, ha="right")
+    axis.set_ylabel("speedup over plain generate() (95% CI)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def environment(model, threads: int) -> dict:
+    import transformers
+
+    return {
+        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+        "cpu_count": __import__("os").cpu_count(), "torch_threads": threads,
+        "device": str(model.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+        "dtype": str(model.dtype), "attn_implementation": model.config._attn_implementation,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct) or a model path")
+    parser.add_argument("--head", default=None, help="JetSpec head directory or repo id")
+    parser.add_argument("--data-dir", default=str(DEFAULT_EVAL_DIR))
+    parser.add_argument("--datasets", nargs="+", default=["gsm8k_test", "mt_bench"])
+    parser.add_argument("--limit", type=int, default=50, help="prompts per dataset (per Spec-Bench category)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--methods", nargs="+", default=["plain", "jetspec", "prompt_lookup"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--output-dir", default="outputs/bench")
+    args = parser.parse_args(argv)
+
+    import hf_jetspec
+    from hf_jetspec import JetSpecHead, chat_input_ids
+
+    methods = list(dict.fromkeys(["plain"] + args.methods))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.target == "default":
+        model, tokenizer = hf_jetspec.load_default_target()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="sdpa").eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.target)
+    head = JetSpecHead.from_pretrained(args.head).to(model.device).bind(model) if args.head else None
+    for method in methods:
+        method_kwargs(method, head)  # fail on a bad method name before any work
+
+    prompts = load_eval_prompts(args.data_dir, args.datasets, args.limit)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"target": args.target, "head": args.head, "datasets": args.datasets, "limit": args.limit,
+                "max_new_tokens": args.max_new_tokens, "methods": methods, "greedy": True,
+                "head_tree": {"tree_budget": getattr(head.generation_config, "tree_budget", None),
+                              "tree_topk": getattr(head.generation_config, "tree_topk", None)} if head else None}
+    records_path = output_dir / "records.jsonl"
+    records = []
+    if records_path.is_file():  # resume: keep runs made with the same settings
+        for line in records_path.read_text().split("\n"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("settings") == settings:
+                records.append(record)
+    done = {(r["dataset"], r["id"], r["method"]) for r in records}
+
+    model.generate(chat_input_ids(tokenizer, "Hello"), max_new_tokens=4, do_sample=False)  # warm-up
+    mismatches = 0
+    with records_path.open("a") as handle:
+        for index, row in enumerate(tqdm(prompts, desc="prompts")):
+            input_ids = chat_input_ids(tokenizer, row["prompt"]).to(model.device)
+            order = methods[index % len(methods):] + methods[: index % len(methods)]  # rotate: no method always first
+            runs = {r["method"]: r for r in records if (r["dataset"], r["id"]) == (row["dataset"], row["id"])}
+            for method in order:
+                if (row["dataset"], row["id"], method) in done:
+                    continue
+                record = {**run_one(model, head, input_ids, method, args.max_new_tokens), "dataset": row["dataset"],
+                          "id": row["id"], "settings": settings}
+                runs[method] = record
+                records.append(record)
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+            plain = runs["plain"]["tokens"]
+            for method, run in runs.items():
+                if method != "plain" and run["tokens"] != plain:
+                    mismatches += 1
+                    tqdm.write(f"MISMATCH: {method} differs from plain generate() on {row['dataset']} {row['id']}")
+
+    summary = summarize(records, methods)
+    results = {"settings": settings, "environment": environment(model, torch.get_num_threads()),
+               "summary": summary, "mismatches": mismatches,
+               "records": [{k: v for k, v in r.items() if k != "settings"} for r in records]}
+    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    table = markdown_table(summary)
+    (output_dir / "results.md").write_text(table)
+    plot_speedup([r for r in summary if r["dataset"] != "all" or len(args.datasets) == 1], output_dir / "speedup.png")
+    print(table)
+    if mismatches:
+        print(f"WARNING: {mismatches} outputs differ from plain generate() -- lossless methods must match exactly")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""`jetspec-bench` on a tiny target: records, equality checks, summary with confidence intervals, files, errors."""
+
+import json
+
+import pytest
+import torch
+from conftest import WORDS, save_tiny_target
+
+from hf_jetspec import JetSpecHead
+from hf_jetspec.bench import bootstrap_ci, load_eval_prompts, main, method_kwargs, summarize
+
+
+def write_eval_sets(directory, count=3):
+    directory.mkdir()
+    generator = torch.Generator().manual_seed(3)
+    for name in ("alpha", "spec_bench"):
+        with (directory / f"{name}.jsonl").open("w") as handle:
+            for index in range(count):
+                words = " ".join(WORDS[i] for i in torch.randint(len(WORDS), (5,), generator=generator))
+                row = {"id": f"{name}/{index}", "prompt": words}
+                if name == "spec_bench":
+                    row["task"] = ["qa", "math_reasoning"][index % 2]
+                handle.write(json.dumps(row) + "\n")
+
+
+def test_eval_prompts_limit_and_spec_bench_categories(tmp_path):
+    write_eval_sets(tmp_path / "eval", count=5)
+    prompts = load_eval_prompts(tmp_path / "eval", ["alpha", "spec_bench"], limit=2)
+    datasets = [p["dataset"] for p in prompts]
+    assert datasets.count("alpha") == 2 and datasets.count("spec_bench/qa") == 2
+    assert datasets.count("spec_bench/math_reasoning") == 2
+    with pytest.raises(FileNotFoundError, match="--data-dir"):
+        load_eval_prompts(tmp_path / "eval", ["missing"], limit=1)
+    (tmp_path / "eval" / "broken.jsonl").write_text('{"id": 1, "prompt": "ok"}\n{"id": 2, "prompt": \n')
+    with pytest.raises(ValueError, match="broken.jsonl:2"):
+        load_eval_prompts(tmp_path / "eval", ["broken"], limit=5)
+
+
+def test_method_names():
+    head = type("Head", (), {"config": type("C", (), {"block_size": 6})()})()
+    assert method_kwargs("chain", head) == {"assistant_model": head, "tree_budget": 6, "tree_topk": 1}
+    assert method_kwargs("jetspec:12", head)["tree_budget"] == 12
+    for bad in ("jetspec:x", "jetspec:0", "medusa"):
+        with pytest.raises(ValueError, match="method"):
+            method_kwargs(bad, head)
+    with pytest.raises(ValueError, match="--head"):
+        method_kwargs("jetspec", None)
+
+
+def test_bootstrap_interval_covers_the_statistic():
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    low, high = bootstrap_ci(values, lambda s: sum(s) / len(s))
+    assert low < 4.0 < high and low >= 1.0 and high <= 10.0
+
+
+def test_benchmark_end_to_end_and_resume(tmp_path, capsys):
+    target, _ = save_tiny_target(tmp_path / "target")
+    JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4).save_pretrained(tmp_path / "head")
+    write_eval_sets(tmp_path / "eval")
+    argv = ["--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--data-dir",
+            str(tmp_path / "eval"), "--datasets", "alpha", "spec_bench", "--limit", "2", "--max-new-tokens", "12",
+            "--methods", "jetspec", "jetspec:3", "chain", "prompt_lookup", "--output-dir", str(tmp_path / "out")]
+    results = main(argv)
+    assert results["mismatches"] == 0
+    records = results["records"]
+    assert len(records) == 5 * 5  # 5 prompts (2 alpha; spec_bench: 2 qa, 1 math_reasoning) x 5 methods
+    assert {r["method"] for r in records} == {"plain", "jetspec", "jetspec:3", "chain", "prompt_lookup"}
+    chain = [r for r in records if r["method"] == "chain"]
+    assert all(r["tree_topk"] == 1 and r["tree_budget"] == 4 for r in chain)
+    assert all(r["tree_budget"] == 3 for r in records if r["method"] == "jetspec:3")
+    rows = {(row["dataset"], row["method"]): row for row in results["summary"]}
+    assert rows[("all", "plain")]["speedup"] == pytest.approx(1.0)
+    jetspec = rows[("alpha", "jetspec")]
+    assert jetspec["prompts"] == 2 and jetspec["tau_ci95"][0] <= jetspec["tau"] <= jetspec["tau_ci95"][1]
+    assert "tau" not in rows[("alpha", "prompt_lookup")]
+    out = tmp_path / "out"
+    assert (out / "speedup.png").stat().st_size > 0 and "| alpha | jetspec |" in (out / "results.md").read_text()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["environment"]["torch"] == torch.__version__ and len(saved["records"]) == 25
+
+    # a second run with the same settings reuses every record (resume), and adds nothing
+    before = (out / "records.jsonl").read_text()
+    main(argv)
+    assert (out / "records.jsonl").read_text() == before
+
+
+def test_summary_reports_a_mismatch():
+    records = [
+        {"dataset": "d", "id": "0", "method": "plain", "tokens": [1, 2], "new_tokens": 2, "seconds": 2.0},
+        {"dataset": "d", "id": "0", "method": "jetspec", "tokens": [1, 3], "new_tokens": 2, "seconds": 1.0,
+         "rounds": 1, "accepted_drafts": 1, "tau": 2.0},
+    ]
+    rows = {row["method"]: row for row in summarize(records, ["plain", "jetspec"]) if row["dataset"] == "d"}
+    assert rows["jetspec"]["mismatches"] == 1 and rows["jetspec"]["speedup"] == pytest.approx(2.0)
