@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel
 
 from .chat import chat_input_ids
 from .candidate_generator import JetSpecCandidateGenerator, default_tree_budget
-from .configuration_jetspec import JetSpecConfig, default_target_layer_ids
+from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, tokenizer_fingerprint
 from .decoding import JetSpecGenerateStats, jetspec_decoding
 from .default_target import DEFAULT_TARGET_SHA256, default_target_path, load_default_target
 from .integration import install
@@ -37,5 +37,6 @@ __all__ = [
     "draft_attention_mask",
     "jetspec_decoding",
     "load_default_target",
+    "tokenizer_fingerprint",
     "tree_from_parents",
 ]

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """What identifies a tokenizer for a head: its size, a sha256 of its (token, id) vocabulary and its special ids.
+
+    A head drafts token ids; with a tokenizer that maps text to other ids its drafts are rejected (or, worse, a user
+    reads another model's text), so the fingerprint of the target's tokenizer is recorded in [`JetSpecConfig`].
+    """
+    vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    digest = hashlib.sha256(json.dumps(vocabulary, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {
+        "name_or_path": getattr(tokenizer, "name_or_path", None) or None,
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": digest,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
 
 
 def default_target_layer_ids(num_target_layers: int, num_taps: int) -> list[int]:
@@ -48,6 +67,9 @@ class JetSpecConfig(PretrainedConfig):
             Revision of the target model, when known.
         training_recipe (`dict`, *optional*):
             A short summary of how the head was trained (data, steps, objective).
+        target_tokenizer (`dict`, *optional*):
+            [`tokenizer_fingerprint`] of the target's tokenizer, when known; checked when `generate()` is given a
+            `tokenizer` and by `head.check_tokenizer`.
     """
 
     model_type = "jetspec"
@@ -62,6 +84,7 @@ class JetSpecConfig(PretrainedConfig):
         target_name_or_path: str | None = None,
         target_revision: str | None = None,
         training_recipe: dict[str, Any] | None = None,
+        target_tokenizer: dict[str, Any] | None = None,
         **kwargs,
     ):
         draft_config = dict(draft_config or {})
@@ -72,6 +95,7 @@ class JetSpecConfig(PretrainedConfig):
         self.target_name_or_path = target_name_or_path
         self.target_revision = target_revision
         self.training_recipe = training_recipe
+        self.target_tokenizer = target_tokenizer
         # Mirrors of the draft config that generic Transformers code reads (e.g. the vocab-size check of generate()).
         self.vocab_size = draft_config.get("vocab_size")
         self.hidden_size = draft_config.get("hidden_size")

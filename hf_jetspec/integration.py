@@ -64,6 +64,8 @@ def install() -> None:
         head = as_jetspec_head(generation_mode_kwargs.get("assistant_model"))
         if isinstance(head, JetSpecHead):
             head.check_compatible(self)  # before transformers' own vocab check, which would ask for tokenizers
+            if generation_mode_kwargs.get("tokenizer") is not None:
+                head.check_tokenizer(generation_mode_kwargs["tokenizer"])
             if generation_mode != GenerationMode.ASSISTED_GENERATION:
                 raise ValueError(
                     f"A JetSpec head drafts for greedy decoding only; these settings select {generation_mode.value!r} "

@@ -18,7 +18,7 @@ from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from .configuration_jetspec import JetSpecConfig, default_target_layer_ids
+from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, tokenizer_fingerprint
 from .tree import additive_mask
 
 
@@ -222,6 +222,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
         block_size: int = 16,
         target_layer_ids: list[int] | None = None,
         init_from_target: bool = True,
+        tokenizer=None,
         **draft_overrides,
     ) -> JetSpecHead:
         """Builds a fresh head for `target_model` (random fc/mask; decoder layers copied from the target's last ones).
@@ -234,6 +235,8 @@ class JetSpecHead(JetSpecPreTrainedModel):
                 [`default_target_layer_ids`]) with `max(num_hidden_layers, 3)` taps.
             init_from_target (`bool`, *optional*, defaults to `True`): copy the weights of the target's last
                 `num_hidden_layers` decoder layers and its final norm into the head.
+            tokenizer (*optional*): the target's tokenizer; its [`tokenizer_fingerprint`] is recorded so that a
+                different tokenizer is refused later (see [`check_tokenizer`]).
             draft_overrides: other fields of the family config to override (e.g. `intermediate_size`); the layers
                 then start from random weights, since the target's no longer fit.
         """
@@ -249,6 +252,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
             block_size=block_size,
             target_num_hidden_layers=num_target_layers,
             target_name_or_path=getattr(target_config, "_name_or_path", None) or None,
+            target_tokenizer=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         )
         head = cls(config).to(device=target_model.device, dtype=target_model.dtype)
         if init_from_target and not draft_overrides:
@@ -278,9 +282,40 @@ class JetSpecHead(JetSpecPreTrainedModel):
                 + ". Use a head trained for this target, or build one with `JetSpecHead.from_target(target)`."
             )
 
-    def bind(self, target_model: PreTrainedModel) -> JetSpecHead:
-        """Shares the target's input embeddings and `lm_head` with the head (checked for compatibility first)."""
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raises a `ValueError` naming both sides when `tokenizer` is not the one this head was trained with.
+
+        Heads record the [`tokenizer_fingerprint`] of their target's tokenizer (`config.target_tokenizer`); a head
+        without one (built before it was recorded) accepts any tokenizer of the right size.
+        """
+        recorded = self.config.target_tokenizer
+        got = tokenizer_fingerprint(tokenizer)
+        vocab_size = self.config.draft_config.get("vocab_size")
+        if recorded is None:
+            if vocab_size is not None and got["vocab_size"] > vocab_size:
+                raise ValueError(
+                    f"This JetSpec head drafts over {vocab_size} token ids, but the tokenizer "
+                    f"{got['name_or_path'] or type(tokenizer).__name__} has {got['vocab_size']}: it belongs to "
+                    "another model. Use the target's own tokenizer."
+                )
+            return
+        fields = ("vocab_size", "vocab_sha256", "bos_token_id", "eos_token_id")
+        mismatches = [f"{key}: head expects {recorded.get(key)}, tokenizer has {got[key]}" for key in fields
+                      if recorded.get(key) != got[key]]
+        if mismatches:
+            raise ValueError(
+                f"This JetSpec head was trained with the tokenizer of {recorded.get('name_or_path') or 'its target'}, "
+                f"not with {got['name_or_path'] or type(tokenizer).__name__}: " + "; ".join(mismatches)
+                + ". Its drafts are token ids of that tokenizer: use the target's own tokenizer, or a head trained "
+                "for this one."
+            )
+
+    def bind(self, target_model: PreTrainedModel, tokenizer=None) -> JetSpecHead:
+        """Shares the target's input embeddings and `lm_head` with the head (checked for compatibility first, and
+        `tokenizer` against the recorded one when given)."""
         self.check_compatible(target_model)
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
         self._target_modules = (target_model.get_input_embeddings(), target_model.get_output_embeddings())
         return self
 

@@ -117,6 +117,41 @@ def test_bad_checkpoints_get_clear_errors(saved_head):
         other_target.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, assistant_model=loaded)
 
 
+def test_head_for_another_tokenizer_is_refused_naming_both(tmp_path):
+    from conftest import WORDS, tiny_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=11, vocab_size=len(tokenizer))
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4, tokenizer=tokenizer)
+    head.save_pretrained(tmp_path / "head")
+    loaded = JetSpecHead.from_pretrained(tmp_path / "head")
+    assert loaded.config.target_tokenizer == head.config.target_tokenizer
+    assert loaded.config.target_tokenizer["vocab_size"] == len(tokenizer)
+
+    # the same words under other ids: same size, different tokenizer
+    vocab = {"<unk>": 0, "<eos>": 1, "<user>": 2, "<assistant>": 3}
+    vocab.update({word: i + 4 for i, word in enumerate(reversed(WORDS))})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>",
+                                    name_or_path="other-tokenizer")
+    prompt = torch.tensor([[2, 5, 6, 7, 3]])
+    with pytest.raises(ValueError, match="vocab_sha256: head expects .* tokenizer has") as error:
+        target.generate(prompt, max_new_tokens=4, do_sample=False, assistant_model=loaded, tokenizer=other)
+    assert "other-tokenizer" in str(error.value)
+    with pytest.raises(ValueError, match="vocab_sha256"):
+        JetSpecHead.from_pretrained(tmp_path / "head").bind(target, tokenizer=other)
+    out = target.generate(prompt, max_new_tokens=4, do_sample=False, assistant_model=loaded, tokenizer=tokenizer)
+    assert out.shape[1] > prompt.shape[1]
+
+    # a head without a recorded tokenizer still refuses one larger than its vocabulary
+    unrecorded = JetSpecHead.from_target(make_tiny_target("llama", vocab_size=20), num_hidden_layers=1, block_size=4)
+    with pytest.raises(ValueError, match="drafts over 20 token ids"):
+        unrecorded.check_tokenizer(tokenizer)
+
+
 RESULTS = [
     {"dataset": "gsm8k", "prompts": 50, "max_new_tokens": 256, "tau": 3.1, "speedup": 1.4,
      "hardware": "2-core x86 CPU, fp32", "settings": "greedy, tree budget 16, top-7"},

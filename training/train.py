@@ -109,6 +109,7 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         logger.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
 
+    core.config.target_tokenizer = hf_jetspec.tokenizer_fingerprint(tokenizer)
     core.config.training_recipe = {
         "objective": "on-policy distillation, KL(target||head) per depth over random anchors",
         "train_files": [Path(f).name for f in config.train_files],
