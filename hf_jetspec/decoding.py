@@ -181,10 +181,20 @@ def jetspec_decoding(
         node_hidden = outputs.last_hidden_state[0]
 
         # 3. Accept: follow the target's own token from the root while a child carries it; the last one is the bonus.
+        #    The lm_head runs over a whole main chain at once (one read of its weights for several rows), and again
+        #    only where the target's path leaves that chain.
         t2 = time.perf_counter()
+        node_logits: dict[int, torch.Tensor] = {}
+
+        def logits_of(node: int) -> torch.Tensor:
+            if node not in node_logits:
+                chain = tree.main_chain(node)
+                node_logits.update(zip(chain, lm_head(node_hidden[chain])))
+            return node_logits[node]
+
         node, accepted = 0, []
         while True:
-            token, done = emit(lm_head(node_hidden[node]))
+            token, done = emit(logits_of(node))
             child = tree.child_with_token(node, token)
             if done or child is None:
                 break

@@ -33,6 +33,7 @@ class DraftTree:
     depths: torch.LongTensor
     ancestor_mask: torch.BoolTensor
     children: dict[tuple[int, int], int] = field(repr=False)
+    first_child: list[int] = field(repr=False)  # lowest-index child of each node (-1: a leaf)
 
     @property
     def num_nodes(self) -> int:
@@ -41,6 +42,14 @@ class DraftTree:
     def child_with_token(self, node: int, token: int) -> int | None:
         """Index of the child of `node` that carries `token`, or `None`."""
         return self.children.get((node, token))
+
+    def main_chain(self, node: int) -> list[int]:
+        """`node`, then its first child, that child's first child, ... down to a leaf. Best-first trees list a node's
+        most likely child first, so this is the path the head expects the target to take from `node`."""
+        chain = [node]
+        while self.first_child[chain[-1]] >= 0:
+            chain.append(self.first_child[chain[-1]])
+        return chain
 
     def path_tokens(self, node: int) -> list[int]:
         """Tokens from the root's first child down to `node` (the root itself excluded)."""
@@ -72,17 +81,21 @@ def tree_from_parents(tokens: list[int], parents: list[int], device: torch.devic
     depths = [0] * num_nodes
     ancestor = torch.eye(num_nodes, dtype=torch.bool)
     children = {}
+    first_child = [-1] * num_nodes
     for i in range(1, num_nodes):
         parent = parents[i]
         depths[i] = depths[parent] + 1
         ancestor[i] |= ancestor[parent]
         children.setdefault((parent, tokens[i]), i)
+        if first_child[parent] < 0:
+            first_child[parent] = i
     return DraftTree(
         tokens=torch.tensor(tokens, dtype=torch.long, device=device),
         parents=list(parents),
         depths=torch.tensor(depths, dtype=torch.long, device=device),
         ancestor_mask=ancestor.to(device),
         children=children,
+        first_child=first_child,
     )
 
 

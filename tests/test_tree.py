@@ -79,3 +79,22 @@ def test_chain_when_topk_is_one():
     tree = build_tree(7, logprobs, budget=10, topk=1)
     assert tree.tokens.tolist() == [7, 3, 1, 4, 1]
     assert tree.parents == [-1, 0, 1, 2, 3]
+
+
+def test_main_chain_follows_the_first_listed_child():
+    #        0
+    #      /   \
+    #     1     2
+    #    / \     \
+    #   3   4     5
+    #   |
+    #   6
+    tree = tree_from_parents([9, 1, 2, 3, 4, 5, 6], [-1, 0, 0, 1, 1, 2, 3])
+    assert tree.main_chain(0) == [0, 1, 3, 6]
+    assert tree.main_chain(2) == [2, 5]
+    assert tree.main_chain(4) == [4]
+    logprobs = torch.log_softmax(torch.randn(4, 20, generator=torch.Generator().manual_seed(0)), -1)
+    best_first = build_tree(7, logprobs, budget=10, topk=3)
+    chain = best_first.main_chain(0)
+    # the best-first main chain is the head's top-1 token at every depth
+    assert [int(best_first.tokens[n]) for n in chain[1:]] == logprobs.argmax(-1)[: len(chain) - 1].tolist()
