@@ -26,6 +26,40 @@ def _eval_results(results: list[dict], model_name: str) -> list[EvalResult]:
     return evals
 
 
+def rows_from_benchmark(results: dict, method: str = "jetspec") -> list[dict]:
+    """Card rows from a `jetspec-bench` `results.json`: one per dataset (not the pooled `all`), for `method`, with
+    tau and the speedup over plain `generate()` (both with their 95% bootstrap intervals), the hardware and the
+    settings recorded by the benchmark."""
+    if not isinstance(results, dict) or "summary" not in results or "environment" not in results:
+        raise ValueError("expected a jetspec-bench results.json (with 'summary' and 'environment')")
+    env, settings = results["environment"], results["settings"]
+    if env.get("gpu"):
+        hardware = f"{env['gpu']}, {env['dtype'].replace('torch.', '')}"
+    else:
+        hardware = (f"{env['cpu_count']}-core {env['machine']} CPU, {env['torch_threads']} torch threads, "
+                    f"{env['dtype'].replace('torch.', '')}")
+    rows = []
+    for row in results["summary"]:
+        if row["method"] != method or row["dataset"] == "all":
+            continue
+        if row["mismatches"]:
+            raise ValueError(f"{row['dataset']}: {row['mismatches']} outputs differ from plain generate(); "
+                             "a card reports lossless results only")
+        tree = settings.get("head_tree") or {}
+        rows.append({
+            "dataset": row["dataset"], "prompts": row["prompts"], "max_new_tokens": settings["max_new_tokens"],
+            "tau": round(row["tau"], 2), "tau_ci95": "-".join(f"{v:.2f}" for v in row["tau_ci95"]),
+            "speedup": round(row["speedup"], 2), "speedup_ci95": "-".join(f"{v:.2f}" for v in row["speedup_ci95"]),
+            "hardware": hardware,
+            "settings": (f"greedy; tree budget {tree.get('tree_budget') or 'default'}, top-{tree.get('tree_topk')}; "
+                         f"{env['attn_implementation']}; torch {env['torch']}, transformers {env['transformers']}; "
+                         "speedup = plain generate() time / JetSpec time, same prompts, same process"),
+        })
+    if not rows:
+        raise ValueError(f"no per-dataset rows for method {method!r} in these benchmark results")
+    return rows
+
+
 def render_card(head, repo_id: str, results: list[dict] | None = None, license: str = "apache-2.0",
                 datasets: list[str] | None = None) -> ModelCard:
     """The model card of `head` for `repo_id`.

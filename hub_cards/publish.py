@@ -4,7 +4,8 @@ Usage:
     jetspec-publish HEAD_DIR --repo-id org/name [--results results.json] --dry-run OUT_DIR   # write what would go up
     jetspec-publish HEAD_DIR --repo-id org/name [--results results.json]                    # create repo + upload
 
-`results.json` is a list of rows: {"dataset", "prompts", "max_new_tokens", "tau", "speedup", "hardware", "settings"}.
+`--results` is a `jetspec-bench` results.json (its JetSpec rows go on the card), or a list of rows
+{"dataset", "prompts", "max_new_tokens", "tau", "speedup", "hardware", "settings"}.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .card import render_card, validate_card_metadata
+from .card import render_card, rows_from_benchmark, validate_card_metadata
 
 REPO_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
@@ -66,12 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("head_dir")
     parser.add_argument("--repo-id", required=True)
     parser.add_argument("--results", help="JSON list of measured rows for the card")
+    parser.add_argument("--method", default="jetspec", help="benchmark method whose rows go on the card")
     parser.add_argument("--license", default="apache-2.0")
     parser.add_argument("--datasets", nargs="*", default=None)
     parser.add_argument("--dry-run", metavar="OUT_DIR", help="write the repo folder here and upload nothing")
     parser.add_argument("--private", action="store_true")
     args = parser.parse_args(argv)
     results = json.loads(Path(args.results).read_text()) if args.results else None
+    if isinstance(results, dict):  # a jetspec-bench results.json
+        results = rows_from_benchmark(results, args.method)
     if args.dry_run:
         folder = prepare_repo_folder(args.head_dir, args.repo_id, args.dry_run, results, args.license, args.datasets)
         print(f"dry run: {folder} holds what would be uploaded to {args.repo_id}:")

@@ -167,11 +167,43 @@ def test_card_renders_metadata_and_measured_numbers_with_hardware(saved_head, tm
     validate_card_metadata(card)
     data = card.data.to_dict()
     assert data["base_model"] == "someone/tiny-qwen3" and "speculative-decoding" in data["tags"]
-    assert "| gsm8k | 50 | 256 | 3.1 | 1.4 | 2-core x86 CPU, fp32 | greedy, tree budget 16, top-7 |" in card.text
+    assert "| gsm8k | 50 | 256 | 3.1 | 1.4x | 2-core x86 CPU, fp32 | greedy, tree budget 16, top-7 |" in card.text
     metrics = {m["type"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"mean_accepted_length": 3.1, "speedup": 1.4}
     with pytest.raises(ValueError, match="hardware"):
         render_card(head, "someone/x", results=[{**RESULTS[0], "hardware": ""}])
+
+
+def test_card_rows_come_straight_from_benchmark_results(saved_head):
+    from hf_jetspec.bench import summarize
+    from hf_jetspec_hub import render_card, validate_card_metadata
+    from hf_jetspec_hub.card import rows_from_benchmark
+
+    records = []
+    for index in range(4):
+        records.append({"dataset": "gsm8k_test", "id": str(index), "method": "plain", "tokens": [1, 2, 3],
+                        "new_tokens": 3, "seconds": 3.0})
+        records.append({"dataset": "gsm8k_test", "id": str(index), "method": "jetspec", "tokens": [1, 2, 3],
+                        "new_tokens": 3, "seconds": 1.5 + 0.1 * index, "rounds": 1, "accepted_drafts": 2, "tau": 3.0})
+    results = {
+        "settings": {"max_new_tokens": 256, "head_tree": {"tree_budget": 16, "tree_topk": 7}},
+        "environment": {"gpu": None, "cpu_count": 2, "machine": "x86_64", "torch_threads": 2, "dtype": "torch.float32",
+                        "attn_implementation": "sdpa", "torch": "2.13.0+cpu", "transformers": "5.23.0"},
+        "summary": summarize(records, ["plain", "jetspec"]),
+    }
+    rows = rows_from_benchmark(results)
+    assert len(rows) == 1 and rows[0]["dataset"] == "gsm8k_test" and rows[0]["tau"] == 3.0
+    assert rows[0]["hardware"] == "2-core x86_64 CPU, 2 torch threads, float32"
+    assert rows[0]["speedup"] == round(12.0 / 6.6, 2) and "tree budget 16, top-7" in rows[0]["settings"]
+    _, head, _ = saved_head
+    card = render_card(head, "someone/tiny-jetspec-head", results=rows)
+    validate_card_metadata(card)
+    assert f"| 3.0 (3.00-3.00) | {rows[0]['speedup']}x ({rows[0]['speedup_ci95']}) |" in card.text
+
+    records[1]["tokens"] = [1, 2, 4]  # one lossy output: no card
+    results["summary"] = summarize(records, ["plain", "jetspec"])
+    with pytest.raises(ValueError, match="differ from plain generate"):
+        rows_from_benchmark(results)
 
 
 def test_publish_dry_run_writes_exactly_the_repo_and_nothing_on_failure(saved_head, tmp_path):
