@@ -58,6 +58,20 @@ class JetSpecGenerateStats:
         return max(self.time_total - measured, 0.0)
 
 
+def choose_token(scores: torch.Tensor, do_sample: bool, draft_tokens: list[int]) -> torch.LongTensor:
+    """The target's token at a tree node: argmax (greedy) or one sample of `softmax(scores)` (sampling), `scores`
+    being the target's logits for this node's own path after every logits processor and warper.
+
+    `draft_tokens` (the node's children) play no part: the token is drawn from the target's distribution alone, and
+    the tree only decides how far one verify forward gets. That is why output is exactly the target's (token for
+    token under greedy, in distribution under sampling; with the same seed, the same tokens as plain sampling up to
+    floating-point ties) -- the rule a lossy "typical acceptance" would change.
+    """
+    if do_sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    return scores.argmax(dim=-1)
+
+
 def compact_cache(cache: DynamicCache, past_length: int, keep: torch.LongTensor) -> None:
     """Keeps `past_length` prefix rows plus the tree rows `keep` (sorted, relative to the tree) in every layer.
 
@@ -79,8 +93,6 @@ def _validate(model, input_ids, generation_config, head, model_kwargs) -> Dynami
             f"JetSpec tree decoding supports batch size 1 for now, got {input_ids.shape[0]}: "
             "call generate() once per prompt."
         )
-    if generation_config.do_sample:
-        raise ValueError("JetSpec tree decoding is greedy for now: pass `do_sample=False` (sampling is not supported yet).")
     if not model_kwargs.get("use_cache", True):
         raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")
     for name in ("output_attentions", "output_hidden_states"):
@@ -133,12 +145,14 @@ def jetspec_decoding(
     scores = () if return_dict and generation_config.output_scores else None
     raw_logits = () if return_dict and generation_config.output_logits else None
 
-    def emit(token_logits: torch.Tensor) -> tuple[int, bool]:
+    do_sample = bool(generation_config.do_sample)
+
+    def emit(token_logits: torch.Tensor, draft_tokens: list[int] = ()) -> tuple[int, bool]:
         """Processes one row of logits with the current path, appends the target's token; returns (token, done)."""
         nonlocal input_ids, scores, raw_logits
         next_logits = token_logits.to(dtype=torch.float32, device=input_ids.device)[None]
         next_scores = logits_processor(input_ids, next_logits.clone())
-        token = next_scores.argmax(dim=-1)
+        token = choose_token(next_scores, do_sample, list(draft_tokens))
         input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
         if scores is not None:
             scores += (next_scores,)
@@ -194,7 +208,7 @@ def jetspec_decoding(
 
         node, accepted = 0, []
         while True:
-            token, done = emit(logits_of(node))
+            token, done = emit(logits_of(node), tree.child_tokens(node))
             child = tree.child_with_token(node, token)
             if done or child is None:
                 break

@@ -68,7 +68,7 @@ def install() -> None:
                 head.check_tokenizer(generation_mode_kwargs["tokenizer"])
             if generation_mode != GenerationMode.ASSISTED_GENERATION:
                 raise ValueError(
-                    f"A JetSpec head drafts for greedy decoding only; these settings select {generation_mode.value!r} "
+                    f"A JetSpec head drafts for greedy or sampling decoding with one beam; these settings select {generation_mode.value!r} "
                     f"(num_beams={generation_config.num_beams}). Use num_beams=1, or drop `assistant_model`."
                 )
             if "assistant_tokenizer" in generation_mode_kwargs:

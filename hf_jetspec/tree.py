@@ -43,6 +43,11 @@ class DraftTree:
         """Index of the child of `node` that carries `token`, or `None`."""
         return self.children.get((node, token))
 
+    def child_tokens(self, node: int) -> list[int]:
+        """Tokens of `node`'s children, most likely first."""
+        return [token for (parent, token), child in sorted(self.children.items(), key=lambda item: item[1])
+                if parent == node]
+
     def main_chain(self, node: int) -> list[int]:
         """`node`, then its first child, that child's first child, ... down to a leaf. Best-first trees list a node's
         most likely child first, so this is the path the head expects the target to take from `node`."""

@@ -134,7 +134,6 @@ def test_stopping_criteria_are_checked_after_every_token():
     "kwargs,message",
     [
         (dict(num_beams=2), "num_beams=1"),
-        (dict(do_sample=True), "do_sample=False"),
         (dict(cache_implementation="static"), "DynamicCache"),
         (dict(return_dict_in_generate=True, output_attentions=True), "output_attentions"),
     ],
