@@ -24,8 +24,9 @@ SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "heads" / "smollm2-135m-ins
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head", default=None, help=f"head directory (default: {SHIPPED_HEAD.name} if present)")
-    parser.add_argument("--prompt", default="Natalia sold clips to 48 of her friends in April, and then she sold half "
-                        "as many clips in May. How many clips did Natalia sell altogether in April and May?")
+    # not from the training prompts of the shipped head, nor from the eval sets
+    parser.add_argument("--prompt", default="A bakery sells muffins for $3 each and cookies for $2 each. On Monday it "
+                        "sold 45 muffins and twice as many cookies. How much money did the bakery make on Monday?")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--tree-budget", type=int, default=None, help="tree nodes per round (default: per device)")
     args = parser.parse_args()

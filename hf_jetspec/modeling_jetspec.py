@@ -54,6 +54,8 @@ class JetSpecContextCache(DynamicCache):
     with the cached context but never stored, so the cache only ever grows by committed positions.
     """
 
+    last_context_row: torch.Tensor | None = None  # fused context row of the last committed position (anchor_context)
+
     def append_context(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int) -> None:
         super().update(key_states, value_states, layer_idx)
 
@@ -127,6 +129,10 @@ class JetSpecPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, JetSpecHead):
             nn.init.normal_(module.mask_embedding, mean=0.0, std=std)
+            if module.depth_embedding is not None:
+                # on the scale of context_in(context row) (a std-`std` projection of an RMS-1 row): depths must be
+                # told apart from the first step, or every depth drafts the same token
+                nn.init.normal_(module.depth_embedding, mean=0.0, std=std * module.depth_embedding.shape[-1] ** 0.5)
         elif hasattr(module, "weight") and module.__class__.__name__.endswith("RMSNorm"):
             nn.init.ones_(module.weight)
 
@@ -152,6 +158,10 @@ class JetSpecHead(JetSpecPreTrainedModel):
         self.fc = nn.Linear(len(config.target_layer_ids) * hidden, hidden, bias=False)
         self.context_norm = norm_cls(hidden, eps=family_config.rms_norm_eps)
         self.mask_embedding = nn.Parameter(torch.zeros(hidden))
+        # anchor_context: every block row also gets proj(context row at anchor - 1), the anchor embedding and a
+        # per-depth embedding, so the target's last state reaches the block without attention having to find it.
+        self.context_in = nn.Linear(hidden, hidden, bias=False) if config.anchor_context else None
+        self.depth_embedding = nn.Parameter(torch.zeros(config.block_size, hidden)) if config.anchor_context else None
         self.layers = nn.ModuleList(
             [decoder_layer_cls(family_config, layer_idx) for layer_idx in range(family_config.num_hidden_layers)]
         )
@@ -223,6 +233,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
         target_layer_ids: list[int] | None = None,
         init_from_target: bool = True,
         tokenizer=None,
+        anchor_context: bool = True,
         **draft_overrides,
     ) -> JetSpecHead:
         """Builds a fresh head for `target_model` (random fc/mask; decoder layers copied from the target's last ones).
@@ -235,6 +246,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
                 [`default_target_layer_ids`]) with `max(num_hidden_layers, 3)` taps.
             init_from_target (`bool`, *optional*, defaults to `True`): copy the weights of the target's last
                 `num_hidden_layers` decoder layers and its final norm into the head.
+            anchor_context (`bool`, *optional*, defaults to `True`): see [`JetSpecConfig`].
             tokenizer (*optional*): the target's tokenizer; its [`tokenizer_fingerprint`] is recorded so that a
                 different tokenizer is refused later (see [`check_tokenizer`]).
             draft_overrides: other fields of the family config to override (e.g. `intermediate_size`); the layers
@@ -253,6 +265,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
             target_num_hidden_layers=num_target_layers,
             target_name_or_path=getattr(target_config, "_name_or_path", None) or None,
             target_tokenizer=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+            anchor_context=anchor_context,
         )
         head = cls(config).to(device=target_model.device, dtype=target_model.dtype)
         if init_from_target and not draft_overrides:
@@ -345,6 +358,25 @@ class JetSpecHead(JetSpecPreTrainedModel):
             _, keys = self._family_module.apply_rotary_pos_emb(keys, keys, cos, sin)
             cache.append_context(keys, values, layer_idx)
 
+    @staticmethod
+    def _previous_context_rows(fused, context_position_ids, anchor_position_ids, cache) -> torch.Tensor:
+        """The fused context row at `anchor - 1` for every block, `(batch, num_blocks, H)`: taken from this call's new
+        context rows (training passes them all; positions contiguous) or, for anchors right after the cached rows
+        (generation), the last row of an earlier call."""
+        cached = cache.last_context_row
+        if fused is not None:
+            index = anchor_position_ids - 1 - context_position_ids[:, :1]
+            if bool((index >= fused.shape[1]).any()):
+                raise ValueError("an anchor lies beyond the context rows it is drafted after")
+            rows = fused.gather(1, index.clamp_min(0)[..., None].expand(-1, -1, fused.shape[-1]))
+            cache.last_context_row = fused[:, -1].detach()
+            if bool((index >= 0).all()):
+                return rows
+        if cached is None:
+            raise ValueError("a head with anchor_context needs the context rows up to each anchor")
+        previous = cached[:, None].expand(-1, anchor_position_ids.shape[1], -1)
+        return previous if fused is None else torch.where((index >= 0)[..., None], rows, previous)
+
     def forward(
         self,
         anchor_ids: torch.LongTensor,
@@ -373,13 +405,22 @@ class JetSpecHead(JetSpecPreTrainedModel):
         batch, num_blocks = anchor_ids.shape
         cache = past_key_values if past_key_values is not None else JetSpecContextCache()
 
+        fused = None
         if context_features is not None and context_features.shape[1] > 0:
-            self._append_context(self.fuse_context(context_features), context_position_ids, cache)
+            fused = self.fuse_context(context_features)
+            self._append_context(fused, context_position_ids, cache)
 
         # Block rows: [anchor embedding, MASK x (block_size - 1)] at positions anchor + 0 .. block_size - 1.
         anchor_embeds = embed_tokens(anchor_ids)  # (batch, num_blocks, H)
         mask_embeds = self.mask_embedding.to(anchor_embeds.dtype).expand(batch, num_blocks, block_size - 1, -1)
-        hidden_states = torch.cat([anchor_embeds[:, :, None], mask_embeds], dim=2).flatten(1, 2)
+        hidden_states = torch.cat([anchor_embeds[:, :, None], mask_embeds], dim=2)
+        if self.config.anchor_context:
+            previous = self._previous_context_rows(fused, context_position_ids, anchor_position_ids, cache)
+            state = self.context_in(previous.to(hidden_states.dtype))  # (batch, num_blocks, H)
+            # anchor row: + state; MASK rows: + state + anchor embedding; every row: + its depth's embedding
+            extra = torch.cat([state[:, :, None], (state + anchor_embeds)[:, :, None].expand(-1, -1, block_size - 1, -1)], dim=2)
+            hidden_states = hidden_states + extra + self.depth_embedding.to(hidden_states.dtype)
+        hidden_states = hidden_states.flatten(1, 2)
         offsets = torch.arange(block_size, device=anchor_ids.device)
         position_ids = (anchor_position_ids[..., None] + offsets).flatten(1)
 

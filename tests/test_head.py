@@ -33,6 +33,31 @@ def test_incremental_context_equals_one_shot_context():
     torch.testing.assert_close(incremental, one_shot, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("anchor_context", [True, False])
+def test_training_forward_over_many_anchors_equals_drafting_one_at_a_time(anchor_context):
+    """All anchor blocks in one forward (training) give what drafting each anchor after its own context gives
+    (generation), including the anchor_context row taken from the previous call's cache."""
+    target = make_tiny_target("llama", seed=3)
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4, anchor_context=anchor_context,
+                                   init_from_target=False)
+    assert (head.depth_embedding is not None) == anchor_context
+    features = torch.randn(1, 12, len(head.config.target_layer_ids) * 32)
+    anchors = torch.tensor([[4, 7, 11]])
+    tokens = torch.tensor([[5, 6, 9]])
+    positions = torch.arange(12)[None]
+    mask = draft_attention_mask(positions, anchors, 4, torch.float32)
+    together = head(tokens, anchors, features, positions, attention_mask=mask).logits
+    cache, start = JetSpecContextCache(), 0
+    for index, anchor in enumerate(anchors[0].tolist()):
+        alone = head(tokens[:, index : index + 1], torch.tensor([[anchor]]), features[:, start:anchor],
+                     positions[:, start:anchor], past_key_values=cache).logits
+        torch.testing.assert_close(alone[0, 0], together[0, index], atol=1e-5, rtol=1e-5)
+        start = anchor
+    if anchor_context:  # no context rows up to the anchor at all: a clear error
+        with pytest.raises(ValueError, match="context rows"):
+            head(torch.tensor([[1]]), torch.tensor([[3]]), None, None, past_key_values=JetSpecContextCache())
+
+
 def test_draft_mask_is_causal_inside_blocks_and_sees_only_earlier_context():
     mask = draft_attention_mask(torch.arange(3)[None], torch.tensor([[3, 5]]), 4, torch.float32)
     allowed = mask[0, 0] == 0

@@ -21,6 +21,11 @@ class JetSpecTrainingConfig(_BaseConfig):
         num_head_layers (`int`, defaults to 1): decoder layers in a new head.
         block_size (`int`, defaults to 16): anchor + drafted depths per block.
         num_taps (`int`, *optional*): tapped target layers of a new head (default: `max(num_head_layers, 3)`).
+        anchor_context (`bool`, defaults to `True`): a new head also feeds the target's last committed state into
+            every block row (see `JetSpecConfig.anchor_context`).
+        init_from_target (`bool`, defaults to `False`): start a new head's decoder layers from the target's last ones.
+            Off by default: those layers expect the target's residual stream (norm ~700 for SmolLM2) and swamp the
+            head's inputs (norm ~12) with a near-constant output, so every anchor and depth drafted the same token.
         train_files (`list[str]`): prompt files (JSON/JSONL with a `prompt` field).
         limit_per_file (`list[int]`, *optional*): prompts kept per file: one value for every file, or one per file.
         max_new_tokens (`int`, defaults to 256): length of the target's on-policy responses.
@@ -46,6 +51,10 @@ class JetSpecTrainingConfig(_BaseConfig):
     num_head_layers: int = field(default=1, metadata={"help": "Decoder layers of a new head."})
     block_size: int = field(default=16, metadata={"help": "Anchor + drafted depths per block."})
     num_taps: int | None = field(default=None, metadata={"help": "Tapped target layers of a new head."})
+    anchor_context: bool = field(default=True, metadata={"help": "Feed the last committed target state to the block."})
+    init_from_target: bool = field(
+        default=False, metadata={"help": "Start a new head's layers from the target's last ones (default: random)."}
+    )
     train_files: list[str] = field(default_factory=list, metadata={"help": "Prompt JSON/JSONL files."})
     limit_per_file: list[int] | None = field(
         default=None, metadata={"help": "Prompts kept per file: one value, or one per train file."}
@@ -70,7 +79,9 @@ class JetSpecTrainingConfig(_BaseConfig):
     # TrainingArguments defaults that fit a small head trained from cached features.
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
     num_train_epochs: float = field(default=6.0, metadata={"help": "Epochs over the cached sequences."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    # TRL turns gradient checkpointing on by default; a one-layer head does not need it. `None` (transformers'
+    # deprecated alias left unset) resolves to `activation_checkpointing=False` without a deprecation warning.
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all collated fields."})
     save_strategy: str = field(default="steps", metadata={"help": "Checkpoint strategy."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})

@@ -50,7 +50,8 @@ def build_head(config: JetSpecTrainingConfig, target) -> torch.nn.Module:
             target.config.get_text_config().num_hidden_layers, config.num_taps or max(config.num_head_layers, 3)
         )
         head = JetSpecHead.from_target(
-            target, num_hidden_layers=config.num_head_layers, block_size=config.block_size, target_layer_ids=taps
+            target, num_hidden_layers=config.num_head_layers, block_size=config.block_size, target_layer_ids=taps,
+            anchor_context=config.anchor_context, init_from_target=config.init_from_target,
         )
     head = head.float()
     if config.use_peft:
