@@ -372,8 +372,10 @@ class JetSpecHead(JetSpecPreTrainedModel):
             cache.last_context_row = fused[:, -1].detach()
             if bool((index >= 0).all()):
                 return rows
-        if cached is None:
-            raise ValueError("a head with anchor_context needs the context rows up to each anchor")
+        if cached is None:  # no row before the anchor (padding blocks in training, or an anchor at position 0)
+            if fused is None:
+                raise ValueError("a head with anchor_context needs the context rows up to each anchor")
+            cached = torch.zeros_like(fused[:, 0])
         previous = cached[:, None].expand(-1, anchor_position_ids.shape[1], -1)
         return previous if fused is None else torch.where((index >= 0)[..., None], rows, previous)
 

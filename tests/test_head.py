@@ -53,6 +53,10 @@ def test_training_forward_over_many_anchors_equals_drafting_one_at_a_time(anchor
                      positions[:, start:anchor], past_key_values=cache).logits
         torch.testing.assert_close(alone[0, 0], together[0, index], atol=1e-5, rtol=1e-5)
         start = anchor
+    # padding blocks (anchor position 0, no row before them) as the training collator makes them
+    padded = head(torch.tensor([[5, 0]]), torch.tensor([[4, 0]]), features, positions,
+                  attention_mask=draft_attention_mask(positions, torch.tensor([[4, 0]]), 4, torch.float32)).logits
+    torch.testing.assert_close(padded[0, 0], together[0, 0], atol=1e-5, rtol=1e-5)
     if anchor_context:  # no context rows up to the anchor at all: a clear error
         with pytest.raises(ValueError, match="context rows"):
             head(torch.tensor([[1]]), torch.tensor([[3]]), None, None, past_key_values=JetSpecContextCache())
