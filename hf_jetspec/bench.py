@@ -291,5 +291,11 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point (`jetspec-bench`): runs [`main`] and exits 0 (a returned dict would become the exit
+    status of a console script)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
