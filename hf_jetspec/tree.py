@@ -32,8 +32,7 @@ class DraftTree:
     parents: list[int]
     depths: torch.LongTensor
     ancestor_mask: torch.BoolTensor
-    children: dict[tuple[int, int], int] = field(repr=False)
-    first_child: list[int] = field(repr=False)  # lowest-index child of each node (-1: a leaf)
+    children: list[dict[int, int]] = field(repr=False)  # per node: child token -> child index, most likely first
 
     @property
     def num_nodes(self) -> int:
@@ -41,19 +40,18 @@ class DraftTree:
 
     def child_with_token(self, node: int, token: int) -> int | None:
         """Index of the child of `node` that carries `token`, or `None`."""
-        return self.children.get((node, token))
+        return self.children[node].get(token)
 
     def child_tokens(self, node: int) -> list[int]:
         """Tokens of `node`'s children, most likely first."""
-        return [token for (parent, token), child in sorted(self.children.items(), key=lambda item: item[1])
-                if parent == node]
+        return list(self.children[node])
 
     def main_chain(self, node: int) -> list[int]:
         """`node`, then its first child, that child's first child, ... down to a leaf. Best-first trees list a node's
         most likely child first, so this is the path the head expects the target to take from `node`."""
         chain = [node]
-        while self.first_child[chain[-1]] >= 0:
-            chain.append(self.first_child[chain[-1]])
+        while self.children[chain[-1]]:
+            chain.append(next(iter(self.children[chain[-1]].values())))
         return chain
 
     def path_tokens(self, node: int) -> list[int]:
@@ -85,22 +83,18 @@ def tree_from_parents(tokens: list[int], parents: list[int], device: torch.devic
     num_nodes = len(tokens)
     depths = [0] * num_nodes
     ancestor = torch.eye(num_nodes, dtype=torch.bool)
-    children = {}
-    first_child = [-1] * num_nodes
+    children = [{} for _ in range(num_nodes)]
     for i in range(1, num_nodes):
         parent = parents[i]
         depths[i] = depths[parent] + 1
         ancestor[i] |= ancestor[parent]
-        children.setdefault((parent, tokens[i]), i)
-        if first_child[parent] < 0:
-            first_child[parent] = i
+        children[parent].setdefault(tokens[i], i)
     return DraftTree(
         tokens=torch.tensor(tokens, dtype=torch.long, device=device),
         parents=list(parents),
         depths=torch.tensor(depths, dtype=torch.long, device=device),
         ancestor_mask=ancestor.to(device),
         children=children,
-        first_child=first_child,
     )
 
 
