@@ -9,6 +9,7 @@ causal inside the block. The target's input embeddings and `lm_head` are shared 
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,8 @@ class JetSpecHead(JetSpecPreTrainedModel):
         self.rotary_emb = rotary_cls(config=family_config)
         self._target_modules: tuple[nn.Module, nn.Module] | None = None  # (input embeddings, lm_head); not submodules
         self.last_generate_stats = None
+        # (tokenizer that passed check_tokenizer, (its size, the recorded vocabulary hash it matched))
+        self._checked_tokenizer: tuple[weakref.ref, tuple[int, str | None]] | None = None
         self.post_init()
         self.generation_config = GenerationConfig(tree_budget=None, tree_topk=7)
 
@@ -301,17 +304,23 @@ class JetSpecHead(JetSpecPreTrainedModel):
         Heads record the [`tokenizer_fingerprint`] of their target's tokenizer (`config.target_tokenizer`); a head
         without one (built before it was recorded) accepts any tokenizer of the right size.
         """
+        # generate(tokenizer=...) checks on every call; hashing a 49k vocabulary costs ~0.2 s, so a tokenizer object
+        # that already passed (and has not grown since) is not hashed again
         recorded = self.config.target_tokenizer
-        got = tokenizer_fingerprint(tokenizer)
-        vocab_size = self.config.draft_config.get("vocab_size")
         if recorded is None:
-            if vocab_size is not None and got["vocab_size"] > vocab_size:
+            vocab_size = self.config.draft_config.get("vocab_size")
+            if vocab_size is not None and len(tokenizer) > vocab_size:
                 raise ValueError(
                     f"This JetSpec head drafts over {vocab_size} token ids, but the tokenizer "
-                    f"{got['name_or_path'] or type(tokenizer).__name__} has {got['vocab_size']}: it belongs to "
-                    "another model. Use the target's own tokenizer."
+                    f"{getattr(tokenizer, 'name_or_path', None) or type(tokenizer).__name__} has {len(tokenizer)}: it "
+                    "belongs to another model. Use the target's own tokenizer."
                 )
             return
+        key = (len(tokenizer), recorded.get("vocab_sha256"))
+        checked = self._checked_tokenizer
+        if checked is not None and checked[0]() is tokenizer and checked[1] == key:
+            return
+        got = tokenizer_fingerprint(tokenizer)
         fields = ("vocab_size", "vocab_sha256", "bos_token_id", "eos_token_id")
         mismatches = [f"{key}: head expects {recorded.get(key)}, tokenizer has {got[key]}" for key in fields
                       if recorded.get(key) != got[key]]
@@ -322,6 +331,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
                 + ". Its drafts are token ids of that tokenizer: use the target's own tokenizer, or a head trained "
                 "for this one."
             )
+        self._checked_tokenizer = (weakref.ref(tokenizer), key)
 
     def bind(self, target_model: PreTrainedModel, tokenizer=None) -> JetSpecHead:
         """Shares the target's input embeddings and `lm_head` with the head (checked for compatibility first, and

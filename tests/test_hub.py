@@ -145,6 +145,11 @@ def test_head_for_another_tokenizer_is_refused_naming_both(tmp_path):
         JetSpecHead.from_pretrained(tmp_path / "head").bind(target, tokenizer=other)
     out = target.generate(prompt, max_new_tokens=4, do_sample=False, assistant_model=loaded, tokenizer=tokenizer)
     assert out.shape[1] > prompt.shape[1]
+    with pytest.raises(ValueError, match="vocab_sha256"):  # a tokenizer that passed earlier lets no other one pass
+        target.generate(prompt, max_new_tokens=4, do_sample=False, assistant_model=loaded, tokenizer=other)
+    tokenizer.add_tokens(["brand-new-token"])  # the same object, changed: checked again
+    with pytest.raises(ValueError, match="vocab_size"):
+        loaded.check_tokenizer(tokenizer)
 
     # a head without a recorded tokenizer still refuses one larger than its vocabulary
     unrecorded = JetSpecHead.from_target(make_tiny_target("llama", vocab_size=20), num_hidden_layers=1, block_size=4)
