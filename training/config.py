@@ -39,6 +39,8 @@ class JetSpecTrainingConfig(_BaseConfig):
             (several times cheaper on CPUs, where the lm_head over anchor rows dominates a step).
         num_negative_tokens (`int`, defaults to 2048): random extra tokens of `loss_vocabulary="batch"`.
         data_dir (`str`, defaults to `"outputs/jetspec-data"`): cache of responses and teacher features.
+        prepare_only (`bool`, defaults to `False`): stop after the responses and teacher features are cached (prepare
+            the data on one machine, train on another, or tune the training settings on cached data).
         tau_eval_steps (`int`, defaults to 0): measure tau with the real `generate()` path every N steps (0 = off).
         tau_eval_prompts (`int`, defaults to 4): held-out prompts for that measurement.
         tau_eval_max_new_tokens (`int`, defaults to 64).
@@ -68,6 +70,7 @@ class JetSpecTrainingConfig(_BaseConfig):
     loss_vocabulary: str = field(default="full", metadata={"help": "'full' or 'batch' (teacher top-k + negatives)."})
     num_negative_tokens: int = field(default=2048, metadata={"help": "Random extra tokens for loss_vocabulary=batch."})
     data_dir: str = field(default="outputs/jetspec-data", metadata={"help": "Cache of responses and features."})
+    prepare_only: bool = field(default=False, metadata={"help": "Only cache responses and teacher features."})
     tau_eval_steps: int = field(default=0, metadata={"help": "Measure tau with generate() every N steps (0: off)."})
     tau_eval_prompts: int = field(default=4, metadata={"help": "Held-out prompts for tau."})
     tau_eval_max_new_tokens: int = field(default=64, metadata={"help": "New tokens per tau prompt."})

@@ -86,8 +86,9 @@ def prepare_data(config: JetSpecTrainingConfig, target, tokenizer, target_layer_
     return TeacherFeatureDataset(paths), held_out, dict(prompts.skipped)
 
 
-def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[JetSpecTrainer, Path]:
-    """Runs the whole pipeline; returns the trainer and the directory of the saved head.
+def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[JetSpecTrainer | None, Path]:
+    """Runs the whole pipeline; returns the trainer and the directory of the saved head (with `prepare_only`:
+    `None` and the data directory).
 
     `target`/`tokenizer` may be passed already loaded; otherwise `config.target_model` is loaded.
     """
@@ -99,6 +100,9 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     core = head.get_base_model() if config.use_peft else head
     holdout = config.tau_eval_prompts if config.tau_eval_steps else 0
     dataset, held_out, skipped = prepare_data(config, target, tokenizer, core.config.target_layer_ids, holdout)
+    if config.prepare_only:
+        logger.info("prepare_only: %d sequences cached in %s", len(dataset), config.data_dir)
+        return None, Path(config.data_dir)
 
     trainer = JetSpecTrainer(model=head, args=config, train_dataset=dataset)
     if config.tau_eval_steps:
