@@ -6,10 +6,12 @@ drafts a token tree per round and verifies it in one target forward. Output equa
 
 from transformers import AutoConfig, AutoModel
 
+from .attention import register_tree_attention
 from .chat import chat_input_ids
 from .candidate_generator import JetSpecCandidateGenerator, default_tree_budget
 from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, tokenizer_fingerprint
 from .decoding import JetSpecGenerateStats, jetspec_decoding
+from .dflash_export import DFLASH_ATTENTION, dflash_incompatibility, export_dflash  # registers "jetspec_block_causal"
 from .default_target import DEFAULT_TARGET_SHA256, default_target_path, load_default_target
 from .integration import install
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead, draft_attention_mask
@@ -18,6 +20,7 @@ from .tree import DraftTree, build_tree, tree_from_parents
 __version__ = "0.1.0"
 
 install()
+register_tree_attention()  # attn_implementation="jetspec_tree"
 AutoConfig.register("jetspec", JetSpecConfig, exist_ok=True)
 AutoModel.register(JetSpecConfig, JetSpecHead, exist_ok=True)
 

@@ -4,14 +4,17 @@ measured side by side in one process, on the same prompts, in interleaved order,
 Every (prompt, method) run is appended to `records.jsonl` as it finishes, so an interrupted benchmark resumes. Every
 lossless method's output is compared token by token with plain greedy `generate()` on the same prompt; a mismatch is
 reported loudly (and recorded). Results: `results.json` (settings, hardware, versions, per-prompt records, summary),
-`results.md` (the table) and `speedup.png`.
+`results.md` (the table), `speedup.png` (speedup per dataset with CI bars), `budget.png` (tau and tokens/s vs tree
+budget) and `rounds.png` (where a round's time goes, per JetSpec method).
 
 Methods:
     plain            greedy `generate()` (the baseline every ratio is taken against)
     jetspec          the head's own tree settings (`head.generation_config`)
-    jetspec:B        tree budget B (nodes per tree, root included)
+    jetspec:B        tree budget B (nodes per tree, root included), or `jetspec:auto` (sized per round, see budget.py)
     chain            the same head drafting a single path (tree_topk=1, depth = block_size - 1): the tree ablation
     prompt_lookup    Transformers' prompt-lookup decoding (`prompt_lookup_num_tokens=10`)
+    assisted         Transformers' assisted generation with a smaller draft model sharing the target's tokenizer
+                     (`--draft-model`; the default target, SmolLM2-135M, has no smaller sibling installed here)
 
 Usage:
     jetspec-bench --head heads/smollm2-135m-instruct-jetspec --datasets gsm8k_test mt_bench --limit 50 \\
@@ -65,12 +68,16 @@ def load_eval_prompts(data_dir: str | Path, datasets: list[str], limit: int | No
 
 
 # -------------------------------------------------------------------------------------------------------- methods
-def method_kwargs(method: str, head) -> dict:
+def method_kwargs(method: str, head, draft_model=None) -> dict:
     """`generate()` keyword arguments of a method name (see the module docstring)."""
     if method == "plain":
         return {}
     if method == "prompt_lookup":
         return {"prompt_lookup_num_tokens": 10}
+    if method == "assisted":
+        if draft_model is None:
+            raise ValueError("method 'assisted' needs a draft model sharing the target's tokenizer: pass --draft-model")
+        return {"assistant_model": draft_model}
     if head is None:
         raise ValueError(f"method {method!r} needs a head: pass --head")
     if method == "jetspec":
@@ -79,14 +86,21 @@ def method_kwargs(method: str, head) -> dict:
         return {"assistant_model": head, "tree_budget": head.config.block_size, "tree_topk": 1}
     if method.startswith("jetspec:"):
         budget = method.split(":", 1)[1]
+        if budget == "auto":
+            return {"assistant_model": head, "tree_budget": "auto"}
         if not budget.isdigit() or int(budget) < 1:
-            raise ValueError(f"bad method {method!r}: expected jetspec:<budget>, e.g. jetspec:16")
+            raise ValueError(f"bad method {method!r}: expected jetspec:<budget> or jetspec:auto, e.g. jetspec:16")
         return {"assistant_model": head, "tree_budget": int(budget)}
-    raise ValueError(f"unknown method {method!r}; known: plain, jetspec, jetspec:<budget>, chain, prompt_lookup")
+    raise ValueError(
+        f"unknown method {method!r}; known: plain, jetspec, jetspec:<budget>, jetspec:auto, chain, prompt_lookup, assisted"
+    )
 
 
-def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: int) -> dict:
-    kwargs = method_kwargs(method, head)
+ROUND_PHASES = ("draft", "verify", "accept", "cache", "overhead")
+
+
+def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: int, draft_model=None) -> dict:
+    kwargs = method_kwargs(method, head, draft_model)
     tree_settings = {key: kwargs.pop(key) for key in ("tree_budget", "tree_topk") if key in kwargs}
     saved = {}
     if tree_settings:
@@ -102,10 +116,12 @@ def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: i
             setattr(head.generation_config, key, value)
     tokens = output[0, input_ids.shape[1] :].tolist()
     record = {"method": method, "new_tokens": len(tokens), "seconds": seconds, "tokens": tokens}
-    if "assistant_model" in kwargs:
+    if head is not None and kwargs.get("assistant_model") is head:
         stats = head.last_generate_stats
         record.update(rounds=stats.rounds, accepted_drafts=stats.accepted_drafts, tree_budget=stats.tree_budget,
-                      tree_topk=stats.tree_topk, tau=stats.mean_accepted_length)
+                      tree_topk=stats.tree_topk, tau=stats.mean_accepted_length, drafted_nodes=stats.drafted_nodes,
+                      time_prefill=stats.time_prefill,
+                      **{f"time_{phase}": getattr(stats, f"time_{phase}") for phase in ROUND_PHASES})
     return record
 
 
@@ -152,6 +168,10 @@ def summarize(records: list[dict], methods: list[str]) -> list[dict]:
                 row["tau_ci95"] = bootstrap_ci(taus, lambda s: sum(s) / len(s))
                 rounds = sum(m["rounds"] for _, m in pairs)
                 row["tau_pooled"] = (sum(m["accepted_drafts"] for _, m in pairs) + rounds) / max(rounds, 1)
+                if all("drafted_nodes" in m for _, m in pairs):
+                    row["tree_size"] = (sum(m["drafted_nodes"] for _, m in pairs) + rounds) / max(rounds, 1)
+                    row["ms_per_round"] = {phase: 1000 * sum(m[f"time_{phase}"] for _, m in pairs) / max(rounds, 1)
+                                           for phase in ROUND_PHASES}
             rows.append(row)
     return rows
 
@@ -193,6 +213,74 @@ def plot_speedup(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def _budget_of(method: str) -> int | None:
+    budget = method.split(":", 1)[1] if method.startswith("jetspec:") else ""
+    return int(budget) if budget.isdigit() else None
+
+
+def plot_budget(rows: list[dict], path: Path) -> bool:
+    """tau and tokens/s vs tree budget (`jetspec:B` methods), one line per dataset; `jetspec:auto` as a marker at its
+    mean tree size. Returns False (no file) when fewer than two budgets were run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = [r for r in rows if _budget_of(r["method"]) is not None and "tau" in r]
+    if len({r["method"] for r in fixed}) < 2:
+        return False
+    figure, (tau_axis, speed_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for index, dataset in enumerate(dict.fromkeys(r["dataset"] for r in fixed)):
+        points = sorted((_budget_of(r["method"]), r) for r in fixed if r["dataset"] == dataset)
+        color = f"C{index}"
+        budgets = [b for b, _ in points]
+        tau_axis.errorbar(budgets, [r["tau"] for _, r in points], color=color, marker="o", label=dataset,
+                          yerr=[[r["tau"] - r["tau_ci95"][0] for _, r in points], [r["tau_ci95"][1] - r["tau"] for _, r in points]])
+        speed_axis.plot(budgets, [r["tokens_per_s"] for _, r in points], color=color, marker="o", label=dataset)
+        plain = next((r for r in rows if r["dataset"] == dataset and r["method"] == "plain"), None)
+        if plain:
+            speed_axis.axhline(plain["tokens_per_s"], color=color, linestyle=":", linewidth=1)
+        auto = next((r for r in rows if r["dataset"] == dataset and r["method"] == "jetspec:auto" and "tree_size" in r), None)
+        if auto:
+            tau_axis.plot([auto["tree_size"]], [auto["tau"]], color=color, marker="*", markersize=12, linestyle="")
+            speed_axis.plot([auto["tree_size"]], [auto["tokens_per_s"]], color=color, marker="*", markersize=12,
+                            linestyle="")
+    for axis, label in ((tau_axis, "tau (tokens per round, 95% CI)"), (speed_axis, "tokens/s (dotted: plain)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("tree budget (nodes, root included); star: auto at its mean size")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def plot_rounds(rows: list[dict], path: Path) -> bool:
+    """Stacked milliseconds per round by phase for every JetSpec method (all datasets pooled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pooled = [r for r in rows if r["dataset"] == "all" and "ms_per_round" in r]
+    if not pooled:
+        return False
+    figure, axis = plt.subplots(figsize=(max(5, 1.2 * len(pooled)), 4))
+    bottom = [0.0] * len(pooled)
+    for phase in ROUND_PHASES:
+        values = [r["ms_per_round"][phase] for r in pooled]
+        axis.bar([r["method"] for r in pooled], values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    axis.set_ylabel("ms per round")
+    axis.set_title("JetSpec round time by phase")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
 def environment(model, threads: int) -> dict:
     import transformers
 
@@ -210,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct) or a model path")
     parser.add_argument("--head", default=None, help="JetSpec head directory or repo id")
+    parser.add_argument("--draft-model", default=None,
+                        help="a smaller causal LM with the target's tokenizer, for the 'assisted' method")
     parser.add_argument("--data-dir", default=str(DEFAULT_EVAL_DIR))
     parser.add_argument("--datasets", nargs="+", default=["gsm8k_test", "mt_bench"])
     parser.add_argument("--limit", type=int, default=50, help="prompts per dataset (per Spec-Bench category)")
@@ -233,13 +323,19 @@ def main(argv: list[str] | None = None) -> dict:
         model = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="sdpa").eval()
         tokenizer = AutoTokenizer.from_pretrained(args.target)
     head = JetSpecHead.from_pretrained(args.head).to(model.device).bind(model) if args.head else None
+    draft_model = None
+    if args.draft_model:
+        from transformers import AutoModelForCausalLM
+
+        draft_model = AutoModelForCausalLM.from_pretrained(args.draft_model, dtype=model.dtype).to(model.device).eval()
     for method in methods:
-        method_kwargs(method, head)  # fail on a bad method name before any work
+        method_kwargs(method, head, draft_model)  # fail on a bad method name before any work
 
     prompts = load_eval_prompts(args.data_dir, args.datasets, args.limit)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"target": args.target, "head": args.head, "datasets": args.datasets, "limit": args.limit,
+    settings = {"target": args.target, "head": args.head, "draft_model": args.draft_model,
+                "datasets": args.datasets, "limit": args.limit,
                 "max_new_tokens": args.max_new_tokens, "methods": methods, "greedy": True,
                 "head_tree": {"tree_budget": getattr(head.generation_config, "tree_budget", None),
                               "tree_topk": getattr(head.generation_config, "tree_topk", None)} if head else None}
@@ -255,7 +351,9 @@ def main(argv: list[str] | None = None) -> dict:
                 records.append(record)
     done = {(r["dataset"], r["id"], r["method"]) for r in records}
 
-    model.generate(chat_input_ids(tokenizer, "Hello"), max_new_tokens=4, do_sample=False)  # warm-up
+    warm_up = chat_input_ids(tokenizer, "Hello").to(model.device)
+    for method in methods:  # warm-up (also measures the verify cost that tree_budget="auto" uses, once)
+        run_one(model, head, warm_up, method, 4, draft_model)
     mismatches = 0
     with records_path.open("a") as handle:
         for index, row in enumerate(tqdm(prompts, desc="prompts")):
@@ -265,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict:
             for method in order:
                 if (row["dataset"], row["id"], method) in done:
                     continue
-                record = {**run_one(model, head, input_ids, method, args.max_new_tokens), "dataset": row["dataset"],
+                record = {**run_one(model, head, input_ids, method, args.max_new_tokens, draft_model),
+                          "dataset": row["dataset"],
                           "id": row["id"], "settings": settings}
                 runs[method] = record
                 records.append(record)
@@ -285,6 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(summary)
     (output_dir / "results.md").write_text(table)
     plot_speedup([r for r in summary if r["dataset"] != "all" or len(args.datasets) == 1], output_dir / "speedup.png")
+    plot_budget([r for r in summary if r["dataset"] != "all"], output_dir / "budget.png")
+    plot_rounds(summary, output_dir / "rounds.png")
     print(table)
     if mismatches:
         print(f"WARNING: {mismatches} outputs differ from plain generate() -- lossless methods must match exactly")

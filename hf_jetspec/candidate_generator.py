@@ -5,17 +5,27 @@ from __future__ import annotations
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
+from .budget import AutoBudget
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead
 from .tree import DraftTree, build_tree
 
 
 def default_tree_budget(device: torch.device) -> int:
-    """Node budget (root included) when `head.generation_config.tree_budget` is unset.
+    """Fixed node budget that suits the device, for callers that want one number instead of `"auto"`.
 
     On a CPU a verify forward of 8-16 rows costs about as much as one of 2, while 64+ rows cost several plain steps
     (see `examples/benchmark_rounds.py`); on a GPU rows are nearly free up to a few hundred.
     """
     return 128 if device.type == "cuda" else 16
+
+
+def resolve_tree_budget(value) -> int | str:
+    """`head.generation_config.tree_budget` as used: unset means `"auto"` (see `hf_jetspec/budget.py`)."""
+    if value is None or value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`tree_budget` must be 'auto' or an int >= 1 (nodes per tree, root included), got {value!r}")
+    return value
 
 
 def tap_features(hidden_states: tuple[torch.Tensor | None, ...], target_layer_ids: list[int]) -> torch.Tensor:
@@ -34,16 +44,22 @@ class JetSpecCandidateGenerator(CandidateGenerator):
 
     Args:
         head ([`JetSpecHead`]): the draft head, already bound to the target.
-        tree_budget (`int`): nodes per tree, root included (1 disables drafting).
+        tree_budget (`int` or `"auto"`): nodes per tree, root included (1 disables drafting); `"auto"` sizes each
+            round's tree with `auto_budget`.
         tree_topk (`int`): candidate tokens per depth.
+        auto_budget ([`AutoBudget`], *optional*): required with `tree_budget="auto"`.
     """
 
-    def __init__(self, head: JetSpecHead, tree_budget: int, tree_topk: int):
-        if tree_budget < 1 or tree_topk < 1:
-            raise ValueError(f"`tree_budget` and `tree_topk` must be >= 1, got {tree_budget} and {tree_topk}")
+    def __init__(self, head: JetSpecHead, tree_budget: int | str, tree_topk: int, auto_budget: AutoBudget | None = None):
+        tree_budget = resolve_tree_budget(tree_budget)
+        if tree_topk < 1:
+            raise ValueError(f"`tree_topk` must be >= 1, got {tree_topk}")
+        if tree_budget == "auto" and auto_budget is None:
+            raise ValueError("tree_budget='auto' needs an `auto_budget` (an `AutoBudget` with a measured verify cost)")
         self.head = head
         self.tree_budget = tree_budget
         self.tree_topk = tree_topk
+        self.auto_budget = auto_budget if tree_budget == "auto" else None
         self.context_cache = JetSpecContextCache()
         self._pending_features: list[torch.Tensor] = []
         self._pending_positions: list[torch.Tensor] = []
@@ -91,8 +107,12 @@ class JetSpecCandidateGenerator(CandidateGenerator):
             past_key_values=self.context_cache,
         )
         depth_logprobs = output.logits[0, 0].float().log_softmax(dim=-1)  # (block_size - 1, vocab)
-        return build_tree(root, depth_logprobs, self.tree_budget, self.tree_topk), None
+        if self.auto_budget is None:
+            return build_tree(root, depth_logprobs, self.tree_budget, self.tree_topk), None
+        tree = build_tree(root, depth_logprobs, self.auto_budget.max_budget, self.tree_topk)
+        return tree.prefix(self.auto_budget.choose(tree.scores)), None
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
-        """Fixed budget for now; the hook where budget calibration will plug in."""
+        """Nothing to do: with `tree_budget="auto"` the decode loop reports each round's timing to
+        [`AutoBudget.observe`], which needs the verified tree and the round's seconds besides `num_matches`."""
         return

@@ -1,7 +1,8 @@
 """The JetSpec decode loop: draft a tree, verify it in one target forward, accept, compact the cache, emit.
 
-`generate(assistant_model=head)` lands here (see `integration.py`). Batch size 1, greedy. The loop keeps one
-invariant: the target cache holds every committed token except the last one, which is the next tree's root.
+`generate(assistant_model=head)` lands here (see `integration.py`). Batch size 1 runs this loop (a batch or a padded
+prompt goes to `batched.py`). The loop keeps one invariant: the target cache holds every committed token except the
+last one, which is the next tree's root.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .candidate_generator import JetSpecCandidateGenerator, default_tree_budget, tap_features
+from .attention import TREE_ATTENTION, packed_tree_mask
+from .budget import AutoBudget, measure_verify_cost
+from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget, tap_features
 from .modeling_jetspec import JetSpecHead
 
-TREE_MASK_ATTENTION = ("sdpa", "eager")
+TREE_MASK_ATTENTION = ("sdpa", "eager", "jetspec_tree")
 
 
 @dataclass
@@ -29,7 +32,7 @@ class JetSpecGenerateStats:
         new_tokens (`int`): tokens emitted, the prefill's token included.
         drafted_nodes (`int`): tree nodes drafted, roots excluded.
         accepted_drafts (`int`): drafted tokens accepted.
-        tree_budget (`int`), tree_topk (`int`): the tree settings used.
+        tree_budget (`int` or `"auto"`), tree_topk (`int`): the tree settings used.
         time_prefill, time_draft, time_verify, time_accept, time_cache, time_total (`float`): seconds.
     """
 
@@ -37,7 +40,7 @@ class JetSpecGenerateStats:
     new_tokens: int = 0
     drafted_nodes: int = 0
     accepted_drafts: int = 0
-    tree_budget: int = 0
+    tree_budget: int | str = 0
     tree_topk: int = 0
     time_prefill: float = 0.0
     time_draft: float = 0.0
@@ -50,6 +53,11 @@ class JetSpecGenerateStats:
     def mean_accepted_length(self) -> float:
         """tau: tokens emitted per round (accepted drafts + the target's own token)."""
         return (self.accepted_drafts + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def mean_tree_size(self) -> float:
+        """Nodes per verified tree, root included (the budget, or what `tree_budget="auto"` chose on average)."""
+        return (self.drafted_nodes + self.rounds) / self.rounds if self.rounds else 0.0
 
     @property
     def time_overhead(self) -> float:
@@ -87,12 +95,25 @@ def compact_cache(cache: DynamicCache, past_length: int, keep: torch.LongTensor)
     cache.crop(-(cache.layers[0].keys.shape[-2] - past_length - keep.numel()))
 
 
+def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_state_ids: list[int], dtype: torch.dtype):
+    """Step 2 of a round: one target forward over every tree node (ancestor mask, tree positions), appending the
+    nodes' keys and values to `cache` and returning the decoder outputs with the tapped hidden states. Under
+    `attn_implementation="jetspec_tree"` the mask is the packed ancestor bits (no dense mask, see `attention.py`)."""
+    if decoder.config._attn_implementation == TREE_ATTENTION:
+        attention_mask = packed_tree_mask(tree.packed_ancestor_bits())
+    else:
+        attention_mask = tree.attention_mask(past_length, dtype)
+    return decoder(
+        input_ids=tree.tokens[None],
+        position_ids=tree.position_ids(past_length),
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=hidden_state_ids,
+    )
+
+
 def _validate(model, input_ids, generation_config, head, model_kwargs) -> DynamicCache:
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"JetSpec tree decoding supports batch size 1 for now, got {input_ids.shape[0]}: "
-            "call generate() once per prompt."
-        )
     if not model_kwargs.get("use_cache", True):
         raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")
     for name in ("output_attentions", "output_hidden_states"):
@@ -112,9 +133,6 @@ def _validate(model, input_ids, generation_config, head, model_kwargs) -> Dynami
         )
     if cache.get_seq_length() > 0:
         raise ValueError("JetSpec tree decoding starts from an empty cache: do not pass a pre-filled `past_key_values`.")
-    attention_mask = model_kwargs.get("attention_mask")
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError("JetSpec tree decoding does not support padded inputs yet: pass unpadded `input_ids`.")
     head.bind(model)
     return cache
 
@@ -131,16 +149,35 @@ def jetspec_decoding(
     assistant_model: JetSpecHead | None = None,
     **model_kwargs,
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-    """Tree speculative decoding with a [`JetSpecHead`] (called by `generate()`; same arguments as `_assisted_decoding`)."""
+    """Tree speculative decoding with a [`JetSpecHead`] (called by `generate()`; same arguments as `_assisted_decoding`).
+
+    A batch (or a padded prompt) goes to [`batched_jetspec_decoding`]; one unpadded prompt runs the loop below.
+    """
+    attention_mask = model_kwargs.get("attention_mask")
+    if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
+        from .batched import batched_jetspec_decoding
+
+        return batched_jetspec_decoding(
+            model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
+            assistant_model, **model_kwargs,
+        )
     head = assistant_model
     cache = _validate(model, input_ids, generation_config, head, model_kwargs)
     start = time.perf_counter()
-    budget = head.generation_config.tree_budget or default_tree_budget(model.device)
-    generator = JetSpecCandidateGenerator(head, tree_budget=budget, tree_topk=head.generation_config.tree_topk)
-    stats = JetSpecGenerateStats(tree_budget=budget, tree_topk=generator.tree_topk)
+    budget = resolve_tree_budget(head.generation_config.tree_budget)
     decoder = getattr(model, model.base_model_prefix)
     lm_head = model.get_output_embeddings()
-    hidden_state_ids = [i + 1 for i in generator.target_layer_ids]
+    hidden_state_ids = [i + 1 for i in head.config.target_layer_ids]
+    auto_budget = None
+    if budget == "auto":  # the verify cost vs tree size on this machine, measured once per process and model
+        cost = measure_verify_cost(
+            model, lambda tree, past, kv: verify_tree(decoder, tree, past, kv, hidden_state_ids, model.dtype)
+        )
+        auto_budget = AutoBudget(cost, max_budget=getattr(head.generation_config, "tree_max_budget", None))
+    generator = JetSpecCandidateGenerator(
+        head, tree_budget=budget, tree_topk=head.generation_config.tree_topk, auto_budget=auto_budget
+    )
+    stats = JetSpecGenerateStats(tree_budget=budget, tree_topk=generator.tree_topk)
     return_dict = generation_config.return_dict_in_generate
     scores = () if return_dict and generation_config.output_scores else None
     raw_logits = () if return_dict and generation_config.output_logits else None
@@ -184,14 +221,7 @@ def jetspec_decoding(
 
         # 2. Verify every node in one target forward (ancestor mask, tree positions).
         t1 = time.perf_counter()
-        outputs = decoder(
-            input_ids=tree.tokens[None],
-            position_ids=tree.position_ids(past_length),
-            attention_mask=tree.attention_mask(past_length, model.dtype),
-            past_key_values=cache,
-            use_cache=True,
-            output_hidden_states=hidden_state_ids,
-        )
+        outputs = verify_tree(decoder, tree, past_length, cache, hidden_state_ids, model.dtype)
         node_hidden = outputs.last_hidden_state[0]
 
         # 3. Accept: follow the target's own token from the root while a child carries it; the last one is the bonus.
@@ -224,6 +254,8 @@ def jetspec_decoding(
         generator.update_candidate_strategy(input_ids, None, len(accepted))
 
         t4 = time.perf_counter()
+        if auto_budget is not None:
+            auto_budget.observe(tree, len(accepted), round_seconds=t4 - t0, verify_seconds=t2 - t1)
         stats.rounds += 1
         stats.drafted_nodes += tree.num_nodes - 1
         stats.accepted_drafts += len(accepted)

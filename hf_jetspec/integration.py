@@ -26,7 +26,7 @@ def _check_transformers_version() -> None:
             f"hf_jetspec hooks transformers' private generation internals and is tested with transformers "
             f">={low},<{high}; found {version}. Install a tested version: pip install 'transformers>={low},<{high}'."
         )
-    for name in ("_assisted_decoding", "_validate_generation_mode"):
+    for name in ("_assisted_decoding", "_validate_generation_mode", "_sample"):
         if not hasattr(GenerationMixin, name):
             raise ImportError(f"transformers {version} has no GenerationMixin.{name}; hf_jetspec cannot hook generate().")
 

@@ -173,7 +173,9 @@ class JetSpecHead(JetSpecPreTrainedModel):
         # (tokenizer that passed check_tokenizer, (its size, the recorded vocabulary hash it matched))
         self._checked_tokenizer: tuple[weakref.ref, tuple[int, str | None]] | None = None
         self.post_init()
-        self.generation_config = GenerationConfig(tree_budget=None, tree_topk=7)
+        # tree_budget: nodes per tree (root included) or "auto" (sized per round from a measured cost model, capped
+        # at tree_max_budget, default: the largest size the calibration timed); tree_topk: candidates per depth.
+        self.generation_config = GenerationConfig(tree_budget="auto", tree_topk=7, tree_max_budget=None)
 
     # ------------------------------------------------------------------ files
     @classmethod

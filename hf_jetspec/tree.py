@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hf_jetspec_kernels.reference import pack_ancestor_mask
+
 
 def additive_mask(allowed: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where `allowed`, the dtype's minimum elsewhere (what both sdpa and eager attention take), with a head
@@ -33,6 +35,7 @@ class DraftTree:
     depths: torch.LongTensor
     ancestor_mask: torch.BoolTensor
     children: list[dict[int, int]] = field(repr=False)  # per node: child token -> child index, most likely first
+    scores: list[float] | None = field(default=None, repr=False)  # per node: the head's path log-prob (root: 0)
 
     @property
     def num_nodes(self) -> int:
@@ -62,6 +65,23 @@ class DraftTree:
             node = self.parents[node]
         return path[::-1]
 
+    def prefix(self, num_nodes: int) -> "DraftTree":
+        """The tree of the first `num_nodes` nodes. Nodes are listed parents-first, so any prefix is a tree; for a
+        best-first tree it is the best tree of that size."""
+        if num_nodes >= self.num_nodes:
+            return self
+        if num_nodes < 1:
+            raise ValueError(f"a tree prefix needs at least the root, got num_nodes={num_nodes}")
+        children = [{token: child for token, child in kids.items() if child < num_nodes} for kids in self.children[:num_nodes]]
+        return DraftTree(
+            tokens=self.tokens[:num_nodes],
+            parents=self.parents[:num_nodes],
+            depths=self.depths[:num_nodes],
+            ancestor_mask=self.ancestor_mask[:num_nodes, :num_nodes],
+            children=children,
+            scores=None if self.scores is None else self.scores[:num_nodes],
+        )
+
     def attention_mask(self, past_length: int, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask `(1, 1, num_nodes, past_length + num_nodes)`: every node sees the whole prefix, itself and its
         ancestors only."""
@@ -75,9 +95,17 @@ class DraftTree:
         """`(1, num_nodes)` positions: the root sits at `past_length`, a node at depth d at `past_length + d`."""
         return (past_length + self.depths)[None]
 
+    def packed_ancestor_bits(self) -> torch.IntTensor:
+        """`ancestor_mask` packed 32 columns to an int32 word, `(num_nodes, ceil(num_nodes / 32))`: what the
+        `"jetspec_tree"` attention takes instead of a dense mask."""
+        return pack_ancestor_mask(self.ancestor_mask)
 
-def tree_from_parents(tokens: list[int], parents: list[int], device: torch.device | str = "cpu") -> DraftTree:
-    """Builds a [`DraftTree`] from parents-first lists (`parents[0] == -1`, `parents[i] < i`)."""
+
+def tree_from_parents(
+    tokens: list[int], parents: list[int], device: torch.device | str = "cpu", scores: list[float] | None = None
+) -> DraftTree:
+    """Builds a [`DraftTree`] from parents-first lists (`parents[0] == -1`, `parents[i] < i`), with optional per-node
+    path log-probs `scores`."""
     if not tokens or parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i > 0):
         raise ValueError("a tree needs a root at index 0 and every parent listed before its children")
     num_nodes = len(tokens)
@@ -95,6 +123,7 @@ def tree_from_parents(tokens: list[int], parents: list[int], device: torch.devic
         depths=torch.tensor(depths, dtype=torch.long, device=device),
         ancestor_mask=ancestor.to(device),
         children=children,
+        scores=scores,
     )
 
 
@@ -112,7 +141,8 @@ def build_tree(root_token: int, depth_logprobs: torch.Tensor, budget: int, topk:
         topk (`int`): candidates per depth.
 
     Returns:
-        [`DraftTree`] with at most `budget` nodes, parents listed before children.
+        [`DraftTree`] with at most `budget` nodes, parents listed before children, and `scores` (path log-probs,
+        non-increasing: a node's score never exceeds its parent's or an earlier-popped node's).
     """
     if budget < 1 or topk < 1:
         raise ValueError(f"tree budget and topk must be >= 1, got budget={budget}, topk={topk}")
@@ -121,7 +151,7 @@ def build_tree(root_token: int, depth_logprobs: torch.Tensor, budget: int, topk:
     values, ids = values.tolist(), ids.tolist()
     width = len(values[0]) if max_depth else 0
 
-    tokens, parents = [root_token], [-1]
+    tokens, parents, scores = [root_token], [-1], [0.0]
     # heap entries: (-score, tie, depth (1-based), parent index, rank at that depth, parent score)
     heap = [(-values[0][0], 0, 1, 0, 0, 0.0)] if max_depth and budget > 1 else []
     tie = 1
@@ -130,10 +160,11 @@ def build_tree(root_token: int, depth_logprobs: torch.Tensor, budget: int, topk:
         node = len(tokens)
         tokens.append(ids[depth - 1][rank])
         parents.append(parent)
+        scores.append(-neg_score)
         if rank + 1 < width:  # next sibling
             heapq.heappush(heap, (-(parent_score + values[depth - 1][rank + 1]), tie, depth, parent, rank + 1, parent_score))
             tie += 1
         if depth < max_depth:  # first child
             heapq.heappush(heap, (neg_score - values[depth][0], tie, depth + 1, node, 0, -neg_score))
             tie += 1
-    return tree_from_parents(tokens, parents, device=depth_logprobs.device)
+    return tree_from_parents(tokens, parents, device=depth_logprobs.device, scores=scores)

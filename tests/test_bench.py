@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS, save_tiny_target
+from conftest import WORDS, make_tiny_target, save_tiny_target
 
 from hf_jetspec import JetSpecHead
 from hf_jetspec.bench import bootstrap_ci, load_eval_prompts, main, method_kwargs, summarize
@@ -40,11 +40,16 @@ def test_method_names():
     head = type("Head", (), {"config": type("C", (), {"block_size": 6})()})()
     assert method_kwargs("chain", head) == {"assistant_model": head, "tree_budget": 6, "tree_topk": 1}
     assert method_kwargs("jetspec:12", head)["tree_budget"] == 12
+    assert method_kwargs("jetspec:auto", head)["tree_budget"] == "auto"
     for bad in ("jetspec:x", "jetspec:0", "medusa"):
         with pytest.raises(ValueError, match="method"):
             method_kwargs(bad, head)
     with pytest.raises(ValueError, match="--head"):
         method_kwargs("jetspec", None)
+    with pytest.raises(ValueError, match="--draft-model"):
+        method_kwargs("assisted", head)
+    draft = object()
+    assert method_kwargs("assisted", head, draft) == {"assistant_model": draft}
 
 
 def test_bootstrap_interval_covers_the_statistic():
@@ -56,27 +61,36 @@ def test_bootstrap_interval_covers_the_statistic():
 def test_benchmark_end_to_end_and_resume(tmp_path, capsys):
     target, _ = save_tiny_target(tmp_path / "target")
     JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4).save_pretrained(tmp_path / "head")
+    make_tiny_target("llama", seed=5, vocab_size=target.config.vocab_size, num_hidden_layers=1).save_pretrained(
+        tmp_path / "draft")  # a smaller model with the same vocabulary, for Transformers' assisted generation
     write_eval_sets(tmp_path / "eval")
-    argv = ["--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--data-dir",
-            str(tmp_path / "eval"), "--datasets", "alpha", "spec_bench", "--limit", "2", "--max-new-tokens", "12",
-            "--methods", "jetspec", "jetspec:3", "chain", "prompt_lookup", "--output-dir", str(tmp_path / "out")]
+    methods = ["jetspec", "jetspec:3", "jetspec:6", "jetspec:auto", "chain", "prompt_lookup", "assisted"]
+    argv = ["--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--draft-model",
+            str(tmp_path / "draft"), "--data-dir", str(tmp_path / "eval"), "--datasets", "alpha", "spec_bench",
+            "--limit", "2", "--max-new-tokens", "12", "--methods", *methods, "--output-dir", str(tmp_path / "out")]
     results = main(argv)
     assert results["mismatches"] == 0
     records = results["records"]
-    assert len(records) == 5 * 5  # 5 prompts (2 alpha; spec_bench: 2 qa, 1 math_reasoning) x 5 methods
-    assert {r["method"] for r in records} == {"plain", "jetspec", "jetspec:3", "chain", "prompt_lookup"}
+    assert len(records) == 5 * 8  # 5 prompts (2 alpha; spec_bench: 2 qa, 1 math_reasoning) x 8 methods
+    assert {r["method"] for r in records} == {"plain", *methods}
     chain = [r for r in records if r["method"] == "chain"]
     assert all(r["tree_topk"] == 1 and r["tree_budget"] == 4 for r in chain)
     assert all(r["tree_budget"] == 3 for r in records if r["method"] == "jetspec:3")
+    assert all(r["tree_budget"] == "auto" and r["time_verify"] > 0 for r in records if r["method"] == "jetspec:auto")
+    assert "tau" not in next(r for r in records if r["method"] == "assisted")
     rows = {(row["dataset"], row["method"]): row for row in results["summary"]}
     assert rows[("all", "plain")]["speedup"] == pytest.approx(1.0)
     jetspec = rows[("alpha", "jetspec")]
     assert jetspec["prompts"] == 2 and jetspec["tau_ci95"][0] <= jetspec["tau"] <= jetspec["tau_ci95"][1]
     assert "tau" not in rows[("alpha", "prompt_lookup")]
+    assert set(rows[("all", "jetspec:auto")]["ms_per_round"]) == {"draft", "verify", "accept", "cache", "overhead"}
+    assert 1 <= rows[("all", "jetspec:auto")]["tree_size"]
     out = tmp_path / "out"
-    assert (out / "speedup.png").stat().st_size > 0 and "| alpha | jetspec |" in (out / "results.md").read_text()
+    assert "| alpha | jetspec |" in (out / "results.md").read_text()
+    for plot in ("speedup.png", "budget.png", "rounds.png"):
+        assert (out / plot).stat().st_size > 0
     saved = json.loads((out / "results.json").read_text())
-    assert saved["environment"]["torch"] == torch.__version__ and len(saved["records"]) == 25
+    assert saved["environment"]["torch"] == torch.__version__ and len(saved["records"]) == 40
 
     # a second run with the same settings reuses every record (resume), and adds nothing
     before = (out / "records.jsonl").read_text()

@@ -1,0 +1,468 @@
+"""Batched JetSpec decoding: `generate(input_ids, attention_mask, assistant_model=head)` with a left-padded batch.
+
+Every round drafts one tree per row (one head forward for the whole batch, see `batched_draft.py`), pads the trees to
+a common size `n` and verifies all of them in ONE target forward: inputs `(batch, n)`, per-row positions (real tokens
+before the root + node depth) and a dense 4D mask = each row's key-validity mask over the cache + its tree's ancestor
+mask. Rows accept different numbers of tokens; the target cache keeps `max_accepted + 1` new slots for every row, row
+`i`'s accepted nodes in its first slots and the rest marked invalid in a per-row key mask (RoPE is applied from
+`position_ids`, so gaps are harmless), squeezed out now and then. Rows leave the batch when they finish.
+
+Output equals plain `generate()` on the same batch, row by row: rows finished by an EOS-type criterion are padded with
+`pad_token_id` as Transformers does; without one, a row that met its stopping criteria keeps the target's own tokens
+until the last row finishes, again as Transformers does.
+
+With `tree_budget="auto"` a measured cost model (`batch_budget.py`) sizes the trees for the batch size and hardware,
+and when speculation would not beat plain decoding the call runs Transformers' own decoding instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from . import decoding
+from .batch_budget import BatchPlan, BatchRoundBudget, acceptance_history, measure_batch_cost, plan_batch, round_seconds
+from .batched_draft import BatchedDrafter, compact_cache_rows
+from .candidate_generator import resolve_tree_budget, tap_features
+from .decoding import JetSpecGenerateStats
+from .modeling_jetspec import JetSpecHead
+from .tree import DraftTree, additive_mask, build_tree
+
+BATCH_MASK_ATTENTION = ("sdpa", "eager")
+# Logits processors that index the batch (or keep per-call state across steps): a row's tokens are processed alone,
+# at its own pace, so these cannot see the batch they expect.
+BATCH_INDEXED_PROCESSORS = (
+    "PrefixConstrainedLogitsProcessor",
+    "EncoderRepetitionPenaltyLogitsProcessor",
+    "EncoderNoRepeatNGramLogitsProcessor",
+    "ClassifierFreeGuidanceLogitsProcessor",
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+    "SynthIDTextWatermarkLogitsProcessor",
+)
+# Invalid cache slots (per-row gaps) are squeezed out once there are this many per row and this share of the cache.
+COMPACT_MIN_GAP = 16
+COMPACT_MIN_FRACTION = 0.25
+# Rounds in a row in which drafting did not pay (see `BatchRoundBudget.drafting_pays`) before it stops for the call.
+DRAFT_PATIENCE = 3
+
+
+@dataclass
+class JetSpecBatchStats(JetSpecGenerateStats):
+    """What the last batched `generate(assistant_model=head)` call did (fields of [`JetSpecGenerateStats`], where
+    `drafted_nodes` and `accepted_drafts` sum over rows), plus:
+
+    Args:
+        batch_size (`int`): rows in the call.
+        speculated (`bool`): `False` when the cost model (or `tree_budget=1`) ran Transformers' own decoding instead;
+            the round and token counts then stay 0.
+        row_rounds (`int`): rounds summed over the rows taking part in them.
+        tree_sizes (`list[int]`): nodes per row verified in each round (root included).
+        max_nodes (`int`): largest tree per row the call allowed.
+        drafting_stopped_at (`int`, *optional*): the round after which drafting stopped because it did not pay (the
+            remaining rounds verified the root alone).
+        expected_speedup (`float`, *optional*): the cost model's throughput ratio vs plain decoding for this call.
+    """
+
+    batch_size: int = 0
+    speculated: bool = True
+    row_rounds: int = 0
+    tree_sizes: list[int] = field(default_factory=list)
+    max_nodes: int = 0
+    drafting_stopped_at: int | None = None
+    expected_speedup: float | None = None
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens per row per round."""
+        return (self.accepted_drafts + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
+
+    @property
+    def mean_tree_size(self) -> float:
+        """Nodes per verified tree (root included), over rows and rounds."""
+        return (self.drafted_nodes + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
+
+
+def left_padding_mask(attention_mask: torch.Tensor | None, input_ids: torch.LongTensor) -> torch.LongTensor:
+    """The `(batch, length)` 0/1 mask of a left-padded batch (all ones when `attention_mask` is `None`).
+
+    Raises:
+        `ValueError`: for right (or inner) padding, or a row without a single token.
+    """
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    mask = attention_mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError(
+            "Batched JetSpec decoding needs left padding (every row: padding first, then its tokens, as decoder-only "
+            "generation expects): pad with `tokenizer.padding_side = 'left'`."
+        )
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError("Every row of a batch needs at least one prompt token (an all-padding row was given).")
+    return mask
+
+
+def _validate_batch(
+    model, input_ids, logits_processor, generation_config, head, model_kwargs
+) -> tuple[DynamicCache, torch.LongTensor]:
+    if not model_kwargs.get("use_cache", True):
+        raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")
+    if generation_config.return_dict_in_generate:
+        for name in ("output_attentions", "output_hidden_states", "output_scores", "output_logits"):
+            if getattr(generation_config, name, False):
+                raise ValueError(
+                    f"`{name}=True` is not supported by batched JetSpec decoding (batch size {input_ids.shape[0]}): "
+                    "rows advance at different speeds, so there are no per-step batch tensors. Call generate() per "
+                    "prompt (batch size 1 supports `output_scores`/`output_logits`), or drop `assistant_model`."
+                )
+    attn = model.config._attn_implementation
+    if attn not in BATCH_MASK_ATTENTION:
+        raise ValueError(
+            f"Batched JetSpec decoding verifies per-row trees with a dense 4D mask, which attn_implementation={attn!r} "
+            f"cannot take. Load the target with attn_implementation='sdpa' (or one of {BATCH_MASK_ATTENTION})."
+        )
+    cache = model_kwargs.get("past_key_values")
+    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise ValueError(
+            f"JetSpec tree decoding needs a plain DynamicCache (no static, sliding-window or quantized cache), got "
+            f"{type(cache).__name__}: drop `cache_implementation` / `past_key_values`."
+        )
+    if cache.get_seq_length() > 0:
+        raise ValueError("JetSpec tree decoding starts from an empty cache: do not pass a pre-filled `past_key_values`.")
+    batch_indexed = [type(p).__name__ for p in logits_processor if type(p).__name__ in BATCH_INDEXED_PROCESSORS]
+    if batch_indexed:
+        raise ValueError(
+            f"{batch_indexed[0]} is not supported by batched JetSpec decoding (it indexes the batch or keeps state "
+            "across steps, while each row is processed at its own pace): call generate() per prompt."
+        )
+    mask = left_padding_mask(model_kwargs.get("attention_mask"), input_ids)
+    head.bind(model)
+    return cache, mask
+
+
+def row_logits_processors(logits_processor: LogitsProcessorList, batch_size: int) -> list[LogitsProcessorList]:
+    """One processor list per row, each called with that row's `(1, length)` sequence. Processors holding a tensor
+    per batch row (the repetition penalty's `prompt_ignore_length`: each row's left padding) get a copy with their
+    row's entry; the others are shared."""
+    per_row = [LogitsProcessorList() for _ in range(batch_size)]
+    for processor in logits_processor:
+        sliced = isinstance(processor, RepetitionPenaltyLogitsProcessor) and isinstance(
+            processor.prompt_ignore_length, torch.Tensor
+        )
+        for row, processors in enumerate(per_row):
+            if sliced:
+                row_processor = copy.copy(processor)
+                row_processor.prompt_ignore_length = processor.prompt_ignore_length[row : row + 1]
+                processors.append(row_processor)
+            else:
+                processors.append(processor)
+    return per_row
+
+
+def _plain_decoding(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
+                    head, stats, **model_kwargs):
+    """Transformers' own decoding for the whole call (speculation would be slower at this batch size)."""
+    stats.speculated = False
+    head.last_generate_stats = stats
+    return model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                         generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+
+
+def batch_tree_inputs(
+    trees: list[DraftTree],
+    root_position_ids: torch.LongTensor,
+    key_valid: torch.BoolTensor,
+    pad_token_id: int,
+    dtype: torch.dtype,
+) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor]:
+    """Inputs of one batched verify forward, trees padded to the largest.
+
+    Args:
+        trees (`list[DraftTree]`): one per row.
+        root_position_ids (`torch.LongTensor` of shape `(batch,)`): each root's position.
+        key_valid (`torch.BoolTensor` of shape `(batch, cache_length)`): cache slots each row may attend to.
+        pad_token_id (`int`): token of padding nodes.
+        dtype (`torch.dtype`): dtype of the additive mask.
+
+    Returns:
+        `(input_ids (batch, n), position_ids (batch, n), attention_mask (batch, 1, n, cache_length + n))`: a node sees
+        its row's valid cache slots, itself and its ancestors; a padding node sees only itself.
+    """
+    device = key_valid.device
+    rows, width = len(trees), max(tree.num_nodes for tree in trees)
+    tokens = torch.full((rows, width), pad_token_id, dtype=torch.long, device=device)
+    depths = torch.zeros(rows, width, dtype=torch.long, device=device)
+    ancestors = torch.eye(width, dtype=torch.bool, device=device).repeat(rows, 1, 1)
+    for row, tree in enumerate(trees):
+        size = tree.num_nodes
+        tokens[row, :size] = tree.tokens
+        depths[row, :size] = tree.depths
+        ancestors[row, :size, :size] = tree.ancestor_mask
+    allowed = torch.cat([key_valid[:, None, :].expand(-1, width, -1), ancestors], dim=-1)
+    return tokens, root_position_ids[:, None] + depths, additive_mask(allowed, dtype)
+
+
+def keep_tree_slots(cache: DynamicCache, past_length: int, index: torch.LongTensor) -> None:
+    """After a verify forward that appended `n` tree slots per row, keeps `index.shape[1]` of them: row `i`'s slot
+    `j` becomes tree node `index[i, j]`. The kept slots are written in place and the rest cropped."""
+    width = index.shape[1]
+    for layer in cache.layers:
+        tree_rows = layer.keys.shape[-2] - past_length
+        gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys[:, :, past_length : past_length + width] = layer.keys[:, :, past_length:].gather(2, gather)
+        layer.values[:, :, past_length : past_length + width] = layer.values[:, :, past_length:].gather(2, gather)
+    if tree_rows > width:
+        cache.crop(-(tree_rows - width))
+
+
+@torch.no_grad()
+def batched_jetspec_decoding(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    assistant_model: JetSpecHead | None = None,
+    **model_kwargs,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    """Tree speculative decoding for a left-padded batch (called by [`jetspec_decoding`] for batch size > 1 or a
+    padded prompt; same arguments as `_assisted_decoding`).
+
+    With `return_dict_in_generate=True` the output holds `sequences` only: the target cache has per-row gaps
+    (`past_key_values=None`), and per-step scores do not exist for a batch whose rows advance at different speeds.
+    """
+    head = assistant_model
+    cache, prompt_mask = _validate_batch(model, input_ids, logits_processor, generation_config, head, model_kwargs)
+    start = time.perf_counter()
+    device = input_ids.device
+    batch, prompt_length = input_ids.shape
+    budget = resolve_tree_budget(head.generation_config.tree_budget)
+    topk = head.generation_config.tree_topk
+    block = head.config.block_size
+    stats = JetSpecBatchStats(tree_budget=budget, tree_topk=topk, batch_size=batch)
+    history = acceptance_history(head)
+
+    # Plan: fixed trees, or sized for this batch by the measured cost model -- or no speculation at all.
+    round_budget = None
+    if budget == "auto":
+        cost = measure_batch_cost(model, head, batch)
+        plan = plan_batch(cost, history, block, getattr(head.generation_config, "tree_max_budget", None))
+        if plan.speculate:
+            host = history.host_seconds_per_row or 0.0
+            verify = cost.verify_seconds(batch, plan.max_nodes)
+            fixed = round_seconds(cost, batch, plan.max_nodes, plan.depth, host) - verify
+            round_budget = BatchRoundBudget(cost, plan.max_nodes, fixed, initial_draft=cost.draft(plan.depth))
+    else:
+        plan = BatchPlan(speculate=budget > 1 and block > 1, max_nodes=budget, depth=min(block - 1, budget - 1))
+    stats.max_nodes, stats.expected_speedup = plan.max_nodes, plan.expected_speedup
+    if not plan.speculate:
+        return _plain_decoding(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                               streamer, head, stats, **model_kwargs)
+
+    decoder = getattr(model, model.base_model_prefix)
+    lm_head = model.get_output_embeddings()
+    target_layer_ids = head.config.target_layer_ids
+    hidden_state_ids = [i + 1 for i in target_layer_ids]
+    do_sample = bool(generation_config.do_sample)
+    pad_token_id = generation_config._pad_token_tensor
+    pad_token_id = int(pad_token_id) if pad_token_id is not None else None
+    eos_padding = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    max_length = stopping_criteria.max_length or generation_config.max_length
+
+    # Per original row: the sequence buffer (prompt with its padding + new tokens), its length, the step it finished.
+    sequences = torch.full((batch, max_length), pad_token_id or 0, dtype=torch.long, device=device)
+    sequences[:, :prompt_length] = input_ids
+    lengths = [prompt_length] * batch
+    finished_at: list[int | None] = [None] * batch
+    processors = row_logits_processors(logits_processor, batch)
+
+    def emit(row: int, logits: torch.Tensor, draft_tokens: list[int]) -> tuple[int, bool]:
+        """Appends the target's token for `row` from its logits at the current node; returns (token, stop)."""
+        length = lengths[row]
+        scores = logits.to(dtype=torch.float32, device=device, copy=True)[None]
+        if len(processors[row]):
+            scores = processors[row](sequences[row : row + 1, :length], scores)
+        token = int(decoding.choose_token(scores, do_sample, draft_tokens))
+        sequences[row, length] = token
+        lengths[row] = length + 1
+        if finished_at[row] is None and bool(stopping_criteria(sequences[row : row + 1, : length + 1], None).any()):
+            finished_at[row] = length + 1 - prompt_length
+        return token, lengths[row] >= max_length or (finished_at[row] is not None and eos_padding)
+
+    def still_running(row: int) -> bool:
+        if lengths[row] >= max_length:
+            return False
+        if finished_at[row] is None:
+            return True
+        if eos_padding:
+            return False
+        # A finished row keeps the target's own tokens until the last row finishes (Transformers pads only for EOS).
+        finished = [step for step in finished_at if step is not None]
+        return len(finished) < batch or lengths[row] - prompt_length < max(finished)
+
+    # 0. Prefill: every prompt as Transformers would (2D padding mask, positions counting real tokens only).
+    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+    outputs = decoder(
+        input_ids=input_ids,
+        attention_mask=None if bool(prompt_mask.all()) else prompt_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=hidden_state_ids,
+    )
+    first_logits = lm_head(outputs.last_hidden_state[:, -1])
+    for row in range(batch):
+        emit(row, first_logits[row], [])
+    drafter = BatchedDrafter(head, batch, topk)
+    drafter.add_context(tap_features(outputs.hidden_states, target_layer_ids), positions, prompt_mask.bool())
+    key_valid = prompt_mask.bool()
+    root_positions = prompt_mask.sum(-1)  # the root (last committed token) sits after the real prompt tokens
+    active = list(range(batch))
+    drafting, rounds_not_paying = True, 0
+    stats.time_prefill = time.perf_counter() - start
+
+    while True:
+        # Rows that are done leave the batch (their cache rows, key masks, head context and root positions).
+        keep = [i for i, row in enumerate(active) if still_running(row)]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            drafter.select_rows(index)
+            key_valid, root_positions = key_valid[index], root_positions[index]
+            active = [active[i] for i in keep]
+        gap = key_valid.shape[1] - int(key_valid.sum(1).max())
+        if gap and gap >= max(COMPACT_MIN_GAP, COMPACT_MIN_FRACTION * key_valid.shape[1]):  # squeeze out the gaps
+            key_valid = compact_cache_rows(cache, key_valid)
+        drafter.compact(COMPACT_MIN_GAP, COMPACT_MIN_FRACTION)
+        rows = len(active)
+        roots = torch.tensor([int(sequences[row, lengths[row] - 1]) for row in active], device=device)
+
+        # 1. Draft a tree per row, then pick this round's common size from the trees' scores and the costs.
+        t0 = time.perf_counter()
+        if drafting:
+            trees = drafter.draft(roots, root_positions, plan.max_nodes, plan.depth)
+            if round_budget is not None:
+                size = round_budget.choose(trees)
+                trees = [tree.prefix(size) for tree in trees]
+                rounds_not_paying = 0 if round_budget.drafting_pays else rounds_not_paying + 1
+                if rounds_not_paying >= DRAFT_PATIENCE:  # speculation does not pay in this call: stop drafting
+                    drafting = False
+                    stats.drafting_stopped_at = stats.rounds
+        else:
+            empty = torch.zeros(0, 1, device=device)
+            trees = [build_tree(int(root), empty, 1, 1) for root in roots.tolist()]
+
+        # 2. Verify every row's tree in one target forward.
+        t1 = time.perf_counter()
+        past_length = cache.get_seq_length()
+        tree_ids, tree_positions, tree_mask = batch_tree_inputs(
+            trees, root_positions, key_valid, pad_token_id or 0, model.dtype
+        )
+        outputs = decoder(
+            input_ids=tree_ids,
+            position_ids=tree_positions,
+            attention_mask=tree_mask,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=hidden_state_ids,
+        )
+        node_hidden = outputs.last_hidden_state
+
+        # 3. Accept, row by row: follow the target's own token while a child carries it. The lm_head runs over
+        #    every waiting row's main chain at once, and again only where a row's path leaves that chain.
+        t2 = time.perf_counter()
+        lm_head_seconds = 0.0
+        nodes = [0] * rows
+        accepted: list[list[int]] = [[] for _ in range(rows)]
+        node_logits: list[dict[int, torch.Tensor]] = [{} for _ in range(rows)]
+        requests = [(i, trees[i].main_chain(0)) for i in range(rows)]
+        while requests:
+            t_lm = time.perf_counter()
+            row_index = torch.tensor([i for i, chain in requests for _ in chain], device=device)
+            node_index = torch.tensor([node for _, chain in requests for node in chain], device=device)
+            logits = lm_head(node_hidden[row_index, node_index])
+            lm_head_seconds += time.perf_counter() - t_lm
+            flat = 0
+            for i, chain in requests:
+                for node in chain:
+                    node_logits[i][node] = logits[flat]
+                    flat += 1
+            waiting = []
+            for i, _ in requests:
+                while True:
+                    node = nodes[i]
+                    if node not in node_logits[i]:
+                        waiting.append((i, trees[i].main_chain(node)))
+                        break
+                    token, stop = emit(active[i], node_logits[i][node], trees[i].child_tokens(node))
+                    child = trees[i].child_with_token(node, token)
+                    if stop or child is None:
+                        break
+                    accepted[i].append(child)
+                    nodes[i] = child
+            requests = waiting
+
+        # 4. Keep each row's root + accepted nodes in the cache (the rest of its slots invalid); their tap features
+        #    become the rows' next context.
+        t3 = time.perf_counter()
+        kept = [1 + len(path) for path in accepted]
+        index = torch.zeros(rows, max(kept), dtype=torch.long, device=device)
+        for i, path in enumerate(accepted):
+            index[i, 1 : kept[i]] = torch.tensor(path, dtype=torch.long)
+        keep_tree_slots(cache, past_length, index)
+        new_valid = torch.arange(index.shape[1], device=device)[None] < torch.tensor(kept, device=device)[:, None]
+        key_valid = torch.cat([key_valid, new_valid], dim=1)
+        if drafting:
+            taps = tap_features(outputs.hidden_states, target_layer_ids)
+            features = taps.gather(1, index[..., None].expand(-1, -1, taps.shape[-1]))
+            drafter.add_context(features, root_positions[:, None] + torch.arange(index.shape[1], device=device), new_valid)
+        root_positions = root_positions + torch.tensor(kept, device=device)
+
+        t4 = time.perf_counter()
+        if round_budget is not None and drafting:
+            round_budget.observe(trees, [len(path) for path in accepted], round_seconds=t4 - t0,
+                                 verify_seconds=t2 - t1, draft_seconds=t1 - t0)
+        for tree, path in zip(trees, accepted):
+            history.observe(tree.num_nodes, path)
+        history.observe_host(max(t4 - t0 - (t2 - t1) - (t1 - t0 if drafting else 0.0) - lm_head_seconds, 0.0) / rows)
+        stats.rounds += 1
+        stats.row_rounds += rows
+        stats.tree_sizes.append(max(tree.num_nodes for tree in trees))
+        stats.drafted_nodes += sum(tree.num_nodes - 1 for tree in trees)
+        stats.accepted_drafts += sum(len(path) for path in accepted)
+        stats.time_draft += t1 - t0
+        stats.time_verify += t2 - t1
+        stats.time_accept += t3 - t2
+        stats.time_cache += t4 - t3
+
+    # Output: each row's tokens up to the step it finished, then pad_token_id (EOS-type criteria) or its own tokens
+    # (others), up to the step the last row finished -- what plain generate() returns.
+    for row in range(batch):  # a row stopped at max_length by a criteria list without MaxLengthCriteria
+        if finished_at[row] is None:
+            finished_at[row] = lengths[row] - prompt_length
+    steps = max(finished_at)
+    output = torch.full((batch, prompt_length + steps), pad_token_id or 0, dtype=torch.long, device=device)
+    output[:, :prompt_length] = input_ids
+    for row in range(batch):
+        count = min(finished_at[row], steps) if eos_padding else steps
+        output[row, prompt_length : prompt_length + count] = sequences[row, prompt_length : prompt_length + count]
+        stats.new_tokens += count
+    if streamer is not None:
+        for step in range(steps):
+            streamer.put(output[:, prompt_length + step].cpu())
+        streamer.end()
+    stats.time_total = time.perf_counter() - start
+    head.last_generate_stats = stats
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=output)
+    return output

@@ -1,0 +1,140 @@
+"""Drafting for a batch in one head forward: per-row context rows in one padded [`JetSpecContextCache`].
+
+Rows commit different numbers of tokens per round, so every round appends `max_accepted + 1` context rows to every
+row and marks the surplus invalid in a per-row mask; the head's attention mask hides invalid rows (and, as always,
+rows at or after the anchor). Invalid rows are squeezed out now and then ([`BatchedDrafter.compact`]).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .modeling_jetspec import JetSpecContextCache, JetSpecHead
+from .tree import DraftTree, additive_mask, build_tree
+
+
+def left_align(valid: torch.BoolTensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Moves each row's valid entries (dim 1) to the front, keeping their order; returns `(valid, *tensors)` gathered
+    the same way, cut to the longest row."""
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    width = int(valid.sum(1).max()) if valid.numel() else 0
+    order = order[:, :width]
+    gathered = [t.gather(1, order.view(*order.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])) for t in tensors]
+    return (valid.gather(1, order), *gathered)
+
+
+def compact_cache_rows(cache, valid: torch.BoolTensor) -> torch.BoolTensor:
+    """Squeezes the invalid slots out of every layer of a batched cache (slot order does not matter to attention: the
+    positions are in the rotated keys, visibility in the mask). Returns the new validity mask `(batch, max_valid)`."""
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    width = int(valid.sum(1).max())
+    order = order[:, :width]
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys = layer.keys.gather(2, index)
+        layer.values = layer.values.gather(2, index)
+    return valid.gather(1, order)
+
+
+class BatchedDrafter:
+    """Drafts one best-first [`DraftTree`] per row with a single forward of a [`JetSpecHead`] over the batch.
+
+    Gives each row the same drafts as a [`JetSpecCandidateGenerator`] of its own would (up to floating point), at
+    the cost of one head forward instead of one per row. The `lm_head` runs only over the depths a tree can use.
+
+    Args:
+        head ([`JetSpecHead`]): the draft head, bound to the target.
+        batch_size (`int`): rows.
+        tree_topk (`int`): candidate tokens per depth.
+    """
+
+    def __init__(self, head: JetSpecHead, batch_size: int, tree_topk: int):
+        if tree_topk < 1:
+            raise ValueError(f"`tree_topk` must be >= 1, got {tree_topk}")
+        self.head = head
+        self.tree_topk = tree_topk
+        self.cache = JetSpecContextCache()
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=head.device)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add_context(self, features: torch.Tensor, position_ids: torch.LongTensor, valid: torch.BoolTensor) -> None:
+        """Queues context rows for the next draft.
+
+        Args:
+            features (`torch.Tensor` of shape `(batch, n, K * hidden)`): concatenated tap hidden states.
+            position_ids (`torch.LongTensor` of shape `(batch, n)`): their positions (a row's valid ones contiguous,
+                right after its earlier context rows).
+            valid (`torch.BoolTensor` of shape `(batch, n)`): which entries are real rows.
+        """
+        self._pending.append((features, position_ids, valid))
+
+    def select_rows(self, rows: torch.LongTensor) -> None:
+        """Keeps only the batch rows `rows` (finished rows leave the batch)."""
+        self.cache.batch_select_indices(rows)
+        if self.cache.last_context_row is not None:
+            self.cache.last_context_row = self.cache.last_context_row[rows]
+        self.valid = self.valid[rows]
+        self._pending = [tuple(t[rows] for t in chunk) for chunk in self._pending]
+
+    def compact(self, min_gap: int = 16, min_fraction: float = 0.25) -> None:
+        """Drops invalid context slots when there are at least `min_gap` of them per row and `min_fraction` of the
+        cache."""
+        width = self.valid.shape[1]
+        gap = width - int(self.valid.sum(1).max()) if width else 0
+        if gap and gap >= max(min_gap, min_fraction * width):
+            self.valid = compact_cache_rows(self.cache, self.valid)
+
+    @torch.no_grad()
+    def draft(
+        self, root_ids: torch.LongTensor, root_position_ids: torch.LongTensor, max_nodes: int, depth: int
+    ) -> list[DraftTree]:
+        """One tree per row, rooted at its last committed token.
+
+        Args:
+            root_ids (`torch.LongTensor` of shape `(batch,)`): each row's root (last committed token).
+            root_position_ids (`torch.LongTensor` of shape `(batch,)`): its position.
+            max_nodes (`int`): nodes per tree, root included.
+            depth (`int`): drafted depths to compute logits for (at most `block_size - 1`).
+        """
+        head = self.head
+        block = head.config.block_size
+        depth = max(0, min(depth, block - 1, max_nodes - 1))
+        features = positions = None
+        new_valid = self.valid[:, :0]
+        if self._pending:
+            valid = torch.cat([chunk[2] for chunk in self._pending], dim=1)
+            new_valid, features, positions = left_align(
+                valid,
+                torch.cat([chunk[0] for chunk in self._pending], dim=1).to(head.dtype),
+                torch.cat([chunk[1] for chunk in self._pending], dim=1),
+            )
+            self._pending = []
+        if head.config.anchor_context and not bool(new_valid.any(1).all()):
+            raise RuntimeError("every row needs its newly committed context rows before a draft (anchor_context)")
+        context_valid = torch.cat([self.valid, new_valid], dim=1)
+        rows = root_ids.shape[0]
+        causal = torch.ones(block, block, dtype=torch.bool, device=root_ids.device).tril()
+        allowed = torch.cat([context_valid[:, None, :].expand(-1, block, -1), causal.expand(rows, -1, -1)], dim=-1)
+        output = head(
+            anchor_ids=root_ids[:, None],
+            anchor_position_ids=root_position_ids[:, None],
+            context_features=features,
+            context_position_ids=positions,
+            attention_mask=additive_mask(allowed, head.dtype),
+            past_key_values=self.cache,
+            logits_to_keep=False,
+        )
+        self.valid = context_valid
+        roots = root_ids.tolist()
+        if depth == 0:
+            empty = torch.zeros(0, 1, device=root_ids.device)
+            return [build_tree(root, empty, 1, 1) for root in roots]
+        if output.logits is not None:  # a head that computes its logits anyway (a subclass): use them
+            logits = output.logits.view(rows, block - 1, -1)[:, :depth]
+        else:
+            _, lm_head = head._bound()
+            logits = lm_head(output.last_hidden_state.view(rows, block, -1)[:, 1 : 1 + depth])
+        logprobs = logits.float().log_softmax(dim=-1)  # (batch, depth, vocab)
+        return [build_tree(root, logprobs[row], max_nodes, self.tree_topk) for row, root in enumerate(roots)]

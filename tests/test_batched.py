@@ -1,0 +1,389 @@
+"""Batched tree speculative decoding: a left-padded batch gives exactly plain `generate()`'s output, row by row;
+the cost model shrinks trees as the batch grows and turns speculation off where it loses; clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_target
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+import hf_jetspec.batched
+from hf_jetspec import JetSpecCandidateGenerator, JetSpecHead
+from hf_jetspec.batch_budget import AcceptanceHistory, BatchCost, BatchRoundBudget, acceptance_history, plan_batch
+from hf_jetspec.batched_draft import BatchedDrafter
+from hf_jetspec.budget import VerifyCost
+from hf_jetspec.candidate_generator import tap_features
+from hf_jetspec.modeling_jetspec import JetSpecHeadOutput
+from hf_jetspec.tree import build_tree
+
+PAD = 0
+LENGTHS = (7, 3, 5, 9)  # mixed prompt lengths: rows 1-3 are left-padded
+
+
+def sharp_target(family, seed, scale=10.0, **kwargs):
+    """A tiny random target whose attention is sharp enough for positions and masks to change its tokens (at the
+    default init a one-position shift rarely changes a greedy token, so such a bug could go unseen)."""
+    target = make_tiny_target(family, seed=seed, **kwargs)
+    with torch.no_grad():
+        for name, parameter in target.named_parameters():
+            if parameter.dim() == 2 and "embed" not in name:
+                parameter.mul_(scale)
+    return target
+
+
+def left_padded_batch(lengths=LENGTHS, vocab=96, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.randint(1, vocab, (length,), generator=generator)
+        mask[row, width - length :] = 1
+    return input_ids, mask
+
+
+def real_tokens(sequences, mask):
+    """Per row: the prompt without its padding, then everything generated (a row's tokens by position)."""
+    width = mask.shape[1]
+    return [torch.cat([seq[:width][mask[row].bool()], seq[width:]]) for row, seq in enumerate(sequences)]
+
+
+class BatchOracleHead(JetSpecHead):
+    """Test-only drafter knowing every row's right continuation (`references`, real tokens by position). A row is
+    recognised by its anchor token at its anchor position; the truth is put at rank `rank_of_truth` among decoys."""
+
+    references: list
+    rank_of_truth: int = 0
+
+    def forward(self, anchor_ids, anchor_position_ids, context_features=None, context_position_ids=None,
+                attention_mask=None, past_key_values=None, logits_to_keep=True):
+        block, vocab = self.config.block_size, self.config.vocab_size
+        rows = []
+        for token, anchor in zip(anchor_ids[:, 0].tolist(), anchor_position_ids[:, 0].tolist()):
+            reference = next((r for r in self.references if r.numel() > anchor and int(r[anchor]) == token), None)
+            generator = torch.Generator().manual_seed(anchor)
+            logits = 0.1 * torch.randn(block - 1, vocab, generator=generator)
+            for depth in range(1, block):
+                if reference is not None and anchor + depth < reference.numel():
+                    decoys = torch.randint(vocab, (self.rank_of_truth,), generator=generator)
+                    logits[depth - 1, decoys] = 10.0
+                    logits[depth - 1, int(reference[anchor + depth])] = 9.9 if self.rank_of_truth else 10.0
+            rows.append(logits)
+        return JetSpecHeadOutput(logits=torch.stack(rows)[:, None].to(self.dtype))
+
+
+def batch_oracle_for(target, references, rank_of_truth=0, block_size=8):
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=block_size)
+    head.__class__ = BatchOracleHead
+    head.references, head.rank_of_truth = list(references), rank_of_truth
+    return head
+
+
+class CollectingStreamer(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def run(target, head, budget, input_ids, **kwargs):
+    head.generation_config.tree_budget = budget
+    return target.generate(input_ids, assistant_model=head, do_sample=False, pad_token_id=PAD, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("drafter,budget", [("random", 8), ("oracle", 4), ("oracle", 16)])
+def test_greedy_batch_equals_plain_generate_row_by_row(family, drafter, budget, monkeypatch):
+    if budget == 4:  # squeeze the per-row cache gaps out after every round
+        monkeypatch.setattr(hf_jetspec.batched, "COMPACT_MIN_GAP", 1)
+        monkeypatch.setattr(hf_jetspec.batched, "COMPACT_MIN_FRACTION", 0.0)
+    target = sharp_target(family, seed=2)
+    input_ids, mask = left_padded_batch()
+    free_run = target.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=30, pad_token_id=PAD)
+    eos = int(free_run[1, input_ids.shape[1] + 4])  # row 1 emits it early: it finishes, then gets padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, eos_token_id=eos)
+    expected = target.generate(input_ids, do_sample=False, pad_token_id=PAD, **kwargs)
+    assert expected[1, -1] == PAD and (expected[:, -1] != PAD).any()  # rows do finish at different times
+    if drafter == "oracle":  # knows each row's free continuation, drafting straight through the EOS
+        head = batch_oracle_for(target, real_tokens(free_run, mask), rank_of_truth=1 if budget == 16 else 0)
+    else:
+        head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
+    plain_streamer, spec_streamer = CollectingStreamer(), CollectingStreamer()
+    target.generate(input_ids, do_sample=False, pad_token_id=PAD, streamer=plain_streamer, **kwargs)
+    out = run(target, head, budget, input_ids, streamer=spec_streamer, **kwargs)
+    assert out.tolist() == expected.tolist()
+    assert spec_streamer.chunks == plain_streamer.chunks and spec_streamer.ended
+    stats = head.last_generate_stats
+    assert stats.speculated and stats.batch_size == 4 and max(stats.tree_sizes) <= budget
+    if drafter == "oracle":
+        assert stats.mean_accepted_length > 2.0  # multi-token rounds in every row
+        assert stats.rounds < 30 / 2
+
+
+def test_every_row_finishing_early_and_a_padded_single_prompt():
+    target = sharp_target("llama", seed=4)
+    input_ids, mask = left_padded_batch(seed=5)
+    free_run = target.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=PAD)
+    width = input_ids.shape[1]
+    eos = [int(free_run[row, width + 2 + 3 * row]) for row in range(4)]  # every row hits one of these early
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=eos)
+    expected = target.generate(input_ids, do_sample=False, pad_token_id=PAD, **kwargs)
+    assert expected.shape[1] < free_run.shape[1]  # the batch stopped before max_new_tokens
+    head = batch_oracle_for(target, real_tokens(free_run, mask))
+    assert run(target, head, 12, input_ids, **kwargs).tolist() == expected.tolist()
+
+    # One left-padded prompt takes the batched path too.
+    single = dict(attention_mask=mask[1:2], max_new_tokens=20)
+    expected = target.generate(input_ids[1:2], do_sample=False, pad_token_id=PAD, **single)
+    out = run(target, head, 12, input_ids[1:2], return_dict_in_generate=True, **single)
+    assert out.sequences.tolist() == expected.tolist() and head.last_generate_stats.batch_size == 1
+
+
+def test_rows_stopped_by_a_criterion_without_eos_keep_their_own_tokens():
+    """Transformers pads finished rows only for EOS-type criteria; other criteria let them run to the batch's end."""
+
+    class StopAfterToken(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    target = sharp_target("qwen3", seed=6)
+    input_ids, mask = left_padded_batch(seed=7)
+    free_run = target.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=30, pad_token_id=PAD)
+    stop = int(free_run[2, input_ids.shape[1] + 6])
+    criteria = StoppingCriteriaList([StopAfterToken(stop)])
+    kwargs = dict(attention_mask=mask, max_new_tokens=30, stopping_criteria=criteria)
+    expected = target.generate(input_ids, do_sample=False, pad_token_id=PAD, **kwargs)
+    head = batch_oracle_for(target, real_tokens(free_run, mask))
+    assert run(target, head, 8, input_ids, **kwargs).tolist() == expected.tolist()
+
+
+def test_batched_drafts_equal_per_row_drafts():
+    """One head forward over the padded batch drafts what a candidate generator per row would."""
+    target = make_tiny_target("qwen3", seed=8)
+    head = JetSpecHead.from_target(target, num_hidden_layers=2, block_size=5)
+    input_ids, mask = left_padded_batch(seed=9)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    layers = head.config.target_layer_ids
+    with torch.no_grad():
+        out = target.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                           output_hidden_states=[i + 1 for i in layers])
+    taps = tap_features(out.hidden_states, layers)
+    drafter = BatchedDrafter(head, 4, tree_topk=3)
+    generators = [JetSpecCandidateGenerator(head, tree_budget=10, tree_topk=3) for _ in range(4)]
+    drafter.add_context(taps, positions, mask.bool())
+    lengths = mask.sum(-1).tolist()
+    for row, generator in enumerate(generators):
+        generator.add_context(taps[row : row + 1][:, mask[row].bool()], torch.arange(lengths[row])[None])
+    rng = torch.Generator().manual_seed(0)
+    for round_index in range(4):
+        roots = torch.randint(1, 96, (len(lengths),), generator=rng)
+        trees = drafter.draft(roots, torch.tensor(lengths), max_nodes=10, depth=4)
+        for row, tree in enumerate(trees):
+            committed = torch.cat([torch.zeros(lengths[row], dtype=torch.long), roots[row : row + 1]])[None]
+            expected, _ = generators[row].get_candidates(committed)
+            assert tree.tokens.tolist() == expected.tokens.tolist() and tree.parents == expected.parents
+            assert tree.scores == pytest.approx(expected.scores, abs=1e-4)
+        # rows commit 1..3 tokens: the shorter ones carry invalid context slots in the batch
+        kept = [1 + (row + round_index) % 3 for row in range(len(lengths))]
+        features = torch.randn(len(lengths), 3, taps.shape[-1], generator=rng)
+        new_positions = torch.tensor(lengths)[:, None] + torch.arange(3)
+        drafter.add_context(features, new_positions, torch.arange(3)[None] < torch.tensor(kept)[:, None])
+        for row, generator in enumerate(generators):
+            generator.add_context(features[row : row + 1, : kept[row]], new_positions[row : row + 1, : kept[row]])
+            lengths[row] += kept[row]
+        if round_index == 1:  # a row leaves the batch
+            drafter.select_rows(torch.tensor([0, 2, 3]))
+            generators, lengths = [generators[i] for i in (0, 2, 3)], [lengths[i] for i in (0, 2, 3)]
+        if round_index == 2:
+            width, counts = drafter.valid.shape[1], drafter.valid.sum(1)
+            drafter.compact(min_gap=1, min_fraction=0.0)
+            assert drafter.valid.shape[1] < width and torch.equal(drafter.valid.sum(1), counts)
+
+
+# ------------------------------------------------------------------------------------------------------- sampling
+VOCAB, NEW_TOKENS, COPIES = 8, 3, 300
+SAMPLING = dict(temperature=1.0, top_k=3, repetition_penalty=1.3)
+
+
+def exact_distribution(target, input_ids, mask):
+    """P(first NEW_TOKENS tokens) of plain sampling for one padded row, by enumeration with Transformers' scores."""
+    import itertools
+
+    probs = np.ones([VOCAB] * NEW_TOKENS)
+    for step in range(NEW_TOKENS):
+        prefixes = torch.tensor(list(itertools.product(range(VOCAB), repeat=step)), dtype=torch.long)
+        prefixes = prefixes.view(-1 if step else 1, step)
+        inputs = torch.cat([input_ids.repeat(len(prefixes), 1), prefixes], 1)
+        attention = torch.cat([mask.repeat(len(prefixes), 1), torch.ones_like(prefixes)], 1)
+        out = target.generate(inputs, attention_mask=attention, do_sample=True, max_new_tokens=1, output_scores=True,
+                              return_dict_in_generate=True, pad_token_id=PAD, **SAMPLING)
+        step_probs = torch.softmax(out.scores[0].double(), -1).numpy()
+        probs = probs * step_probs.reshape([VOCAB] * step + [VOCAB] + [1] * (NEW_TOKENS - step - 1))
+    return probs.reshape(-1)
+
+
+def test_sampling_each_row_follows_the_target_distribution():
+    from scipy.stats import chisquare
+
+    target = make_tiny_target("llama", seed=5, vocab_size=VOCAB, num_hidden_layers=2)
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4)
+    head.generation_config.tree_budget, head.generation_config.tree_topk = 12, 4
+    input_ids = torch.tensor([[1, 2, 3, 4, 1], [0, 0, 5, 6, 2]])  # row 1 left-padded
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    torch.manual_seed(0)
+    out = target.generate(input_ids.repeat(COPIES, 1), attention_mask=mask.repeat(COPIES, 1), do_sample=True,
+                          max_new_tokens=NEW_TOKENS, pad_token_id=PAD, assistant_model=head, **SAMPLING)
+    stats = head.last_generate_stats
+    assert stats.speculated and stats.accepted_drafts > COPIES  # the tree walk is under test, not only the prefill
+    for row in range(2):
+        probs = exact_distribution(target, input_ids[row : row + 1], mask[row : row + 1])
+        counts = np.zeros(VOCAB**NEW_TOKENS)
+        for tokens in out[row::2, input_ids.shape[1] :].tolist():
+            counts[np.ravel_multi_index(tokens, [VOCAB] * NEW_TOKENS)] += 1
+        expected = probs * COPIES
+        assert counts[expected == 0].sum() == 0
+        big = expected >= 5
+        observed = np.append(counts[big], counts[~big].sum())
+        wanted = np.append(expected[big], expected[~big].sum())
+        keep = wanted > 0
+        assert chisquare(observed[keep], wanted[keep] * observed[keep].sum() / wanted[keep].sum()).pvalue > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------- cost model
+def synthetic_cost(batch_size, draft_base=0.2):
+    """Verify cost flat up to 16 total rows, then linear (a machine saturated beyond 16 rows)."""
+    verify = VerifyCost(sizes=(1, 16, 64, 256, 1024), seconds=(1.0, 1.0, 4.0, 16.0, 64.0))
+    return BatchCost(batch_size=batch_size, verify=verify, lm_head_base=0.0, lm_head_per_row=1e-4, draft_base=draft_base)
+
+
+def depth_history(max_depth=6, rounds=10):
+    """A head whose accepted path reaches depth 0, 1, ..., `max_depth` equally often along the first nodes."""
+    history = AcceptanceHistory(max_nodes=64, decay=1.0)
+    for depth in range(max_depth + 1):
+        for _ in range(rounds):
+            history.observe(64, list(range(1, depth + 1)))
+    return history
+
+
+def test_trees_shrink_as_the_batch_grows_and_speculation_stops_where_it_loses():
+    history = depth_history()
+    assert history.expected_tokens(1) == 1.0 and history.expected_tokens(40) == pytest.approx(4.0)
+    plans = {batch: plan_batch(synthetic_cost(batch), history, block_size=16) for batch in (1, 4, 8, 16, 64)}
+    assert [plans[batch].best_nodes for batch in (1, 4, 8)] == [7, 4, 2]  # trees shrink as the batch grows
+    assert [plans[batch].max_nodes for batch in (1, 4, 8)] == [14, 8, 4]
+    assert plans[1].expected_speedup > plans[4].expected_speedup > plans[8].expected_speedup > 1.0
+    assert not plans[16].speculate and not plans[64].speculate  # no tree size beats plain decoding there
+    # a head that is never right does not speculate even at batch size 2; without history a call explores
+    useless = AcceptanceHistory(max_nodes=64)
+    useless.observe(64, [])
+    assert not plan_batch(synthetic_cost(2), useless, block_size=16).speculate
+    explore = plan_batch(synthetic_cost(2), AcceptanceHistory(), block_size=16, max_budget=24)
+    assert explore.speculate and explore.max_nodes == 24 and explore.depth == 15
+    # costly drafting turns it off where it would pay otherwise
+    assert not plan_batch(synthetic_cost(4, draft_base=50.0), history, block_size=16).speculate
+
+
+def test_round_budget_shrinks_trees_as_rows_grow():
+    logprobs = torch.log_softmax(3 * torch.randn(6, 20, generator=torch.Generator().manual_seed(0)), -1)
+    tree = build_tree(1, logprobs, budget=48, topk=4)
+    sizes = []
+    for rows in (1, 4, 16, 64):
+        budget = BatchRoundBudget(synthetic_cost(rows), max_nodes=48, initial_fixed=0.5)
+        sizes.append(budget.choose([tree] * rows))
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert sizes[-1] == 1  # 64 rows already fill the machine: no extra node is free
+    cheap = BatchRoundBudget(synthetic_cost(4), max_nodes=48, initial_fixed=0.5, initial_draft=0.2)
+    costly = BatchRoundBudget(synthetic_cost(4), max_nodes=48, initial_fixed=20.5, initial_draft=20.0)
+    assert cheap.choose([tree] * 4) > 1 and cheap.drafting_pays
+    assert costly.choose([tree] * 4) > 1 and not costly.drafting_pays  # a bigger tree helps, but not enough to draft
+
+
+def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypatch):
+    target = make_tiny_target("llama", seed=10)
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
+    input_ids, mask = left_padded_batch(seed=11)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    expected = target.generate(input_ids, **kwargs)
+    sampled = []
+    original_sample = type(target)._sample
+
+    def spy(self, *args, **kw):
+        sampled.append(True)
+        return original_sample(self, *args, **kw)
+
+    monkeypatch.setattr(type(target), "_sample", spy)
+    for history, draft_base, speculated in ((depth_history(), 50.0, False), (depth_history(), 0.01, True)):
+        monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost",
+                            lambda model, head, batch: synthetic_cost(batch, draft_base))
+        monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda head: history)
+        sampled.clear()
+        head.generation_config.tree_budget = "auto"
+        out = target.generate(input_ids, assistant_model=head, **kwargs)
+        assert out.tolist() == expected.tolist()
+        assert head.last_generate_stats.speculated is speculated and bool(sampled) is not speculated
+    # no history: the call explores, finds that drafting does not pay, and stops drafting for the rest of the call
+    monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch, 50.0))
+    monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda head: AcceptanceHistory())
+    assert target.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
+    stats = head.last_generate_stats
+    stopped = stats.drafting_stopped_at
+    assert stats.speculated and stopped == hf_jetspec.batched.DRAFT_PATIENCE - 1
+    assert stats.rounds > stopped + 1 and set(stats.tree_sizes[stopped + 1 :]) == {1}
+    head.generation_config.tree_budget = 1  # a budget of one node is plain decoding: Transformers' own loop
+    assert run(target, head, 1, input_ids, attention_mask=mask, max_new_tokens=12).tolist() == expected.tolist()
+    assert not head.last_generate_stats.speculated
+
+
+def test_history_is_kept_per_head_and_measures_every_prefix():
+    history = AcceptanceHistory(max_nodes=8, decay=1.0)
+    history.observe(6, [1, 4])  # accepted path: node 1 then node 4
+    assert [history.expected_tokens(n) for n in (1, 2, 4, 5, 6, 8)] == [1.0, 2.0, 2.0, 3.0, 3.0, 3.0]
+    target = make_tiny_target("llama")
+    head = JetSpecHead.from_target(target)
+    assert acceptance_history(head) is acceptance_history(head) and not acceptance_history(head).observed
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("right_padding", "left padding"),
+        ("output_scores", "output_scores"),
+        ("prefix_fn", "PrefixConstrainedLogitsProcessor"),
+        ("flash", "attn_implementation"),
+        ("jetspec_tree", "attn_implementation"),
+    ],
+)
+def test_unsupported_batches_raise_clear_errors(case, message):
+    target = make_tiny_target("llama")
+    head = JetSpecHead.from_target(target)
+    input_ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD, assistant_model=head)
+    if case == "right_padding":
+        kwargs["attention_mask"] = mask.flip(-1)
+    elif case == "output_scores":
+        kwargs.update(return_dict_in_generate=True, output_scores=True)
+    elif case == "prefix_fn":
+        kwargs["prefix_allowed_tokens_fn"] = lambda batch_id, ids: [1, 2]
+    else:
+        target.config._attn_implementation = "flash_attention_2" if case == "flash" else "jetspec_tree"
+    with pytest.raises(ValueError, match=message):
+        target.generate(input_ids, **kwargs)
+
+
+def test_all_padding_row_is_refused():
+    target = make_tiny_target("llama")
+    head = JetSpecHead.from_target(target)
+    input_ids, mask = left_padded_batch()
+    mask[2] = 0
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        target.generate(input_ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD,
+                        assistant_model=head)

@@ -1,0 +1,79 @@
+"""`tree_budget="auto"`: the verify-cost model, the per-round choice, tree prefixes, and losslessness."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_target
+
+from hf_jetspec import JetSpecHead, build_tree
+from hf_jetspec.budget import AutoBudget, VerifyCost, measure_verify_cost
+from hf_jetspec.decoding import verify_tree
+
+
+def test_verify_cost_interpolates_and_extrapolates():
+    cost = VerifyCost(sizes=(1, 4, 8), seconds=(1.0, 1.0, 3.0))
+    assert cost(1) == cost(0) == cost(3) == 1.0
+    assert cost(6) == pytest.approx(2.0)
+    assert cost(10) == pytest.approx(4.0)  # last slope: 0.5 s per node
+
+
+def test_auto_budget_follows_cost_and_confidence():
+    scores = [0.0] + [math.log(0.9)] * 7 + [math.log(0.01)] * 8  # 7 likely nodes, then unlikely ones
+    flat = AutoBudget(VerifyCost(sizes=(1, 64), seconds=(1.0, 1.0)))
+    assert flat.choose(scores) == 16  # free nodes: take everything the tree offers
+    steep = AutoBudget(VerifyCost(sizes=(1, 2, 64), seconds=(1.0, 10.0, 100.0)))
+    assert steep.choose(scores) == 1  # a second node costs 10x: do not draft
+    knee = AutoBudget(VerifyCost(sizes=(1, 8, 9, 64), seconds=(1.0, 1.0, 2.0, 50.0)))
+    assert knee.choose(scores) == 8  # the likely nodes fit before the cost jumps
+
+
+def test_auto_budget_calibrates_against_what_was_accepted():
+    tree = build_tree(0, torch.log_softmax(torch.randn(4, 10), -1), budget=8, topk=3)
+    budget = AutoBudget(VerifyCost(sizes=(1,), seconds=(1.0,)))
+    assert budget.calibration == 1.0
+    for _ in range(20):  # the head promised sum(exp(scores)) tokens per round; the target took none
+        budget.observe(tree, accepted=0, round_seconds=2.0, verify_seconds=1.5)
+    assert budget.calibration < 0.2
+    assert budget.fixed_seconds == pytest.approx(0.5)
+
+
+def test_tree_prefix_is_the_best_smaller_tree():
+    logprobs = torch.log_softmax(torch.randn(5, 20, generator=torch.Generator().manual_seed(0)), -1)
+    big = build_tree(3, logprobs, budget=30, topk=4)
+    assert all(a >= b for a, b in zip(big.scores, big.scores[1:]))  # best-first: non-increasing path log-probs
+    for size in (1, 2, 7, 30):
+        small, direct = big.prefix(size), build_tree(3, logprobs, budget=size, topk=4)
+        assert small.tokens.tolist() == direct.tokens.tolist() and small.parents == direct.parents
+        assert torch.equal(small.ancestor_mask, direct.ancestor_mask)
+        assert [small.child_tokens(n) for n in range(size)] == [direct.child_tokens(n) for n in range(size)]
+    with pytest.raises(ValueError, match="root"):
+        big.prefix(0)
+
+
+def test_measured_cost_is_cached_and_monotone():
+    target = make_tiny_target("llama")
+    decoder = target.model
+
+    def verify(tree, past, cache):
+        verify_tree(decoder, tree, past, cache, [2], target.dtype)
+
+    cost = measure_verify_cost(target, verify, sizes=(1, 4, 16), context_length=8, repeats=1)
+    assert cost.sizes == (1, 4, 16) and all(a <= b for a, b in zip(cost.seconds, cost.seconds[1:]))
+    assert measure_verify_cost(target, verify, sizes=(1, 4, 16), context_length=8) is cost
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_auto_budget_is_lossless_and_is_the_default(family):
+    target = make_tiny_target(family)
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
+    assert head.generation_config.tree_budget == "auto"
+    input_ids = torch.randint(target.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    expected = target.generate(input_ids, max_new_tokens=30, do_sample=False)
+    out = target.generate(input_ids, assistant_model=head, max_new_tokens=30, do_sample=False)
+    assert torch.equal(out, expected)
+    stats = head.last_generate_stats
+    assert stats.tree_budget == "auto" and 1 <= stats.mean_tree_size
+    head.generation_config.tree_budget = "big"
+    with pytest.raises(ValueError, match="tree_budget"):
+        target.generate(input_ids, assistant_model=head, max_new_tokens=4, do_sample=False)
