@@ -13,6 +13,11 @@ Each round then drafts the largest useful tree and keeps the prefix `n` maximisi
     (1 + c * sum_{i=1}^{n-1} exp(score_i)) / (t_fixed + t_verify(n))
 
 where `t_fixed` (draft, accept, cache, bookkeeping) is a running mean of the measured rounds.
+
+Drafting itself costs time (the head's forward). When even the best tree does not beat a round without a draft,
+`1 / (t_fixed - t_draft + t_verify(1))` (a plain decoding step), for `patience` drafted rounds in a row, the loop stops
+drafting for a while and decodes plain steps, then probes again, backing off exponentially while probes keep losing.
+So a weak head costs a few probe rounds, not a slowdown of every round.
 """
 
 from __future__ import annotations
@@ -143,13 +148,38 @@ class AutoBudget:
         prior_weight (`float`): pseudo-count of the initial calibration `c = 1` (in expected accepted tokens).
     """
 
-    def __init__(self, verify_cost: VerifyCost, max_budget: int | None = None, prior_weight: float = 2.0):
+    def __init__(self, verify_cost: VerifyCost, max_budget: int | None = None, prior_weight: float = 2.0,
+                 patience: int = 2, initial_backoff: int = 4, max_backoff: int = 64):
         self.verify_cost = verify_cost
         self.max_budget = max_budget or verify_cost.max_size
         self.predicted = prior_weight
         self.accepted = prior_weight
         self.fixed_seconds: float | None = None
+        self.draft_seconds: float | None = None
         self.sizes: list[int] = []
+        self.drafting_pays = True
+        self.patience, self.initial_backoff, self.max_backoff = patience, initial_backoff, max_backoff
+        self._losing_rounds = 0
+        self._backoff = initial_backoff
+        self._skip = 0
+        self.skipped_rounds = 0
+
+    def should_draft(self) -> bool:
+        """Whether this round drafts (`False`: a plain step, while drafting is backed off after losing rounds)."""
+        if self._skip > 0:
+            self._skip -= 1
+            self.skipped_rounds += 1
+            return False
+        return True
+
+    def _update_backoff(self) -> None:
+        if self.drafting_pays:
+            self._losing_rounds, self._backoff = 0, self.initial_backoff
+            return
+        self._losing_rounds += 1
+        if self._losing_rounds >= self.patience:
+            self._skip, self._losing_rounds = self._backoff, 0
+            self._backoff = min(2 * self._backoff, self.max_backoff)
 
     @property
     def calibration(self) -> float:
@@ -166,14 +196,22 @@ class AutoBudget:
             rate = expected / (fixed + self.verify_cost(size))
             if rate > best_rate:
                 best, best_rate = size, rate
+        if self.draft_seconds is not None:  # known once a round was measured
+            without_draft = max(fixed - self.draft_seconds, 0.0) + self.verify_cost(1)
+            self.drafting_pays = best > 1 and best_rate > 1.0 / without_draft
+            self._update_backoff()
         self.sizes.append(best)
         return best
 
-    def observe(self, tree: DraftTree, accepted: int, round_seconds: float, verify_seconds: float) -> None:
-        """Updates the calibration and the fixed cost after a round that verified `tree` and accepted `accepted`
-        drafted tokens."""
+    def observe(self, tree: DraftTree, accepted: int, round_seconds: float, verify_seconds: float,
+                draft_seconds: float | None = None) -> None:
+        """Updates the calibration and the running costs after a drafted round that verified `tree` and accepted
+        `accepted` drafted tokens (`draft_seconds`: the head's share of the round)."""
         if tree.scores is not None and tree.num_nodes > 1:
             self.predicted += sum(math.exp(score) for score in tree.scores[1:])
             self.accepted += accepted
         fixed = max(round_seconds - verify_seconds, 0.0)
         self.fixed_seconds = fixed if self.fixed_seconds is None else 0.8 * self.fixed_seconds + 0.2 * fixed
+        if draft_seconds is not None:
+            self.draft_seconds = (draft_seconds if self.draft_seconds is None
+                                  else 0.8 * self.draft_seconds + 0.2 * draft_seconds)

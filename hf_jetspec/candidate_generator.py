@@ -63,6 +63,7 @@ class JetSpecCandidateGenerator(CandidateGenerator):
         self.context_cache = JetSpecContextCache()
         self._pending_features: list[torch.Tensor] = []
         self._pending_positions: list[torch.Tensor] = []
+        self.drafted = False  # whether the last `get_candidates` ran the head
 
     @property
     def target_layer_ids(self) -> list[int]:
@@ -91,14 +92,16 @@ class JetSpecCandidateGenerator(CandidateGenerator):
             `(DraftTree, None)`: the tree (no candidate logits: acceptance is greedy/sampled from the target alone).
         """
         root = int(input_ids[0, -1])
-        if self.tree_budget == 1:
-            return build_tree(root, torch.zeros(0, 1, device=input_ids.device), 1, 1), None
+        self.drafted = False
+        if self.tree_budget == 1 or (self.auto_budget is not None and not self.auto_budget.should_draft()):
+            return build_tree(root, torch.zeros(0, 1, device=input_ids.device), 1, 1), None  # a plain step
         features = positions = None
         if self._pending_features:
             features = torch.cat(self._pending_features, dim=1).to(self.head.dtype)
             positions = torch.cat(self._pending_positions, dim=1)
             self._pending_features, self._pending_positions = [], []
         anchor_position = input_ids.shape[1] - 1
+        self.drafted = True
         output = self.head(
             anchor_ids=input_ids[:, -1:],
             anchor_position_ids=torch.tensor([[anchor_position]], device=input_ids.device),

@@ -31,6 +31,8 @@ class JetSpecGenerateStats:
         rounds (`int`): draft-verify rounds (the prefill is not a round).
         new_tokens (`int`): tokens emitted, the prefill's token included.
         drafted_nodes (`int`): tree nodes drafted, roots excluded.
+        draft_rounds (`int`): rounds in which the head drafted (with `tree_budget="auto"`, rounds where drafting did
+            not pay run as plain steps; see `budget.py`).
         accepted_drafts (`int`): drafted tokens accepted.
         tree_budget (`int` or `"auto"`), tree_topk (`int`): the tree settings used.
         time_prefill, time_draft, time_verify, time_accept, time_cache, time_total (`float`): seconds.
@@ -40,6 +42,7 @@ class JetSpecGenerateStats:
     new_tokens: int = 0
     drafted_nodes: int = 0
     accepted_drafts: int = 0
+    draft_rounds: int = 0
     tree_budget: int | str = 0
     tree_topk: int = 0
     time_prefill: float = 0.0
@@ -53,6 +56,12 @@ class JetSpecGenerateStats:
     def mean_accepted_length(self) -> float:
         """tau: tokens emitted per round (accepted drafts + the target's own token)."""
         return (self.accepted_drafts + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def drafted_tau(self) -> float:
+        """tau over the rounds in which the head drafted (the head's acceptance; equals tau unless `"auto"` backed
+        off drafting for some rounds)."""
+        return (self.accepted_drafts + self.draft_rounds) / self.draft_rounds if self.draft_rounds else 0.0
 
     @property
     def mean_tree_size(self) -> float:
@@ -254,8 +263,11 @@ def jetspec_decoding(
         generator.update_candidate_strategy(input_ids, None, len(accepted))
 
         t4 = time.perf_counter()
-        if auto_budget is not None:
-            auto_budget.observe(tree, len(accepted), round_seconds=t4 - t0, verify_seconds=t2 - t1)
+        if generator.drafted:  # the head ran this round (not a plain step of a backed-off `"auto"` budget)
+            stats.draft_rounds += 1
+            if auto_budget is not None:
+                auto_budget.observe(tree, len(accepted), round_seconds=t4 - t0, verify_seconds=t2 - t1,
+                                    draft_seconds=t1 - t0)
         stats.rounds += 1
         stats.drafted_nodes += tree.num_nodes - 1
         stats.accepted_drafts += len(accepted)

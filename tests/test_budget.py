@@ -77,3 +77,38 @@ def test_auto_budget_is_lossless_and_is_the_default(family):
     head.generation_config.tree_budget = "big"
     with pytest.raises(ValueError, match="tree_budget"):
         target.generate(input_ids, assistant_model=head, max_new_tokens=4, do_sample=False)
+
+
+def test_auto_budget_backs_off_drafting_that_does_not_pay_and_probes_again():
+    scores = [0.0] + [math.log(0.05)] * 15  # a head that is rarely right
+    budget = AutoBudget(VerifyCost(sizes=(1, 16), seconds=(1.0, 1.2)), patience=2, initial_backoff=3, max_backoff=6)
+    tree = build_tree(0, torch.log_softmax(torch.randn(4, 10), -1), budget=8, topk=3)
+    for _ in range(20):  # drafting costs 1 s per round, a plain step 1.1 s: a round must gain > 1.9 tokens
+        budget.observe(tree, accepted=0, round_seconds=3.2, verify_seconds=1.2, draft_seconds=1.0)
+    plan = []
+    for _ in range(16):
+        drafting = budget.should_draft()
+        plan.append(drafting)
+        if drafting:
+            budget.choose(scores)
+            assert not budget.drafting_pays
+    # 2 losing rounds -> skip 3, 2 more -> skip 6 (doubled), 2 more -> skip 6 (capped)
+    assert plan == [True, True, False, False, False, True, True] + [False] * 6 + [True, True, False]
+    assert budget.skipped_rounds == 10
+    sure = [0.0] + [math.log(0.99)] * 15  # a confident, calibrated head pays: drafting resumes at once
+    budget.accepted = budget.predicted
+    budget._skip = 0
+    budget.choose(sure)
+    assert budget.drafting_pays and budget.should_draft()
+
+
+def test_auto_budget_with_a_useless_head_is_lossless_and_mostly_plain_steps():
+    target = make_tiny_target("llama")
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)  # random: never right
+    input_ids = torch.randint(target.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    expected = target.generate(input_ids, max_new_tokens=60, do_sample=False)
+    out = target.generate(input_ids, assistant_model=head, max_new_tokens=60, do_sample=False)
+    assert torch.equal(out, expected)
+    stats = head.last_generate_stats
+    assert stats.draft_rounds < stats.rounds / 2  # backed off: most rounds were plain steps
+    assert stats.drafted_tau >= 1.0 and stats.mean_accepted_length >= 1.0
