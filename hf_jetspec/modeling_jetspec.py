@@ -134,8 +134,10 @@ class JetSpecPreTrainedModel(PreTrainedModel):
                 # on the scale of context_in(context row) (a std-`std` projection of an RMS-1 row): depths must be
                 # told apart from the first step, or every depth drafts the same token
                 nn.init.normal_(module.depth_embedding, mean=0.0, std=std * module.depth_embedding.shape[-1] ** 0.5)
-        elif hasattr(module, "weight") and module.__class__.__name__.endswith("RMSNorm"):
-            nn.init.ones_(module.weight)
+        else:
+            # norms, and the rotary embedding's non-persistent `inv_freq` (not in the checkpoint: from_pretrained
+            # leaves it uninitialised unless recomputed here)
+            super()._init_weights(module)
 
 
 class JetSpecHead(JetSpecPreTrainedModel):

@@ -44,6 +44,11 @@ def test_round_trip_by_path_and_automodel_gives_identical_weights_and_output(sav
         assert type(loaded) is JetSpecHead and isinstance(AutoConfig.from_pretrained(directory), JetSpecConfig)
         for name, tensor in head.state_dict().items():
             assert torch.equal(tensor, loaded.state_dict()[name]), name
+        # non-persistent buffers (the rotary inv_freq) are not in the checkpoint: they must be recomputed, not left
+        # uninitialised (a loaded head once drafted from garbage rotary frequencies)
+        loaded_buffers = dict(loaded.named_buffers())
+        for name, tensor in head.named_buffers():
+            assert torch.equal(tensor, loaded_buffers[name]), name
         assert loaded.generation_config.tree_budget == 12
         ours = target.generate(PROMPT, do_sample=False, max_new_tokens=20, assistant_model=head)
         stats = head.last_generate_stats
