@@ -28,7 +28,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="A bakery sells muffins for $3 each and cookies for $2 each. On Monday it "
                         "sold 45 muffins and twice as many cookies. How much money did the bakery make on Monday?")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--tree-budget", type=int, default=None, help="tree nodes per round (default: per device)")
+    parser.add_argument("--tree-budget", type=int, default=None, help="tree nodes per round (default: the head's, 'auto')")
     args = parser.parse_args()
 
     print("Loading the default target (SmolLM2-135M-Instruct, Q4_1 GGUF -> fp32)...")
@@ -46,6 +46,8 @@ def main() -> None:
 
     input_ids = chat_input_ids(tokenizer, args.prompt)
     model.generate(input_ids, max_new_tokens=8, do_sample=False)  # warm-up
+    # warm-up JetSpec too: with tree_budget="auto" the first call measures this machine's verify cost (once)
+    model.generate(input_ids, max_new_tokens=8, do_sample=False, assistant_model=head)
 
     timings = {}
     outputs = {}
@@ -61,7 +63,9 @@ def main() -> None:
     print(f"plain generate(): {new_tokens / timings['plain']:6.2f} tokens/s")
     print(f"JetSpec:          {(outputs['jetspec'].shape[1] - input_ids.shape[1]) / timings['jetspec']:6.2f} tokens/s "
           f"(speedup {timings['plain'] / timings['jetspec']:.2f}x, tree budget {stats.tree_budget})")
-    print(f"tau (mean accepted length per round): {stats.mean_accepted_length:.2f} over {stats.rounds} rounds")
+    print(f"tau (mean accepted length per round): {stats.mean_accepted_length:.2f} over {stats.rounds} rounds; "
+          f"{stats.drafted_tau:.2f} over the {stats.draft_rounds} rounds the head drafted in "
+          f"(tree budget 'auto' decodes plain steps where drafting does not pay)")
     print(f"[{torch.get_num_threads()} CPU threads, torch {torch.__version__}, fp32, {new_tokens} new tokens]")
 
 

@@ -8,7 +8,8 @@ reported loudly (and recorded). Results: `results.json` (settings, hardware, ver
 budget) and `rounds.png` (where a round's time goes, per JetSpec method).
 
 Methods:
-    plain            greedy `generate()` (the baseline every ratio is taken against)
+    plain            `generate()` (the baseline every ratio is taken against); greedy, or `--temperature T` sampling
+                     seeded per prompt (the same seed for every method)
     jetspec          the head's own tree settings (`head.generation_config`)
     jetspec:B        tree budget B (nodes per tree, root included), or `jetspec:auto` (sized per round, see budget.py)
     chain            the same head drafting a single path (tree_topk=1, depth = block_size - 1): the tree ablation
@@ -28,6 +29,7 @@ import json
 import platform
 import random
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -99,8 +101,20 @@ def method_kwargs(method: str, head, draft_model=None) -> dict:
 ROUND_PHASES = ("draft", "verify", "accept", "cache", "overhead")
 
 
-def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: int, draft_model=None) -> dict:
+def is_jetspec(method: str) -> bool:
+    return method == "jetspec" or method == "chain" or method.startswith("jetspec:")
+
+
+def prompt_seed(dataset: str, prompt_id) -> int:
+    """The sampling seed of a prompt: the same for every method, so seeded runs can be compared token by token."""
+    return zlib.crc32(f"{dataset}/{prompt_id}".encode())
+
+
+def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: int, draft_model=None,
+            temperature: float = 0.0, seed: int = 0) -> dict:
+    """One `generate()` call: greedy, or sampling at `temperature` seeded with `seed` (`torch.manual_seed`)."""
     kwargs = method_kwargs(method, head, draft_model)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     tree_settings = {key: kwargs.pop(key) for key in ("tree_budget", "tree_topk") if key in kwargs}
     saved = {}
     if tree_settings:
@@ -108,8 +122,10 @@ def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: i
         for key, value in tree_settings.items():
             setattr(head.generation_config, key, value)
     try:
+        if temperature > 0:
+            torch.manual_seed(seed)
         start = time.perf_counter()
-        output = model.generate(input_ids, do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
+        output = model.generate(input_ids, max_new_tokens=max_new_tokens, **sampling, **kwargs)
         seconds = time.perf_counter() - start
     finally:
         for key, value in saved.items():
@@ -137,8 +153,18 @@ def bootstrap_ci(values: list[float], statistic, resamples: int = 2000, seed: in
     return stats[int(0.025 * resamples)], stats[min(resamples - 1, int(0.975 * resamples))]
 
 
-def summarize(records: list[dict], methods: list[str]) -> list[dict]:
-    """Per dataset (and `all`) and method: tokens/s, tau, speedup over plain with 95% bootstrap CIs, mismatches."""
+def throughput_ratio(pairs) -> float:
+    """Pooled tokens/s of the method over pooled tokens/s of plain generate() on the same prompts (for identical
+    outputs, as greedy lossless methods give, this is plain time / method time)."""
+    plain = sum(p["new_tokens"] for p, _ in pairs) / max(sum(p["seconds"] for p, _ in pairs), 1e-12)
+    method = sum(m["new_tokens"] for _, m in pairs) / max(sum(m["seconds"] for _, m in pairs), 1e-12)
+    return method / plain
+
+
+def summarize(records: list[dict], methods: list[str], greedy: bool = True) -> list[dict]:
+    """Per dataset (and `all`) and method: tokens/s, tau, speedup over plain with 95% bootstrap CIs, mismatches
+    (outputs differing from plain `generate()`: every method when greedy; under sampling the JetSpec methods, which
+    with the same seed must give the same tokens; `None` where outputs are not comparable)."""
     by_prompt: dict[tuple[str, str], dict[str, dict]] = {}
     for record in records:
         by_prompt.setdefault((record["dataset"], record["id"]), {})[record["method"]] = record
@@ -157,11 +183,11 @@ def summarize(records: list[dict], methods: list[str]) -> list[dict]:
             row = {
                 "dataset": dataset, "method": method, "prompts": len(pairs),
                 "tokens_per_s": tokens / method_s if method_s else float("nan"),
-                # ratio of times for the same outputs: plain time / method time (pooled over prompts)
-                "speedup": plain_s / method_s if method_s else float("nan"),
-                "speedup_ci95": bootstrap_ci(pairs, lambda s: sum(p["seconds"] for p, _ in s)
-                                             / max(sum(m["seconds"] for _, m in s), 1e-12)),
-                "mismatches": sum(m["tokens"] != p["tokens"] for p, m in pairs),
+                # tokens/s over plain's tokens/s, pooled over prompts (= plain time / method time for equal outputs)
+                "speedup": throughput_ratio(pairs) if method_s and plain_s else float("nan"),
+                "speedup_ci95": bootstrap_ci(pairs, throughput_ratio),
+                "mismatches": (sum(m["tokens"] != p["tokens"] for p, m in pairs)
+                               if greedy or is_jetspec(method) or method == "plain" else None),
             }
             if all("rounds" in m for _, m in pairs):
                 taus = [m["tau"] for _, m in pairs]
@@ -192,7 +218,8 @@ def markdown_table(rows: list[dict]) -> str:
         nodes = f"{row['tree_size']:.1f}" if "tree_size" in row else "-"
         low, high = row["speedup_ci95"]
         lines.append(f"| {row['dataset']} | {row['method']} | {row['prompts']} | {tau} | {drafted} | {nodes} | "
-                     f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}x ({low:.2f}-{high:.2f}) | {row['mismatches']} |")
+                     f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}x ({low:.2f}-{high:.2f}) | "
+                     f"{'-' if row['mismatches'] is None else row['mismatches']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -314,6 +341,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=50, help="prompts per dataset (per Spec-Bench category)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--methods", nargs="+", default=["plain", "jetspec", "prompt_lookup"])
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy (default); > 0: sampling at this temperature, seeded per prompt (same seed "
+                        "for every method)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output-dir", default="outputs/bench")
     args = parser.parse_args(argv)
@@ -345,9 +375,11 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = {"target": args.target, "head": args.head, "draft_model": args.draft_model,
                 "datasets": args.datasets, "limit": args.limit,
-                "max_new_tokens": args.max_new_tokens, "methods": methods, "greedy": True,
+                "max_new_tokens": args.max_new_tokens, "methods": methods, "greedy": args.temperature <= 0,
                 "head_tree": {"tree_budget": getattr(head.generation_config, "tree_budget", None),
                               "tree_topk": getattr(head.generation_config, "tree_topk", None)} if head else None}
+    if args.temperature > 0:
+        settings["temperature"] = args.temperature
     records_path = output_dir / "records.jsonl"
     records = []
     if records_path.is_file():  # resume: keep runs made with the same settings
@@ -372,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
             for method in order:
                 if (row["dataset"], row["id"], method) in done:
                     continue
-                record = {**run_one(model, head, input_ids, method, args.max_new_tokens, draft_model),
+                record = {**run_one(model, head, input_ids, method, args.max_new_tokens, draft_model,
+                                    args.temperature, prompt_seed(row["dataset"], row["id"])),
                           "dataset": row["dataset"],
                           "id": row["id"], "settings": settings}
                 runs[method] = record
@@ -381,11 +414,12 @@ def main(argv: list[str] | None = None) -> dict:
                 handle.flush()
             plain = runs["plain"]["tokens"]
             for method, run in runs.items():
-                if method != "plain" and run["tokens"] != plain:
+                comparable = settings["greedy"] or is_jetspec(method)  # seeded JetSpec sampling = plain sampling
+                if method != "plain" and comparable and run["tokens"] != plain:
                     mismatches += 1
                     tqdm.write(f"MISMATCH: {method} differs from plain generate() on {row['dataset']} {row['id']}")
 
-    summary = summarize(records, methods)
+    summary = summarize(records, methods, greedy=settings["greedy"])
     results = {"settings": settings, "environment": environment(model, torch.get_num_threads()),
                "summary": summary, "mismatches": mismatches,
                "records": [{k: v for k, v in r.items() if k != "settings"} for r in records]}

@@ -21,15 +21,23 @@ def _eval_results(results: list[dict], model_name: str) -> list[EvalResult]:
             evals.append(EvalResult(
                 task_type="text-generation", task_name="speculative decoding", dataset_type=row["dataset"],
                 dataset_name=row["dataset"], metric_type=metric, metric_value=float(value),
-                metric_name=f"{metric} ({row['hardware']})",
+                metric_name=f"{metric} ({row['tree'] + ', ' if row.get('tree') else ''}{row['hardware']})",
             ))
     return evals
 
 
-def rows_from_benchmark(results: dict, method: str = "jetspec") -> list[dict]:
-    """Card rows from a `jetspec-bench` `results.json`: one per dataset (not the pooled `all`), for `method`, with
-    tau and the speedup over plain `generate()` (both with their 95% bootstrap intervals), the hardware and the
-    settings recorded by the benchmark."""
+def _tree_setting(method: str, head_tree: dict) -> str:
+    if method == "chain":
+        return "chain (one path, top-1)"
+    budget = method.split(":", 1)[1] if method.startswith("jetspec:") else head_tree.get("tree_budget") or "auto"
+    return f"tree budget {budget}, top-{head_tree.get('tree_topk')}"
+
+
+def rows_from_benchmark(results: dict, method: str | list[str] = "jetspec") -> list[dict]:
+    """Card rows from a `jetspec-bench` `results.json`: one per dataset (not the pooled `all`) and method (`jetspec`
+    = the head's own settings, or e.g. `jetspec:16`), with tau and the speedup over plain `generate()` (both with
+    their 95% bootstrap intervals), the hardware and the settings recorded by the benchmark."""
+    methods = [method] if isinstance(method, str) else list(method)
     if not isinstance(results, dict) or "summary" not in results or "environment" not in results:
         raise ValueError("expected a jetspec-bench results.json (with 'summary' and 'environment')")
     env, settings = results["environment"], results["settings"]
@@ -38,9 +46,11 @@ def rows_from_benchmark(results: dict, method: str = "jetspec") -> list[dict]:
     else:
         hardware = (f"{env['cpu_count']}-core {env['machine']} CPU, {env['torch_threads']} torch threads, "
                     f"{env['dtype'].replace('torch.', '')}")
+    decoding = "greedy" if settings.get("greedy", True) else f"sampling at temperature {settings.get('temperature')}"
     rows = []
-    for row in results["summary"]:
-        if row["method"] != method or row["dataset"] == "all":
+    summary = sorted(results["summary"], key=lambda r: methods.index(r["method"]) if r["method"] in methods else 0)
+    for row in summary:
+        if row["method"] not in methods or row["dataset"] == "all":
             continue
         if row["mismatches"]:
             raise ValueError(f"{row['dataset']}: {row['mismatches']} outputs differ from plain generate(); "
@@ -50,13 +60,13 @@ def rows_from_benchmark(results: dict, method: str = "jetspec") -> list[dict]:
             "dataset": row["dataset"], "prompts": row["prompts"], "max_new_tokens": settings["max_new_tokens"],
             "tau": round(row["tau"], 2), "tau_ci95": "-".join(f"{v:.2f}" for v in row["tau_ci95"]),
             "speedup": round(row["speedup"], 2), "speedup_ci95": "-".join(f"{v:.2f}" for v in row["speedup_ci95"]),
-            "hardware": hardware,
-            "settings": (f"greedy; tree budget {tree.get('tree_budget') or 'default'}, top-{tree.get('tree_topk')}; "
+            "hardware": hardware, "tree": _tree_setting(row["method"], tree),
+            "settings": (f"{decoding}; {_tree_setting(row['method'], tree)}; "
                          f"{env['attn_implementation']}; torch {env['torch']}, transformers {env['transformers']}; "
-                         "speedup = plain generate() time / JetSpec time, same prompts, same process"),
+                         "speedup = JetSpec tokens/s over plain generate() tokens/s, same prompts, same process"),
         })
     if not rows:
-        raise ValueError(f"no per-dataset rows for method {method!r} in these benchmark results")
+        raise ValueError(f"no per-dataset rows for method(s) {methods} in these benchmark results")
     return rows
 
 
@@ -90,7 +100,7 @@ def render_card(head, repo_id: str, results: list[dict] | None = None, license: 
         target_model_type=config.target_model_type, target_num_hidden_layers=config.target_num_hidden_layers,
         vocab_size=config.vocab_size, num_head_layers=config.num_hidden_layers, block_size=config.block_size,
         target_layer_ids=config.target_layer_ids, num_parameters=f"{head.num_parameters():,}",
-        tree_budget=head.generation_config.tree_budget or "per device (16 CPU / 128 GPU)",
+        tree_budget=head.generation_config.tree_budget or "auto",
         tree_topk=head.generation_config.tree_topk, results=results,
         training_recipe=json.dumps(recipe, indent=2) if recipe else None,
     )

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("head_dir")
     parser.add_argument("--repo-id", required=True)
     parser.add_argument("--results", help="JSON list of measured rows for the card")
-    parser.add_argument("--method", default="jetspec", help="benchmark method whose rows go on the card")
+    parser.add_argument("--method", nargs="+", default=["jetspec"],
+                        help="benchmark method(s) whose rows go on the card (e.g. jetspec jetspec:16)")
     parser.add_argument("--license", default="apache-2.0")
     parser.add_argument("--datasets", nargs="*", default=None)
     parser.add_argument("--dry-run", metavar="OUT_DIR", help="write the repo folder here and upload nothing")

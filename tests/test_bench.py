@@ -106,3 +106,30 @@ def test_summary_reports_a_mismatch():
     ]
     rows = {row["method"]: row for row in summarize(records, ["plain", "jetspec"]) if row["dataset"] == "d"}
     assert rows["jetspec"]["mismatches"] == 1 and rows["jetspec"]["speedup"] == pytest.approx(2.0)
+
+
+def test_sampling_benchmark_seeds_every_method_alike(tmp_path):
+    target, _ = save_tiny_target(tmp_path / "target")
+    JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4).save_pretrained(tmp_path / "head")
+    write_eval_sets(tmp_path / "eval", count=2)
+    argv = ["--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--data-dir",
+            str(tmp_path / "eval"), "--datasets", "alpha", "--limit", "2", "--max-new-tokens", "10",
+            "--methods", "jetspec:4", "prompt_lookup", "--temperature", "1.0", "--output-dir", str(tmp_path / "out")]
+    results = main(argv)
+    assert results["settings"]["temperature"] == 1.0 and results["settings"]["greedy"] is False
+    runs = {(r["id"], r["method"]): r["tokens"] for r in results["records"]}
+    for prompt_id in ("alpha/0", "alpha/1"):  # seeded per prompt: JetSpec sampling gives plain sampling's tokens
+        assert runs[(prompt_id, "jetspec:4")] == runs[(prompt_id, "plain")]
+    assert runs[("alpha/0", "plain")] != runs[("alpha/1", "plain")]
+    rows = {row["method"]: row for row in results["summary"] if row["dataset"] == "alpha"}
+    assert rows["jetspec:4"]["mismatches"] == 0 and rows["prompt_lookup"]["mismatches"] is None
+
+
+def test_speedup_is_a_throughput_ratio_for_outputs_of_different_lengths():
+    records = [
+        {"dataset": "d", "id": "0", "method": "plain", "tokens": [1] * 4, "new_tokens": 4, "seconds": 2.0},
+        {"dataset": "d", "id": "0", "method": "prompt_lookup", "tokens": [1] * 8, "new_tokens": 8, "seconds": 2.0},
+    ]
+    rows = {row["method"]: row for row in summarize(records, ["plain", "prompt_lookup"], greedy=False)
+            if row["dataset"] == "d"}
+    assert rows["prompt_lookup"]["speedup"] == pytest.approx(2.0) and rows["prompt_lookup"]["mismatches"] is None

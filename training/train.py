@@ -128,10 +128,12 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         "loss_vocabulary": config.loss_vocabulary,
         "num_negative_tokens": config.num_negative_tokens if config.loss_vocabulary == "batch" else None,
         "teacher_topk": config.teacher_topk,
-        "epochs": config.num_train_epochs,
+        "epochs": round(trainer.state.epoch or 0.0, 2),  # as run (max_steps overrides num_train_epochs)
         "max_steps": config.max_steps,
         "learning_rate": config.learning_rate,
         "global_steps": trainer.state.global_step,
+        "train_minutes": next((float(log["train_minutes"]) for log in reversed(trainer.state.log_history)
+                               if "train_minutes" in log), None),
         "world_size": config.world_size,
         "total_train_batch_size": config.per_device_train_batch_size * config.world_size
         * config.gradient_accumulation_steps,

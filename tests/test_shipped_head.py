@@ -1,0 +1,43 @@
+"""The head shipped in `heads/` for the default target: Hub layout, a valid card, binds the target, trained, lossless."""
+
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_jetspec import JetSpecHead, chat_input_ids
+from hf_jetspec_hub.card import validate_card_metadata
+
+SHIPPED = Path(__file__).resolve().parents[1] / "heads" / "smollm2-135m-instruct-jetspec"
+# not from the eval sets (nor the training prompts)
+PROMPTS = [
+    "A farmer has 12 cows and buys 3 times as many goats. He sells 10 goats. How many animals does he have now?",
+    "Give three tips for writing clear emails.",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def test_shipped_head_is_a_hub_repo_with_a_valid_card():
+    assert sorted(p.name for p in SHIPPED.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert (SHIPPED / "model.safetensors").stat().st_size <= 25 * 2**20
+    card = ModelCard.load(SHIPPED / "README.md")
+    validate_card_metadata(card)
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "speculative-decoding" in card.data.tags
+
+
+def test_shipped_head_is_trained_and_lossless_on_the_default_target(default_target):
+    model, tokenizer = default_target
+    head = JetSpecHead.from_pretrained(SHIPPED).bind(model, tokenizer)  # same target, same tokenizer
+    head.generation_config.tree_budget = 8
+    accepted = rounds = 0
+    for prompt in PROMPTS:
+        input_ids = chat_input_ids(tokenizer, prompt)
+        expected = model.generate(input_ids, do_sample=False, max_new_tokens=48)
+        out = model.generate(input_ids, do_sample=False, max_new_tokens=48, assistant_model=head)
+        assert out.tolist() == expected.tolist()
+        accepted += head.last_generate_stats.accepted_drafts
+        rounds += head.last_generate_stats.rounds
+    assert (accepted + rounds) / rounds > 1.25  # an untrained head stays at ~1.0
