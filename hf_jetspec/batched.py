@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList
-from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -111,8 +110,7 @@ def left_padding_mask(attention_mask: torch.Tensor | None, input_ids: torch.Long
 def _validate_batch(
     model, input_ids, logits_processor, generation_config, head, model_kwargs
 ) -> tuple[DynamicCache, torch.LongTensor]:
-    if not model_kwargs.get("use_cache", True):
-        raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")
+    cache = decoding.validated_cache(model_kwargs)
     if generation_config.return_dict_in_generate:
         for name in ("output_attentions", "output_hidden_states", "output_scores", "output_logits"):
             if getattr(generation_config, name, False):
@@ -127,14 +125,6 @@ def _validate_batch(
             f"Batched JetSpec decoding verifies per-row trees with a dense 4D mask, which attn_implementation={attn!r} "
             f"cannot take. Load the target with attn_implementation='sdpa' (or one of {BATCH_MASK_ATTENTION})."
         )
-    cache = model_kwargs.get("past_key_values")
-    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        raise ValueError(
-            f"JetSpec tree decoding needs a plain DynamicCache (no static, sliding-window or quantized cache), got "
-            f"{type(cache).__name__}: drop `cache_implementation` / `past_key_values`."
-        )
-    if cache.get_seq_length() > 0:
-        raise ValueError("JetSpec tree decoding starts from an empty cache: do not pass a pre-filled `past_key_values`.")
     batch_indexed = [type(p).__name__ for p in logits_processor if type(p).__name__ in BATCH_INDEXED_PROCESSORS]
     if batch_indexed:
         raise ValueError(

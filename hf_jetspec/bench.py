@@ -329,6 +329,18 @@ def environment(model, threads: int) -> dict:
     }
 
 
+def load_target(target: str):
+    """`(model, tokenizer)`: the embedded default target for `"default"`, else a causal LM path or repo id (sdpa)."""
+    if target == "default":
+        import hf_jetspec
+
+        return hf_jetspec.load_default_target()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(target, attn_implementation="sdpa").eval()
+    return model, AutoTokenizer.from_pretrained(target)
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -348,19 +360,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-dir", default="outputs/bench")
     args = parser.parse_args(argv)
 
-    import hf_jetspec
     from hf_jetspec import JetSpecHead, chat_input_ids
 
     methods = list(dict.fromkeys(["plain"] + args.methods))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.target == "default":
-        model, tokenizer = hf_jetspec.load_default_target()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="sdpa").eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.target)
+    model, tokenizer = load_target(args.target)
     head = JetSpecHead.from_pretrained(args.head).to(model.device).bind(model) if args.head else None
     draft_model = None
     if args.draft_model:

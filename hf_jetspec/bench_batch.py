@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -150,18 +149,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def environment(model) -> dict:
-    import transformers
-
-    return {
-        "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
-        "device": str(model.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "dtype": str(model.dtype), "attn_implementation": model.config._attn_implementation,
-    }
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct GGUF) or a model path")
@@ -180,18 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
     if min(args.batch_sizes) < 1 or args.max_new_tokens < 1:
         parser.error("batch sizes and --max-new-tokens must be >= 1")
 
-    import hf_jetspec
     from hf_jetspec import JetSpecHead, chat_input_ids
+
+    from .bench import environment, load_target
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.target == "default":
-        model, tokenizer = hf_jetspec.load_default_target()
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="sdpa").eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.target)
+    model, tokenizer = load_target(args.target)
     if args.head:
         head = JetSpecHead.from_pretrained(args.head).to(model.device).bind(model)
     else:
@@ -245,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
                 progress.update(1)
 
     summary = summarize(records, batch_sizes)
-    results = {"settings": settings, "environment": environment(model), "summary": summary, "mismatches": mismatches,
+    results = {"settings": settings, "environment": environment(model, torch.get_num_threads()), "summary": summary, "mismatches": mismatches,
                "records": records}
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     plot(summary, output_dir / "throughput.png",

@@ -122,9 +122,22 @@ def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_sta
     )
 
 
-def _validate(model, input_ids, generation_config, head, model_kwargs) -> DynamicCache:
+def validated_cache(model_kwargs: dict) -> DynamicCache:
+    """The empty plain `DynamicCache` generate() prepared for this call (the batch-1 and batched loops both need one)."""
     if not model_kwargs.get("use_cache", True):
         raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")
+    cache = model_kwargs.get("past_key_values")
+    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        raise ValueError(
+            f"JetSpec tree decoding needs a plain DynamicCache (no static, sliding-window or quantized cache), got "
+            f"{type(cache).__name__}: drop `cache_implementation` / `past_key_values`."
+        )
+    if cache.get_seq_length() > 0:
+        raise ValueError("JetSpec tree decoding starts from an empty cache: do not pass a pre-filled `past_key_values`.")
+    return cache
+
+
+def _validate(model, input_ids, generation_config, head, model_kwargs) -> DynamicCache:
     for name in ("output_attentions", "output_hidden_states"):
         if getattr(generation_config, name, False) and generation_config.return_dict_in_generate:
             raise ValueError(f"`{name}=True` is not supported with a JetSpec head; `output_scores`/`output_logits` are.")
@@ -134,14 +147,7 @@ def _validate(model, input_ids, generation_config, head, model_kwargs) -> Dynami
             f"The target uses attn_implementation={attn!r}, which cannot take a tree attention mask. "
             f"Load it with attn_implementation='sdpa' (or one of {TREE_MASK_ATTENTION})."
         )
-    cache = model_kwargs.get("past_key_values")
-    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        raise ValueError(
-            f"JetSpec tree decoding needs a plain DynamicCache (no static, sliding-window or quantized cache), got "
-            f"{type(cache).__name__}: drop `cache_implementation` / `past_key_values`."
-        )
-    if cache.get_seq_length() > 0:
-        raise ValueError("JetSpec tree decoding starts from an empty cache: do not pass a pre-filled `past_key_values`.")
+    cache = validated_cache(model_kwargs)
     head.bind(model)
     return cache
 
