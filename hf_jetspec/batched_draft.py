@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .draft_vocab import depth_logprobs
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead
 from .tree import DraftTree, additive_mask, build_tree
 
@@ -131,10 +132,5 @@ class BatchedDrafter:
         if depth == 0:
             empty = torch.zeros(0, 1, device=root_ids.device)
             return [build_tree(root, empty, 1, 1) for root in roots]
-        if output.logits is not None:  # a head that computes its logits anyway (a subclass): use them
-            logits = output.logits.view(rows, block - 1, -1)[:, :depth]
-        else:
-            _, lm_head = head._bound()
-            logits = lm_head(output.last_hidden_state.view(rows, block, -1)[:, 1 : 1 + depth])
-        logprobs = logits.float().log_softmax(dim=-1)  # (batch, depth, vocab)
-        return [build_tree(root, logprobs[row], max_nodes, self.tree_topk) for row, root in enumerate(roots)]
+        logprobs, token_ids = depth_logprobs(head, output, depth)  # (batch, depth, draft vocab)
+        return [build_tree(root, logprobs[row], max_nodes, self.tree_topk, token_ids) for row, root in enumerate(roots)]

@@ -6,6 +6,7 @@ import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from .budget import AutoBudget
+from .draft_vocab import depth_logprobs
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead
 from .tree import DraftTree, build_tree
 
@@ -108,11 +109,14 @@ class JetSpecCandidateGenerator(CandidateGenerator):
             context_features=features,
             context_position_ids=positions,
             past_key_values=self.context_cache,
+            logits_to_keep=False,
         )
-        depth_logprobs = output.logits[0, 0].float().log_softmax(dim=-1)  # (block_size - 1, vocab)
+        budget = self.tree_budget if self.auto_budget is None else self.auto_budget.max_budget
+        depth = min(self.head.config.block_size - 1, budget - 1)  # a tree of n nodes is at most n - 1 deep
+        logprobs, token_ids = depth_logprobs(self.head, output, depth)  # (1, depth, draft vocab)
+        tree = build_tree(root, logprobs[0], budget, self.tree_topk, token_ids)
         if self.auto_budget is None:
-            return build_tree(root, depth_logprobs, self.tree_budget, self.tree_topk), None
-        tree = build_tree(root, depth_logprobs, self.auto_budget.max_budget, self.tree_topk)
+            return tree, None
         return tree.prefix(self.auto_budget.choose(tree.scores)), None
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):

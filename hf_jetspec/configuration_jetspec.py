@@ -75,6 +75,9 @@ class JetSpecConfig(PretrainedConfig):
         target_tokenizer (`dict`, *optional*):
             [`tokenizer_fingerprint`] of the target's tokenizer, when known; checked when `generate()` is given a
             `tokenizer` and by `head.check_tokenizer`.
+        draft_vocab_size (`int`, *optional*):
+            Size of the head's draft vocabulary (the token ids, stored with the weights as `draft_vocab`, that the
+            head scores when drafting; see `hf_jetspec/draft_vocab.py`). `None`: the whole vocabulary.
     """
 
     model_type = "jetspec"
@@ -91,6 +94,7 @@ class JetSpecConfig(PretrainedConfig):
         training_recipe: dict[str, Any] | None = None,
         target_tokenizer: dict[str, Any] | None = None,
         anchor_context: bool = False,
+        draft_vocab_size: int | None = None,
         **kwargs,
     ):
         draft_config = dict(draft_config or {})
@@ -103,6 +107,7 @@ class JetSpecConfig(PretrainedConfig):
         self.training_recipe = training_recipe
         self.target_tokenizer = target_tokenizer
         self.anchor_context = bool(anchor_context)
+        self.draft_vocab_size = None if draft_vocab_size is None else int(draft_vocab_size)
         # Mirrors of the draft config that generic Transformers code reads (e.g. the vocab-size check of generate()).
         self.vocab_size = draft_config.get("vocab_size")
         self.hidden_size = draft_config.get("hidden_size")
@@ -128,6 +133,10 @@ class JetSpecConfig(PretrainedConfig):
         """Checks ranges; an empty config (as made by `from_dict` internals) is allowed."""
         if self.block_size < 2:
             raise ValueError(f"`block_size` must be >= 2 (anchor + at least one drafted token), got {self.block_size}")
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= (self.vocab_size or float("inf")):
+            raise ValueError(
+                f"`draft_vocab_size` must lie in [1, vocab_size={self.vocab_size}] or be None, got {self.draft_vocab_size}"
+            )
         if not self.draft_config:
             return
         if self.target_model_type is None:

@@ -170,6 +170,11 @@ class JetSpecHead(JetSpecPreTrainedModel):
         )
         self.norm = norm_cls(hidden, eps=family_config.rms_norm_eps)
         self.rotary_emb = rotary_cls(config=family_config)
+        # the draft vocabulary (increasing token ids; see draft_vocab.py), saved with the weights; -1 until loaded/set
+        if config.draft_vocab_size is not None:
+            self.register_buffer("draft_vocab", torch.full((config.draft_vocab_size,), -1, dtype=torch.long))
+        else:
+            self.draft_vocab = None
         self._target_modules: tuple[nn.Module, nn.Module] | None = None  # (input embeddings, lm_head); not submodules
         self.last_generate_stats = None
         # (tokenizer that passed check_tokenizer, (its size, the recorded vocabulary hash it matched))
@@ -217,7 +222,45 @@ class JetSpecHead(JetSpecPreTrainedModel):
             head.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         except OSError:
             pass  # no generation_config.json: keep the defaults
+        if head.draft_vocab is not None:
+            try:
+                head._check_draft_vocab(head.draft_vocab)
+            except ValueError as error:
+                raise ValueError(
+                    f"The JetSpec head at {pretrained_model_name_or_path} declares draft_vocab_size="
+                    f"{head.config.draft_vocab_size} but its weights hold no valid `draft_vocab` ({error}). Save the "
+                    f"head again, or drop `draft_vocab_size` from its config.json to draft over the whole vocabulary."
+                ) from None
         return head
+
+    def _check_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        vocab_size = self.config.vocab_size
+        if token_ids.dim() != 1 or token_ids.numel() == 0:
+            raise ValueError(f"a draft vocabulary is a non-empty 1-D tensor of token ids, got shape {tuple(token_ids.shape)}")
+        if int(token_ids.min()) < 0 or (vocab_size is not None and int(token_ids.max()) >= vocab_size):
+            raise ValueError(f"draft vocabulary ids must lie in [0, {vocab_size})")
+        if token_ids.numel() > 1 and not bool((token_ids[1:] > token_ids[:-1]).all()):
+            raise ValueError("draft vocabulary ids must be strictly increasing (sorted, no repeats)")
+
+    def set_draft_vocab(self, token_ids: torch.Tensor | list[int] | None) -> JetSpecHead:
+        """Sets the token ids the head scores when drafting (`None`: the whole vocabulary), e.g. from
+        `draft_vocab.select_draft_vocab(draft_vocab.token_counts(responses, vocab_size), 8192)`. Lossless: only the
+        trees change. Updates `config.draft_vocab_size`; the ids are saved with the weights."""
+        if token_ids is None:
+            if "draft_vocab" in self._buffers:
+                del self._buffers["draft_vocab"]
+            self.draft_vocab = None
+            self.config.draft_vocab_size = None
+            return self
+        token_ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().sort().values
+        self._check_draft_vocab(token_ids)
+        if "draft_vocab" not in self._buffers:
+            del self.draft_vocab
+            self.register_buffer("draft_vocab", token_ids.to(self.device))
+        else:
+            self.draft_vocab = token_ids.to(self.device)
+        self.config.draft_vocab_size = token_ids.numel()
+        return self
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained` plus the tree settings (`generation_config.json`).

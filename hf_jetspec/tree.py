@@ -127,7 +127,9 @@ def tree_from_parents(
     )
 
 
-def build_tree(root_token: int, depth_logprobs: torch.Tensor, budget: int, topk: int) -> DraftTree:
+def build_tree(
+    root_token: int, depth_logprobs: torch.Tensor, budget: int, topk: int, token_ids: torch.LongTensor | None = None
+) -> DraftTree:
     """Best-first tree under a node budget ("accum_logp").
 
     Every depth `d` offers the same top-`topk` tokens to all parents at depth `d - 1` (independent marginals); a
@@ -139,6 +141,8 @@ def build_tree(root_token: int, depth_logprobs: torch.Tensor, budget: int, topk:
         depth_logprobs (`torch.FloatTensor` of shape `(max_depth, vocab_size)`): log-probs of depth 1 .. max_depth.
         budget (`int`): total nodes including the root (1 means no drafting).
         topk (`int`): candidates per depth.
+        token_ids (`torch.LongTensor` of shape `(vocab,)`, *optional*): the token id of each column of
+            `depth_logprobs` (a draft vocabulary, see `draft_vocab.py`); column `i` is token `i` when `None`.
 
     Returns:
         [`DraftTree`] with at most `budget` nodes, parents listed before children, and `scores` (path log-probs,
@@ -148,6 +152,8 @@ def build_tree(root_token: int, depth_logprobs: torch.Tensor, budget: int, topk:
         raise ValueError(f"tree budget and topk must be >= 1, got budget={budget}, topk={topk}")
     max_depth = depth_logprobs.shape[0]
     values, ids = depth_logprobs.float().topk(min(topk, depth_logprobs.shape[-1]), dim=-1)
+    if token_ids is not None:
+        ids = token_ids[ids]
     values, ids = values.tolist(), ids.tolist()
     width = len(values[0]) if max_depth else 0
 

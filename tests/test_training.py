@@ -232,3 +232,30 @@ def test_lora_adapter_on_a_head_and_a_peft_wrapped_target(tmp_path):
     plain = peft_target.generate(input_ids=prompt, do_sample=False, max_new_tokens=16)
     with_head = peft_target.generate(input_ids=prompt, do_sample=False, max_new_tokens=16, assistant_model=base)
     assert with_head.tolist() == plain.tolist()
+
+
+def test_draft_vocabulary_from_responses_and_a_wall_clock_budget(tmp_path):
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=12, vocab_size=len(tokenizer))
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, 8)
+    config = JetSpecTrainingConfig(
+        output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), train_files=[str(prompts)], block_size=4,
+        max_new_tokens=16, generation_batch_size=4, max_anchors=8, teacher_topk=4, per_device_train_batch_size=4,
+        learning_rate=3e-3, max_steps=50, logging_steps=1, save_steps=100, use_cpu=True, seed=0, disable_tqdm=True,
+        draft_vocab_size=10, max_train_minutes=1e-6,  # stops after the first step
+    )
+    trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
+    assert trainer.state.global_step == 1
+    from hf_jetspec import JetSpecHead
+
+    head = JetSpecHead.from_pretrained(final_dir)
+    recipe = head.config.training_recipe
+    assert head.draft_vocab.numel() == 10 == recipe["draft_vocab_size"]
+    written = [token for path in [tmp_path / "data" / "responses.jsonl"] for line in path.read_text().splitlines()
+               for row in [json.loads(line)] for token in row["input_ids"][row["prompt_length"]:]]
+    most = max(set(written), key=written.count)
+    assert most in head.draft_vocab.tolist()
+    assert 0 < recipe["draft_vocab_coverage_of_responses"] <= 1
+    with pytest.raises(ValueError, match="max_train_minutes"):
+        JetSpecTrainingConfig(output_dir=str(tmp_path / "x"), max_train_minutes=0)

@@ -44,6 +44,11 @@ class JetSpecTrainingConfig(_BaseConfig):
         tau_eval_steps (`int`, defaults to 0): measure tau with the real `generate()` path every N steps (0 = off).
         tau_eval_prompts (`int`, defaults to 4): held-out prompts for that measurement.
         tau_eval_max_new_tokens (`int`, defaults to 64).
+        draft_vocab_size (`int`, *optional*): give the saved head a draft vocabulary of this many tokens, the most
+            frequent in the target's on-policy responses (see `hf_jetspec/draft_vocab.py`); unset: the whole
+            vocabulary.
+        max_train_minutes (`float`, *optional*): stop training (and save the head) once this many minutes of
+            training have passed, whatever `max_steps` says: a wall-clock budget.
         use_peft (`bool`, defaults to `False`): train a LoRA adapter (`lora_r`, `lora_alpha`, `lora_dropout`) on the
             head's linear layers instead of all weights.
     """
@@ -74,6 +79,10 @@ class JetSpecTrainingConfig(_BaseConfig):
     tau_eval_steps: int = field(default=0, metadata={"help": "Measure tau with generate() every N steps (0: off)."})
     tau_eval_prompts: int = field(default=4, metadata={"help": "Held-out prompts for tau."})
     tau_eval_max_new_tokens: int = field(default=64, metadata={"help": "New tokens per tau prompt."})
+    draft_vocab_size: int | None = field(
+        default=None, metadata={"help": "Draft vocabulary of the saved head: the N most frequent response tokens."}
+    )
+    max_train_minutes: float | None = field(default=None, metadata={"help": "Stop training after this many minutes."})
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all head weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -101,6 +110,10 @@ class JetSpecTrainingConfig(_BaseConfig):
             raise ValueError(f"`loss_vocabulary` must be 'full' or 'batch', got {self.loss_vocabulary!r}")
         if self.generation_temperature < 0:
             raise ValueError(f"`generation_temperature` must be >= 0, got {self.generation_temperature}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"`draft_vocab_size` must be >= 1 or unset, got {self.draft_vocab_size}")
+        if self.max_train_minutes is not None and self.max_train_minutes <= 0:
+            raise ValueError(f"`max_train_minutes` must be > 0 or unset, got {self.max_train_minutes}")
         if self.depth_decay is not None and not 0 < self.depth_decay <= 1:
             raise ValueError(f"`depth_decay` must be in (0, 1], got {self.depth_decay}")
         super().__post_init__()

@@ -23,6 +23,7 @@ from trl import TrlParser
 
 import hf_jetspec
 from hf_jetspec import JetSpecHead, chat_input_ids
+from hf_jetspec.draft_vocab import coverage, select_draft_vocab, token_counts
 
 from .config import JetSpecTrainingConfig
 from .curve import save_training_curve
@@ -83,7 +84,17 @@ def prepare_data(config: JetSpecTrainingConfig, target, tokenizer, target_layer_
             target, responses, data_dir / f"features-{'-'.join(map(str, target_layer_ids))}", target_layer_ids,
             topk=config.teacher_topk,
         )
-    return TeacherFeatureDataset(paths), held_out, dict(prompts.skipped)
+    return TeacherFeatureDataset(paths), held_out, dict(prompts.skipped), responses
+
+
+def set_draft_vocab_from_responses(head, responses: list[dict], size: int, eos_token_id=None) -> float:
+    """Gives `head` the draft vocabulary of the `size` tokens the target writes most in `responses` (cached rows with
+    `input_ids` and `prompt_length`), its end-of-sequence tokens included; returns their coverage of the responses."""
+    counts = token_counts((row["input_ids"][row["prompt_length"] :] for row in responses), head.config.vocab_size)
+    always = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    token_ids = select_draft_vocab(counts, min(size, head.config.vocab_size), always=always)
+    head.set_draft_vocab(token_ids)
+    return round(coverage(counts, token_ids), 4)
 
 
 def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[JetSpecTrainer | None, Path]:
@@ -99,7 +110,7 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     head = build_head(config, target)
     core = head.get_base_model() if config.use_peft else head
     holdout = config.tau_eval_prompts if config.tau_eval_steps else 0
-    dataset, held_out, skipped = prepare_data(config, target, tokenizer, core.config.target_layer_ids, holdout)
+    dataset, held_out, skipped, responses = prepare_data(config, target, tokenizer, core.config.target_layer_ids, holdout)
     if config.prepare_only:
         logger.info("prepare_only: %d sequences cached in %s", len(dataset), config.data_dir)
         return None, Path(config.data_dir)
@@ -114,6 +125,11 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         logger.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
 
+    draft_vocab_coverage = None
+    if config.draft_vocab_size:
+        draft_vocab_coverage = set_draft_vocab_from_responses(
+            core, responses, config.draft_vocab_size, target.generation_config.eos_token_id
+        )
     core.config.target_tokenizer = hf_jetspec.tokenizer_fingerprint(tokenizer)
     core.config.training_recipe = {
         "objective": "on-policy distillation, KL(target||head) per depth over random anchors",
@@ -138,6 +154,8 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         "total_train_batch_size": config.per_device_train_batch_size * config.world_size
         * config.gradient_accumulation_steps,
         "use_peft": config.use_peft,
+        "draft_vocab_size": core.config.draft_vocab_size,
+        "draft_vocab_coverage_of_responses": draft_vocab_coverage,
     }
     final_dir = Path(config.output_dir) / "final"
     trainer.save_model(str(final_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 
@@ -13,6 +14,8 @@ from hf_jetspec import JetSpecHead, draft_attention_mask
 
 from .collator import AnchorCollator
 from .objective import candidate_vocabulary, depth_weights, distillation_loss
+
+logger = logging.getLogger(__name__)
 
 
 def unwrap_head(model) -> JetSpecHead:
@@ -103,7 +106,8 @@ class JetSpecTrainer(_BaseTrainer):
 
 
 class _TrainClock(TrainerCallback):
-    """Starts the trainer's wall clock when training (re)starts, continuing the minutes of a resumed checkpoint."""
+    """Starts the trainer's wall clock when training (re)starts, continuing the minutes of a resumed checkpoint, and
+    stops training once `max_train_minutes` have passed (every process stops at the same step)."""
 
     def __init__(self, trainer: JetSpecTrainer):
         self.trainer = trainer
@@ -111,6 +115,19 @@ class _TrainClock(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         before = max((entry["train_minutes"] for entry in state.log_history if "train_minutes" in entry), default=0.0)
         self.trainer._clock = (time.monotonic(), before)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        limit = getattr(args, "max_train_minutes", None)
+        if not limit:
+            return
+        started, before = self.trainer._clock
+        over = torch.tensor(float(before + (time.monotonic() - started) / 60 >= limit), device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
+        if over.item():
+            logger.warning("max_train_minutes=%s reached at step %d: stopping", limit, state.global_step)
+            control.should_training_stop = True
+            control.should_save = True
 
 
 class TauCallback(TrainerCallback):
