@@ -192,6 +192,12 @@ def _incompatibility(head, target_model=None) -> tuple[str | None, int | None]:
             "a head trained with anchor_context=False (`JetSpecHead.from_target(target, anchor_context=False)`, or "
             "`anchor_context: false` in the training recipe)"
         )
+    if head.draft_vocab is not None:
+        reasons.append(
+            f"it drafts over a {head.draft_vocab.numel()}-token draft vocabulary, and DFlash's drafter scores the "
+            f"whole vocabulary. Export a copy without it (`head.set_draft_vocab(None)`): its drafts then differ only "
+            f"where the head's best token lies outside that vocabulary"
+        )
     model_type = head.config.target_model_type
     if model_type not in EXPORTABLE_FAMILIES:
         reasons.append(

@@ -102,6 +102,8 @@ def render_card(head, repo_id: str, results: list[dict] | None = None, license: 
         target_layer_ids=config.target_layer_ids, num_parameters=f"{head.num_parameters():,}",
         tree_budget=head.generation_config.tree_budget or "auto",
         tree_topk=head.generation_config.tree_topk, results=results,
+        draft_vocab=(f"{config.draft_vocab_size:,} tokens (drafts score only these; output unaffected)"
+                     if config.draft_vocab_size else "the whole vocabulary"),
         training_recipe=json.dumps(recipe, indent=2) if recipe else None,
     )
 

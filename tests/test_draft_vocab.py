@@ -110,3 +110,11 @@ def test_draft_vocabulary_round_trips_and_bad_ones_are_refused(tmp_path):
     assert head.draft_vocab is None and head.config.draft_vocab_size is None
     head.save_pretrained(tmp_path / "full")
     assert "draft_vocab" not in load_file(tmp_path / "full" / "model.safetensors")
+
+
+def test_dflash_export_refuses_a_draft_vocabulary_and_says_how():
+    from hf_jetspec import dflash_incompatibility
+
+    target = make_tiny_target("qwen3", seed=5)
+    head = head_with_vocab(target, torch.arange(50)).bind(target)
+    assert "set_draft_vocab(None)" in dflash_incompatibility(head)

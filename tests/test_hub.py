@@ -178,6 +178,7 @@ def test_card_renders_metadata_and_measured_numbers_with_hardware(saved_head, tm
     data = card.data.to_dict()
     assert data["base_model"] == "someone/tiny-qwen3" and "speculative-decoding" in data["tags"]
     assert "| gsm8k | 50 | 256 | 3.1 | 1.4x | 2-core x86 CPU, fp32 | greedy, tree budget 16, top-7 |" in card.text
+    assert "| draft vocabulary | the whole vocabulary |" in card.text
     metrics = {m["type"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
     assert metrics == {"mean_accepted_length": 3.1, "speedup": 1.4}
     with pytest.raises(ValueError, match="hardware"):
