@@ -99,10 +99,6 @@ def lm_head_chunk(device: torch.device) -> int | None:
     return None if device.type == "cuda" else 2
 
 
-def node_device(model) -> torch.device:
-    return model.get_output_embeddings().weight.device
-
-
 def compact_cache(cache: DynamicCache, past_length: int, keep: torch.LongTensor) -> None:
     """Keeps `past_length` prefix rows plus the tree rows `keep` (sorted, relative to the tree) in every layer.
 
@@ -212,7 +208,7 @@ def jetspec_decoding(
     raw_logits = () if return_dict and generation_config.output_logits else None
 
     do_sample = bool(generation_config.do_sample)
-    chain_rows = lm_head_chunk(node_device(model))
+    chain_rows = lm_head_chunk(lm_head.weight.device)
 
     def emit(token_logits: torch.Tensor, draft_tokens: list[int] = ()) -> tuple[int, bool]:
         """Processes one row of logits with the current path, appends the target's token; returns (token, done)."""

@@ -156,17 +156,23 @@ def test_tiny_training_run_lowers_loss_raises_tau_and_resumes(tmp_path):
     assert tau_after > tau_before + 0.3
 
 
+def short_run_config(tmp_path, prompts, **overrides) -> JetSpecTrainingConfig:
+    """A few steps of a block-4 head on `prompts`, outputs under `tmp_path`; `overrides` set the rest."""
+    values = dict(output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), train_files=[str(prompts)],
+                  block_size=4, max_new_tokens=16, generation_batch_size=4, max_anchors=8, teacher_topk=4,
+                  per_device_train_batch_size=4, learning_rate=3e-3, save_steps=100, use_cpu=True, seed=0,
+                  disable_tqdm=True)
+    values.update(overrides)
+    return JetSpecTrainingConfig(**values)
+
+
 def test_training_over_the_batch_candidate_vocabulary(tmp_path):
     tokenizer = tiny_tokenizer()
     target = make_tiny_target("llama", seed=11, vocab_size=len(tokenizer))
     prompts = tmp_path / "prompts.jsonl"
     write_prompts(prompts, 8)
-    config = JetSpecTrainingConfig(
-        output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), train_files=[str(prompts)], block_size=4,
-        max_new_tokens=16, generation_batch_size=4, max_anchors=8, teacher_topk=4, per_device_train_batch_size=4,
-        learning_rate=3e-3, max_steps=12, logging_steps=4, save_steps=100, use_cpu=True, seed=0, disable_tqdm=True,
-        loss_vocabulary="batch", num_negative_tokens=0,
-    )
+    config = short_run_config(tmp_path, prompts, max_steps=12, logging_steps=4, loss_vocabulary="batch",
+                              num_negative_tokens=0)
     trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0]
@@ -239,12 +245,8 @@ def test_draft_vocabulary_from_responses_and_a_wall_clock_budget(tmp_path):
     target = make_tiny_target("llama", seed=12, vocab_size=len(tokenizer))
     prompts = tmp_path / "prompts.jsonl"
     write_prompts(prompts, 8)
-    config = JetSpecTrainingConfig(
-        output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), train_files=[str(prompts)], block_size=4,
-        max_new_tokens=16, generation_batch_size=4, max_anchors=8, teacher_topk=4, per_device_train_batch_size=4,
-        learning_rate=3e-3, max_steps=50, logging_steps=1, save_steps=100, use_cpu=True, seed=0, disable_tqdm=True,
-        draft_vocab_size=10, max_train_minutes=1e-6,  # stops after the first step
-    )
+    config = short_run_config(tmp_path, prompts, max_steps=50, logging_steps=1, draft_vocab_size=10,
+                              max_train_minutes=1e-6)  # stops after the first step
     trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
     assert trainer.state.global_step == 1
     from hf_jetspec import JetSpecHead
@@ -252,8 +254,8 @@ def test_draft_vocabulary_from_responses_and_a_wall_clock_budget(tmp_path):
     head = JetSpecHead.from_pretrained(final_dir)
     recipe = head.config.training_recipe
     assert head.draft_vocab.numel() == 10 == recipe["draft_vocab_size"]
-    written = [token for path in [tmp_path / "data" / "responses.jsonl"] for line in path.read_text().splitlines()
-               for row in [json.loads(line)] for token in row["input_ids"][row["prompt_length"]:]]
+    rows = [json.loads(line) for line in (tmp_path / "data" / "responses.jsonl").read_text().splitlines()]
+    written = [token for row in rows for token in row["input_ids"][row["prompt_length"]:]]
     most = max(set(written), key=written.count)
     assert most in head.draft_vocab.tolist()
     assert 0 < recipe["draft_vocab_coverage_of_responses"] <= 1
