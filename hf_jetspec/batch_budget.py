@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import VerifyCost, monotone
+from .budget import AcceptanceProfile, VerifyCost, monotone
 from .tree import DraftTree
 
 # Largest total rows (batch_size * nodes per row) a verify forward is timed and planned for.
@@ -304,45 +304,45 @@ class BatchRoundBudget:
     """Chooses each round's tree size (common to all rows) from the drafted trees' scores and the measured costs, and
     tells whether drafting still pays.
 
-    Node `i` of a row's best-first tree is accepted with probability about `c * exp(score_i)`, `c` calibrating the
-    head's confidence against what the target accepted so far in this call (as [`AutoBudget`] does for one row). The
-    round keeps the prefix size `n` maximising `sum_rows E_row(n) / (fixed + verify(rows * n))`, `fixed` being a
-    running mean of the rest of a round (draft, accept, cache, host). Drafting pays while that best rate beats plain
-    rounds without a draft: `rows / (fixed - draft + verify(rows))`.
+    Node `i` of a row's best-first tree is accepted with probability about `c_i * exp(score_i)`, `c_i` calibrating
+    the head's confidence at that node index against what the target accepted there (the head's
+    [`AcceptanceProfile`], shared with [`AutoBudget`]). The round keeps the prefix size `n` maximising
+    `sum_rows E_row(n) / (fixed + verify(rows * n))`, `fixed` being a running mean of the rest of a round (draft,
+    accept, cache, host). Drafting pays while that best rate beats plain rounds without a draft:
+    `rows / (fixed - draft + verify(rows))`.
 
     Args:
         cost ([`BatchCost`]): measured costs.
         max_nodes (`int`): largest size considered.
         initial_fixed (`float`): `fixed` before the first round is measured.
         initial_draft (`float`): seconds of a draft before the first round is measured.
-        prior_weight (`float`): pseudo-count of the initial calibration `c = 1`.
+        profile ([`AcceptanceProfile`], *optional*): the head's calibration (default: a fresh one).
     """
 
     def __init__(self, cost: BatchCost, max_nodes: int, initial_fixed: float, initial_draft: float = 0.0,
-                 prior_weight: float = 2.0):
+                 profile: AcceptanceProfile | None = None):
         self.cost = cost
         self.max_nodes = max_nodes
         self.fixed_seconds = initial_fixed
         self.draft_seconds = initial_draft
-        self.predicted = prior_weight
-        self.accepted = prior_weight
+        self.profile = profile if profile is not None else AcceptanceProfile()
         self.sizes: list[int] = []
         self.drafting_pays = True
 
     @property
     def calibration(self) -> float:
-        return self.accepted / self.predicted
+        return self.profile.calibration
 
     def choose(self, trees: list[DraftTree]) -> int:
         """Nodes per row (root included) for this round; also sets [`drafting_pays`]."""
-        scale = self.calibration
         rows = len(trees)
         limit = min(self.max_nodes, max(tree.num_nodes for tree in trees))
+        scales = self.profile.scales(limit)
         expected = [0.0] * (limit + 1)  # expected[n]: summed over rows, tokens from node n - 1
         for tree in trees:
             scores = tree.scores or [0.0]
             for node in range(1, min(len(scores), limit)):
-                expected[node + 1] += min(1.0, scale * math.exp(scores[node]))
+                expected[node + 1] += min(1.0, scales[node] * math.exp(scores[node]))
         best, best_rate, total = 1, rows / (self.fixed_seconds + self.cost.verify_seconds(rows, 1)), float(rows)
         for nodes in range(2, limit + 1):
             total += expected[nodes]
@@ -354,14 +354,13 @@ class BatchRoundBudget:
         self.sizes.append(best)
         return best
 
-    def observe(self, trees: list[DraftTree], accepted: list[int], round_seconds: float, verify_seconds: float,
+    def observe(self, trees: list[DraftTree], accepted: list[list[int]], round_seconds: float, verify_seconds: float,
                 draft_seconds: float) -> None:
-        """Updates the calibration and the running costs after a round (`accepted[r]`: drafted tokens row `r`
-        accepted)."""
-        for tree, count in zip(trees, accepted):
+        """Updates the calibration and the running costs after a round (`accepted[r]`: the drafted nodes row `r`
+        accepted, as node indices)."""
+        for tree, path in zip(trees, accepted):
             if tree.scores is not None and tree.num_nodes > 1:
-                self.predicted += sum(math.exp(score) for score in tree.scores[1:])
-                self.accepted += count
+                self.profile.observe_tree(tree.scores, path)
         fixed = max(round_seconds - verify_seconds, 0.0)
         self.fixed_seconds = 0.8 * self.fixed_seconds + 0.2 * fixed
         self.draft_seconds = 0.8 * self.draft_seconds + 0.2 * draft_seconds

@@ -28,6 +28,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import decoding
 from .batch_budget import BatchPlan, BatchRoundBudget, acceptance_history, measure_batch_cost, plan_batch, round_seconds
+from .budget import acceptance_profile
 from .batched_draft import BatchedDrafter, compact_cache_rows
 from .candidate_generator import resolve_tree_budget, tap_features
 from .decoding import JetSpecGenerateStats
@@ -249,7 +250,8 @@ def batched_jetspec_decoding(
             host = history.host_seconds_per_row or 0.0
             verify = cost.verify_seconds(batch, plan.max_nodes)
             fixed = round_seconds(cost, batch, plan.max_nodes, plan.depth, host) - verify
-            round_budget = BatchRoundBudget(cost, plan.max_nodes, fixed, initial_draft=cost.draft(plan.depth))
+            round_budget = BatchRoundBudget(cost, plan.max_nodes, fixed, initial_draft=cost.draft(plan.depth),
+                                            profile=acceptance_profile(model, head))
     else:
         plan = BatchPlan(speculate=budget > 1 and block > 1, max_nodes=budget, depth=min(block - 1, budget - 1))
     stats.max_nodes, stats.expected_speedup = plan.max_nodes, plan.expected_speedup
@@ -420,7 +422,7 @@ def batched_jetspec_decoding(
 
         t4 = time.perf_counter()
         if round_budget is not None and drafting:
-            round_budget.observe(trees, [len(path) for path in accepted], round_seconds=t4 - t0,
+            round_budget.observe(trees, accepted, round_seconds=t4 - t0,
                                  verify_seconds=t2 - t1, draft_seconds=t1 - t0)
         for tree, path in zip(trees, accepted):
             history.observe(tree.num_nodes, path)

@@ -4,18 +4,21 @@ Two measured ingredients:
 
 - the verify cost `t_verify(n)` of one target forward over an `n`-node tree, timed once per (model, device, dtype,
   attention backend) on the machine itself ([`measure_verify_cost`]);
-- the head's acceptance profile: a best-first tree lists its nodes by path probability, so the tree of size `n` is
-  the first `n` nodes, and node `i` is accepted with probability about `c * exp(score_i)`, where `c` calibrates the
-  head's confidence against what the target actually accepted in earlier rounds of the same `generate()` call.
+- the head's [`AcceptanceProfile`], kept per (target, head) across `generate()` calls: a best-first tree lists its
+  nodes by path probability, so the tree of size `n` is its first `n` nodes, and node `i` is accepted with
+  probability about `c_i * exp(score_i)`, `c_i` calibrating the head's confidence at that node index against what
+  the target actually accepted there.
 
-Each round then drafts the largest useful tree and keeps the prefix `n` maximising
+Each round drafts a tree somewhat bigger than recent choices ([`AutoBudget.draft_budget`]) and keeps the prefix `n`
+maximising
 
-    (1 + c * sum_{i=1}^{n-1} exp(score_i)) / (t_fixed + t_verify(n))
+    E(n) / (t_fixed + t_verify(n) + t_accept * E(n)),   E(n) = 1 + sum_{i=1}^{n-1} min(1, c_i * exp(score_i))
 
-where `t_fixed` (draft, accept, cache, bookkeeping) is a running mean of the measured rounds.
+where `t_fixed` (draft, cache, bookkeeping per round) and `t_accept` (the target's lm_head row and the logits
+processors per emitted token) are running means of the measured rounds.
 
 Drafting itself costs time (the head's forward). When even the best tree does not beat a round without a draft,
-`1 / (t_fixed - t_draft + t_verify(1))` (a plain decoding step), for `patience` drafted rounds in a row, the loop stops
+`1 / (t_fixed - t_draft + t_verify(1) + t_accept)` (a plain decoding step), for `patience` drafted rounds in a row, the loop stops
 drafting for a while and decodes plain steps, then probes again, backing off exponentially while probes keep losing.
 So a weak head costs a few probe rounds, not a slowdown of every round.
 """
@@ -35,7 +38,7 @@ import torch
 from .tree import DraftTree
 
 # Tree sizes timed by the calibration (root included); sizes in between are interpolated.
-CPU_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+CPU_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CUDA_SIZES = (1, 8, 16, 32, 64, 96, 128, 192, 256)
 
 _MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, VerifyCost]]" = weakref.WeakKeyDictionary()
@@ -139,23 +142,99 @@ def monotone(values: list[float]) -> list[float]:
     return out
 
 
+class AcceptanceProfile:
+    """How often each node of a head's best-first trees was accepted against how likely the head found it, and what
+    the parts of a round cost: one per (target, head), kept across `generate()` calls.
+
+    Node `i` (in best-first order) of a round's tree is accepted with probability about `c_i * exp(score_i)`, where
+    `c_i` is the ratio, decayed over the rounds that verified a node `i`, of node `i`'s acceptances to its predicted
+    probabilities. One `c` for every node would over-credit the many unlikely siblings of a big tree (a head is
+    over-confident far more at deep or low-ranked nodes than at its first guess) and pick trees that are too big.
+    Indices never verified share the calibration of all nodes so far.
+
+    Costs: `fixed_seconds` (draft, cache and bookkeeping per round), `accept_seconds_per_token` (the target's lm_head
+    rows and the logits processors per emitted token: a round that gives more tokens costs more) and `draft_seconds`
+    (the head's share, which a plain step saves), running means.
+
+    Args:
+        max_nodes (`int`): largest node index tracked.
+        decay (`float`): weight kept by the old sums per observation of a node.
+        prior_weight (`float`): pseudo-count (in predicted tokens) pulling each `c_i` toward the overall calibration,
+            and the overall calibration toward 1.
+    """
+
+    def __init__(self, max_nodes: int = 256, decay: float = 0.995, prior_weight: float = 2.0):
+        self.max_nodes, self.decay, self.prior_weight = max_nodes, decay, prior_weight
+        self.predicted = [0.0] * max_nodes  # index i: decayed sum of exp(score_i) over rounds that verified node i
+        self.accepted = [0.0] * max_nodes  # index i: decayed count of rounds that accepted node i
+        self.total_predicted = prior_weight
+        self.total_accepted = prior_weight
+        self.fixed_seconds: float | None = None
+        self.draft_seconds: float | None = None
+        self.accept_seconds_per_token: float | None = None
+
+    @property
+    def calibration(self) -> float:
+        """Overall `c`: tokens accepted per token the head expected, over the verified nodes (decayed)."""
+        return self.total_accepted / self.total_predicted
+
+    def scales(self, num_nodes: int) -> list[float]:
+        """`c_i` for node indices `0 .. num_nodes - 1` (index 0, the root, is always accepted)."""
+        overall, weight = self.calibration, self.prior_weight
+        limit = min(num_nodes, self.max_nodes)
+        scales = [1.0] + [(self.accepted[i] + weight * overall) / (self.predicted[i] + weight) for i in range(1, limit)]
+        return scales + [overall] * (num_nodes - limit)
+
+    def observe_tree(self, scores: list[float], accepted_nodes: list[int]) -> None:
+        """Adds one verified best-first tree (`scores` of its nodes) whose accepted path is `accepted_nodes`."""
+        accepted = set(accepted_nodes)
+        for index in range(1, min(len(scores), self.max_nodes)):
+            probability = math.exp(scores[index])
+            self.predicted[index] = self.decay * self.predicted[index] + probability
+            self.accepted[index] = self.decay * self.accepted[index] + (index in accepted)
+        self.total_predicted = self.decay * self.total_predicted + sum(math.exp(score) for score in scores[1:])
+        self.total_accepted = self.decay * self.total_accepted + len(accepted_nodes)
+
+    def observe_costs(self, fixed: float, accept_per_token: float, draft: float | None) -> None:
+        def mean(old, new):
+            return new if old is None else 0.8 * old + 0.2 * new
+
+        self.fixed_seconds = mean(self.fixed_seconds, fixed)
+        self.accept_seconds_per_token = mean(self.accept_seconds_per_token, accept_per_token)
+        if draft is not None:
+            self.draft_seconds = mean(self.draft_seconds, draft)
+
+
+_PROFILES: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
+
+
+def acceptance_profile(model: torch.nn.Module, head: torch.nn.Module) -> AcceptanceProfile:
+    """The [`AcceptanceProfile`] of `head` drafting for `model` (created on first use; dropped with either)."""
+    profiles = _PROFILES.setdefault(model, weakref.WeakKeyDictionary())
+    if head not in profiles:
+        profiles[head] = AcceptanceProfile()
+    return profiles[head]
+
+
 class AutoBudget:
-    """Chooses each round's tree size from the head's node scores, a measured [`VerifyCost`] and this call's history.
+    """Chooses each round's tree size from the head's node scores, a measured [`VerifyCost`] and an
+    [`AcceptanceProfile`].
 
     Args:
         verify_cost ([`VerifyCost`]): measured verify seconds vs tree size.
         max_budget (`int`, *optional*): largest tree considered (default: the largest measured size).
-        prior_weight (`float`): pseudo-count of the initial calibration `c = 1` (in expected accepted tokens).
+        profile ([`AcceptanceProfile`], *optional*): the head's acceptance and costs so far (default: a fresh one;
+            `generate()` passes the one kept for the head and target, see [`acceptance_profile`]).
+        patience, initial_backoff, max_backoff (`int`): losing drafted rounds before plain steps, and how many plain
+            steps then (doubling while probes keep losing, up to `max_backoff`).
     """
 
-    def __init__(self, verify_cost: VerifyCost, max_budget: int | None = None, prior_weight: float = 2.0,
-                 patience: int = 2, initial_backoff: int = 4, max_backoff: int = 64):
+    def __init__(self, verify_cost: VerifyCost, max_budget: int | None = None,
+                 profile: AcceptanceProfile | None = None, patience: int = 2, initial_backoff: int = 4,
+                 max_backoff: int = 64):
         self.verify_cost = verify_cost
         self.max_budget = max_budget or verify_cost.max_size
-        self.predicted = prior_weight
-        self.accepted = prior_weight
-        self.fixed_seconds: float | None = None
-        self.draft_seconds: float | None = None
+        self.profile = profile if profile is not None else AcceptanceProfile()
         self.sizes: list[int] = []
         self.drafting_pays = True
         self.patience, self.initial_backoff, self.max_backoff = patience, initial_backoff, max_backoff
@@ -163,6 +242,26 @@ class AutoBudget:
         self._backoff = initial_backoff
         self._skip = 0
         self.skipped_rounds = 0
+
+    @property
+    def calibration(self) -> float:
+        """Overall `c` of the profile: tokens accepted per token the head expected, so far."""
+        return self.profile.calibration
+
+    @property
+    def fixed_seconds(self) -> float | None:
+        return self.profile.fixed_seconds
+
+    @property
+    def draft_seconds(self) -> float | None:
+        return self.profile.draft_seconds
+
+    def draft_budget(self) -> int:
+        """Nodes to draft this round: twice the largest tree chosen in the last 16 drafted rounds (at least 8), so
+        that the choice can grow, without building 64-node trees every round for 2-node choices."""
+        if not self.sizes:
+            return self.max_budget
+        return min(self.max_budget, max(8, 2 * max(self.sizes[-16:])))
 
     def should_draft(self) -> bool:
         """Whether this round drafts (`False`: a plain step, while drafting is backed off after losing rounds)."""
@@ -181,37 +280,33 @@ class AutoBudget:
             self._skip, self._losing_rounds = self._backoff, 0
             self._backoff = min(2 * self._backoff, self.max_backoff)
 
-    @property
-    def calibration(self) -> float:
-        """`c`: tokens accepted per token the head expected, so far."""
-        return self.accepted / self.predicted
-
     def choose(self, scores: list[float]) -> int:
-        """Tree size (root included) maximising expected tokens per second, given a best-first tree's `scores`."""
-        scale = self.calibration
-        fixed = self.fixed_seconds if self.fixed_seconds is not None else 0.5 * self.verify_cost(1)
-        best, best_rate, expected = 1, 1.0 / (fixed + self.verify_cost(1)), 1.0
-        for size in range(2, min(len(scores), self.max_budget) + 1):
-            expected += min(1.0, scale * math.exp(scores[size - 1]))
-            rate = expected / (fixed + self.verify_cost(size))
+        """Tree size (root included) maximising expected tokens per second, given a best-first tree's `scores`:
+        `E(n) / (fixed + verify(n) + accept_per_token * E(n))`, `E(n) = 1 + sum_{i<n} min(1, c_i * exp(score_i))`."""
+        profile = self.profile
+        fixed = profile.fixed_seconds if profile.fixed_seconds is not None else 0.5 * self.verify_cost(1)
+        per_token = profile.accept_seconds_per_token or 0.0
+        limit = min(len(scores), self.max_budget)
+        scales = profile.scales(limit)
+        best, best_rate, expected = 1, 1.0 / (fixed + self.verify_cost(1) + per_token), 1.0
+        for size in range(2, limit + 1):
+            expected += min(1.0, scales[size - 1] * math.exp(scores[size - 1]))
+            rate = expected / (fixed + self.verify_cost(size) + per_token * expected)
             if rate > best_rate:
                 best, best_rate = size, rate
-        if self.draft_seconds is not None:  # known once a round was measured
-            without_draft = max(fixed - self.draft_seconds, 0.0) + self.verify_cost(1)
+        if profile.draft_seconds is not None:  # known once a round was measured
+            without_draft = max(fixed - profile.draft_seconds, 0.0) + self.verify_cost(1) + per_token
             self.drafting_pays = best > 1 and best_rate > 1.0 / without_draft
             self._update_backoff()
         self.sizes.append(best)
         return best
 
-    def observe(self, tree: DraftTree, accepted: int, round_seconds: float, verify_seconds: float,
-                draft_seconds: float | None = None) -> None:
-        """Updates the calibration and the running costs after a drafted round that verified `tree` and accepted
-        `accepted` drafted tokens (`draft_seconds`: the head's share of the round)."""
+    def observe(self, tree: DraftTree, accepted_nodes: list[int], round_seconds: float, verify_seconds: float,
+                draft_seconds: float | None = None, accept_seconds: float = 0.0) -> None:
+        """Updates the profile after a drafted round that verified `tree` and accepted the drafted nodes
+        `accepted_nodes` (node indices, root excluded); `draft_seconds` and `accept_seconds` are the head's and the
+        accept step's shares of `round_seconds`."""
         if tree.scores is not None and tree.num_nodes > 1:
-            self.predicted += sum(math.exp(score) for score in tree.scores[1:])
-            self.accepted += accepted
-        fixed = max(round_seconds - verify_seconds, 0.0)
-        self.fixed_seconds = fixed if self.fixed_seconds is None else 0.8 * self.fixed_seconds + 0.2 * fixed
-        if draft_seconds is not None:
-            self.draft_seconds = (draft_seconds if self.draft_seconds is None
-                                  else 0.8 * self.draft_seconds + 0.2 * draft_seconds)
+            self.profile.observe_tree(tree.scores, accepted_nodes)
+        fixed = max(round_seconds - verify_seconds - accept_seconds, 0.0)
+        self.profile.observe_costs(fixed, accept_seconds / (1 + len(accepted_nodes)), draft_seconds)

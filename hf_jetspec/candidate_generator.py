@@ -111,7 +111,7 @@ class JetSpecCandidateGenerator(CandidateGenerator):
             past_key_values=self.context_cache,
             logits_to_keep=False,
         )
-        budget = self.tree_budget if self.auto_budget is None else self.auto_budget.max_budget
+        budget = self.tree_budget if self.auto_budget is None else self.auto_budget.draft_budget()
         depth = min(self.head.config.block_size - 1, budget - 1)  # a tree of n nodes is at most n - 1 deep
         logprobs, token_ids = depth_logprobs(self.head, output, depth)  # (1, depth, draft vocab)
         tree = build_tree(root, logprobs[0], budget, self.tree_topk, token_ids)

@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .attention import TREE_ATTENTION, packed_tree_mask
-from .budget import AutoBudget, measure_verify_cost
+from .budget import AutoBudget, acceptance_profile, measure_verify_cost
 from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget, tap_features
 from .modeling_jetspec import JetSpecHead
 
@@ -198,7 +198,8 @@ def jetspec_decoding(
         cost = measure_verify_cost(
             model, lambda tree, past, kv: verify_tree(decoder, tree, past, kv, hidden_state_ids, model.dtype)
         )
-        auto_budget = AutoBudget(cost, max_budget=getattr(head.generation_config, "tree_max_budget", None))
+        auto_budget = AutoBudget(cost, max_budget=getattr(head.generation_config, "tree_max_budget", None),
+                                 profile=acceptance_profile(model, head))
     generator = JetSpecCandidateGenerator(
         head, tree_budget=budget, tree_topk=head.generation_config.tree_topk, auto_budget=auto_budget
     )
@@ -283,8 +284,8 @@ def jetspec_decoding(
         if generator.drafted:  # the head ran this round (not a plain step of a backed-off `"auto"` budget)
             stats.draft_rounds += 1
             if auto_budget is not None:
-                auto_budget.observe(tree, len(accepted), round_seconds=t4 - t0, verify_seconds=t2 - t1,
-                                    draft_seconds=t1 - t0)
+                auto_budget.observe(tree, accepted, round_seconds=t4 - t0, verify_seconds=t2 - t1,
+                                    draft_seconds=t1 - t0, accept_seconds=t3 - t2)
         stats.rounds += 1
         stats.drafted_nodes += tree.num_nodes - 1
         stats.accepted_drafts += len(accepted)

@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_target
 
 from hf_jetspec import JetSpecHead, build_tree
-from hf_jetspec.budget import AutoBudget, VerifyCost, measure_verify_cost
+from hf_jetspec.budget import AcceptanceProfile, AutoBudget, VerifyCost, acceptance_profile, measure_verify_cost
 from hf_jetspec.decoding import verify_tree
 
 
@@ -33,9 +33,50 @@ def test_auto_budget_calibrates_against_what_was_accepted():
     budget = AutoBudget(VerifyCost(sizes=(1,), seconds=(1.0,)))
     assert budget.calibration == 1.0
     for _ in range(20):  # the head promised sum(exp(scores)) tokens per round; the target took none
-        budget.observe(tree, accepted=0, round_seconds=2.0, verify_seconds=1.5)
+        budget.observe(tree, [], round_seconds=2.0, verify_seconds=1.5)
     assert budget.calibration < 0.2
     assert budget.fixed_seconds == pytest.approx(0.5)
+
+
+def test_calibration_is_per_node_index():
+    # The head is right about its first guess and wrong everywhere else, though it finds every node likely.
+    scores = [0.0] + [math.log(0.9)] * 15
+    profile = AcceptanceProfile()
+    for _ in range(50):
+        profile.observe_tree(scores, [1])
+    scales = profile.scales(16)
+    assert scales[1] > 1.0 and max(scales[2:]) < 0.1
+    cost = VerifyCost(sizes=(1, 64), seconds=(1.0, 1.5))  # extra nodes are cheap but not free
+    assert AutoBudget(cost, profile=profile).choose(scores) == 2
+    # One overall scale (what every node gave on average) would still buy nodes that are never accepted.
+    uniform = AcceptanceProfile()
+    uniform.total_predicted, uniform.total_accepted = profile.total_predicted, profile.total_accepted
+    assert AutoBudget(cost, profile=uniform).choose(scores) > 2
+
+
+def test_accept_cost_per_token_and_draft_budget():
+    # Accepting costs per emitted token (the target's lm_head row, the logits processors): it does not make a tree
+    # that gives more tokens worth more. Lumped into the per-round fixed cost it would, and trees would grow.
+    scores = [0.0] + [i * math.log(0.8) for i in range(1, 16)]
+    cost = VerifyCost(sizes=(1, 2, 16), seconds=(1.0, 1.3, 4.0))
+    tree = build_tree(0, torch.log_softmax(torch.randn(4, 10), -1), budget=8, topk=3)
+    cheap, costly = AutoBudget(cost), AutoBudget(cost)
+    cheap.observe(tree, [1, 2], round_seconds=1.8, verify_seconds=1.0, draft_seconds=0.2, accept_seconds=0.3)
+    costly.observe(tree, [1, 2], round_seconds=10.5, verify_seconds=1.0, draft_seconds=0.2, accept_seconds=9.0)
+    assert costly.profile.accept_seconds_per_token == pytest.approx(3.0)
+    assert cheap.fixed_seconds == pytest.approx(0.5) and costly.fixed_seconds == pytest.approx(0.5)
+    for budget in (cheap, costly):
+        budget.profile.total_predicted = budget.profile.total_accepted = 2.0  # calibration 1 for this check
+        budget.profile.predicted, budget.profile.accepted = [0.0] * 256, [0.0] * 256
+    lumped = AcceptanceProfile()
+    lumped.observe_costs(fixed=0.5 + 9.0, accept_per_token=0.0, draft=0.2)
+    assert cheap.choose(scores) == costly.choose(scores) == 6 < AutoBudget(cost, profile=lumped).choose(scores)
+    budget = AutoBudget(cost, max_budget=40)
+    assert budget.draft_budget() == 40  # nothing chosen yet: explore the largest tree
+    budget.sizes += [2, 3, 2]
+    assert budget.draft_budget() == 8
+    budget.sizes.append(13)
+    assert budget.draft_budget() == 26
 
 
 def test_tree_prefix_is_the_best_smaller_tree():
@@ -74,6 +115,10 @@ def test_auto_budget_is_lossless_and_is_the_default(family):
     assert torch.equal(out, expected)
     stats = head.last_generate_stats
     assert stats.tree_budget == "auto" and 1 <= stats.mean_tree_size
+    profile = acceptance_profile(target, head)  # kept for the next call with this head and target
+    assert profile is acceptance_profile(target, head) and profile.fixed_seconds is not None
+    assert profile.draft_seconds is not None and profile.accept_seconds_per_token is not None
+    assert torch.equal(target.generate(input_ids, assistant_model=head, max_new_tokens=30, do_sample=False), expected)
     head.generation_config.tree_budget = "big"
     with pytest.raises(ValueError, match="tree_budget"):
         target.generate(input_ids, assistant_model=head, max_new_tokens=4, do_sample=False)
@@ -84,7 +129,7 @@ def test_auto_budget_backs_off_drafting_that_does_not_pay_and_probes_again():
     budget = AutoBudget(VerifyCost(sizes=(1, 16), seconds=(1.0, 1.2)), patience=2, initial_backoff=3, max_backoff=6)
     tree = build_tree(0, torch.log_softmax(torch.randn(4, 10), -1), budget=8, topk=3)
     for _ in range(20):  # drafting costs 1 s per round, a plain step 1.1 s: a round must gain > 1.9 tokens
-        budget.observe(tree, accepted=0, round_seconds=3.2, verify_seconds=1.2, draft_seconds=1.0)
+        budget.observe(tree, [], round_seconds=3.2, verify_seconds=1.2, draft_seconds=1.0)
     plan = []
     for _ in range(16):
         drafting = budget.should_draft()
@@ -96,7 +141,8 @@ def test_auto_budget_backs_off_drafting_that_does_not_pay_and_probes_again():
     assert plan == [True, True, False, False, False, True, True] + [False] * 6 + [True, True, False]
     assert budget.skipped_rounds == 10
     sure = [0.0] + [math.log(0.99)] * 15  # a confident, calibrated head pays: drafting resumes at once
-    budget.accepted = budget.predicted
+    profile = budget.profile
+    profile.total_accepted, profile.accepted = profile.total_predicted, list(profile.predicted)
     budget._skip = 0
     budget.choose(sure)
     assert budget.drafting_pays and budget.should_draft()
