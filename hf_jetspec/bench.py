@@ -189,6 +189,10 @@ def summarize(records: list[dict], methods: list[str], greedy: bool = True) -> l
                 "mismatches": (sum(m["tokens"] != p["tokens"] for p, m in pairs)
                                if greedy or is_jetspec(method) or method == "plain" else None),
             }
+            if "prompt_lookup" in methods and is_jetspec(method):  # paired: the strongest baseline without a model
+                versus = [(runs["prompt_lookup"], runs[method]) for runs in prompts]
+                row["vs_prompt_lookup"] = throughput_ratio(versus)
+                row["vs_prompt_lookup_ci95"] = bootstrap_ci(versus, throughput_ratio)
             if all("rounds" in m for _, m in pairs):
                 taus = [m["tau"] for _, m in pairs]
                 row["tau"] = sum(taus) / len(taus)  # mean over prompts of tokens per round
@@ -210,15 +214,21 @@ def summarize(records: list[dict], methods: list[str], greedy: bool = True) -> l
 def markdown_table(rows: list[dict]) -> str:
     """tau: tokens per round over all rounds; drafted tau: over the rounds the head drafted (`"auto"` runs plain
     steps where drafting does not pay); nodes: verified tree nodes per round, root included."""
-    lines = ["| dataset | method | prompts | tau (95% CI) | drafted tau | nodes/round | tokens/s | speedup vs plain (95% CI) | mismatches |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    versus = any("vs_prompt_lookup" in row for row in rows)
+    lines = ["| dataset | method | prompts | tau (95% CI) | drafted tau | nodes/round | tokens/s | speedup vs plain (95% CI) |"
+             + (" vs prompt lookup (95% CI) |" if versus else "") + " mismatches |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if versus else "") + "---|"]
     for row in rows:
         tau = f"{row['tau']:.2f} ({row['tau_ci95'][0]:.2f}-{row['tau_ci95'][1]:.2f})" if "tau" in row else "-"
         drafted = f"{row['drafted_tau']:.2f}" if "drafted_tau" in row else "-"
         nodes = f"{row['tree_size']:.1f}" if "tree_size" in row else "-"
         low, high = row["speedup_ci95"]
+        cell = ""
+        if versus:
+            cell = (f" {row['vs_prompt_lookup']:.2f}x ({row['vs_prompt_lookup_ci95'][0]:.2f}-"
+                    f"{row['vs_prompt_lookup_ci95'][1]:.2f}) |" if "vs_prompt_lookup" in row else " - |")
         lines.append(f"| {row['dataset']} | {row['method']} | {row['prompts']} | {tau} | {drafted} | {nodes} | "
-                     f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}x ({low:.2f}-{high:.2f}) | "
+                     f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}x ({low:.2f}-{high:.2f}) |{cell} "
                      f"{'-' if row['mismatches'] is None else row['mismatches']} |")
     return "\n".join(lines) + "\n"
 

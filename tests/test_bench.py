@@ -7,7 +7,7 @@ import torch
 from conftest import WORDS, make_tiny_target, save_tiny_target
 
 from hf_jetspec import JetSpecHead
-from hf_jetspec.bench import bootstrap_ci, load_eval_prompts, main, method_kwargs, summarize
+from hf_jetspec.bench import bootstrap_ci, load_eval_prompts, main, markdown_table, method_kwargs, summarize
 
 
 def write_eval_sets(directory, count=3):
@@ -133,3 +133,20 @@ def test_speedup_is_a_throughput_ratio_for_outputs_of_different_lengths():
     rows = {row["method"]: row for row in summarize(records, ["plain", "prompt_lookup"], greedy=False)
             if row["dataset"] == "d"}
     assert rows["prompt_lookup"]["speedup"] == pytest.approx(2.0) and rows["prompt_lookup"]["mismatches"] is None
+
+
+def test_jetspec_is_compared_with_prompt_lookup_prompt_by_prompt():
+    records = []
+    for index, (plain_s, lookup_s, jetspec_s) in enumerate([(4.0, 2.0, 1.0), (4.0, 4.0, 2.0)]):
+        for method, seconds in (("plain", plain_s), ("prompt_lookup", lookup_s), ("jetspec", jetspec_s)):
+            records.append({"dataset": "d", "id": str(index), "method": method, "tokens": [1, 2], "new_tokens": 2,
+                            "seconds": seconds, **({"rounds": 1, "accepted_drafts": 1, "tau": 2.0}
+                                                   if method == "jetspec" else {})})
+    rows = summarize(records, ["plain", "prompt_lookup", "jetspec"])
+    jetspec = next(row for row in rows if row["dataset"] == "d" and row["method"] == "jetspec")
+    assert jetspec["vs_prompt_lookup"] == pytest.approx(2.0)  # 6 s of prompt lookup against 3 s
+    low, high = jetspec["vs_prompt_lookup_ci95"]
+    assert low == pytest.approx(2.0) and high == pytest.approx(2.0)
+    assert all("vs_prompt_lookup" not in row for row in rows if row["method"] != "jetspec")
+    table = markdown_table(rows)
+    assert "vs prompt lookup (95% CI)" in table and "| 2.00x (2.00-2.00) |" in table
