@@ -132,7 +132,8 @@ def test_tiny_training_run_lowers_loss_raises_tau_and_resumes(tmp_path):
     from hf_jetspec import JetSpecHead
 
     untrained = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=5)
-    tau_before = measure_tau(target, untrained, prompt_ids, max_new_tokens=24)
+    tau_before = measure_tau(target, untrained, prompt_ids, max_new_tokens=24, tree_budget=8)
+    assert untrained.generation_config.tree_budget == "auto"  # the fixed budget of the measurement is not kept
 
     trainer, final_dir = train(config(max_steps=20), target=target, tokenizer=tokenizer)
     assert (tmp_path / "run" / "checkpoint-20").is_dir()
@@ -151,7 +152,7 @@ def test_tiny_training_run_lowers_loss_raises_tau_and_resumes(tmp_path):
 
     head = JetSpecHead.from_pretrained(final_dir).bind(target)
     assert head.config.training_recipe["skipped_prompt_rows"] == {"malformed json": 1}
-    tau_after = measure_tau(target, head, prompt_ids, max_new_tokens=24)
+    tau_after = measure_tau(target, head, prompt_ids, max_new_tokens=24, tree_budget=8)
     print(f"tau before {tau_before:.2f} after {tau_after:.2f}; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert tau_after > tau_before + 0.3
 
@@ -246,9 +247,11 @@ def test_draft_vocabulary_from_responses_and_a_wall_clock_budget(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     write_prompts(prompts, 8)
     config = short_run_config(tmp_path, prompts, max_steps=50, logging_steps=1, draft_vocab_size=10,
-                              max_train_minutes=1e-6)  # stops after the first step
+                              max_train_minutes=1e-6,  # stops after the first step
+                              generation_dtype="bfloat16")  # a bf16 copy writes the responses
     trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
     assert trainer.state.global_step == 1
+    assert target.dtype == torch.float32  # the teacher labels still come from the fp32 target
     from hf_jetspec import JetSpecHead
 
     head = JetSpecHead.from_pretrained(final_dir)
@@ -259,5 +262,8 @@ def test_draft_vocabulary_from_responses_and_a_wall_clock_budget(tmp_path):
     most = max(set(written), key=written.count)
     assert most in head.draft_vocab.tolist()
     assert 0 < recipe["draft_vocab_coverage_of_responses"] <= 1
+    assert recipe["generation_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="generation_dtype"):
+        JetSpecTrainingConfig(output_dir=str(tmp_path / "x"), generation_dtype="float12")
     with pytest.raises(ValueError, match="max_train_minutes"):
         JetSpecTrainingConfig(output_dir=str(tmp_path / "x"), max_train_minutes=0)

@@ -31,6 +31,9 @@ class JetSpecTrainingConfig(_BaseConfig):
         max_new_tokens (`int`, defaults to 256): length of the target's on-policy responses.
         generation_temperature (`float`, defaults to 0.0): 0 = greedy responses.
         generation_batch_size (`int`, defaults to 8): prompts per batched `generate()`.
+        generation_dtype (`str`, *optional*): write the responses with a copy of the target in this dtype (e.g.
+            `"bfloat16"`: 2.3x the tokens/s of float32 on CPUs with AMX); the teacher labels still come from the target
+            as loaded. Unset: the target itself writes them.
         teacher_topk (`int`, defaults to 32): target probabilities kept per position for the KL.
         max_anchors (`int`, defaults to 512): random anchors per sequence and step.
         depth_decay (`float`, *optional*): per-depth loss weight `decay ** (d - 1)`; unset = uniform.
@@ -44,6 +47,8 @@ class JetSpecTrainingConfig(_BaseConfig):
         tau_eval_steps (`int`, defaults to 0): measure tau with the real `generate()` path every N steps (0 = off).
         tau_eval_prompts (`int`, defaults to 4): held-out prompts for that measurement.
         tau_eval_max_new_tokens (`int`, defaults to 64).
+        tau_eval_tree_budget (`int`, defaults to 8): fixed tree budget of that measurement (the head's acceptance,
+            not this machine's `"auto"` cost decisions).
         draft_vocab_size (`int`, *optional*): give the saved head a draft vocabulary of this many tokens, the most
             frequent in the target's on-policy responses (see `hf_jetspec/draft_vocab.py`); unset: the whole
             vocabulary.
@@ -69,6 +74,9 @@ class JetSpecTrainingConfig(_BaseConfig):
     max_new_tokens: int = field(default=256, metadata={"help": "Length of on-policy responses."})
     generation_temperature: float = field(default=0.0, metadata={"help": "0 = greedy responses."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per batched generate()."})
+    generation_dtype: str | None = field(
+        default=None, metadata={"help": "Write responses with a copy of the target in this dtype (e.g. bfloat16)."}
+    )
     teacher_topk: int = field(default=32, metadata={"help": "Target probabilities kept per position."})
     max_anchors: int = field(default=512, metadata={"help": "Random anchors per sequence and step."})
     depth_decay: float | None = field(default=None, metadata={"help": "Loss weight decay per depth (unset: uniform)."})
@@ -79,6 +87,7 @@ class JetSpecTrainingConfig(_BaseConfig):
     tau_eval_steps: int = field(default=0, metadata={"help": "Measure tau with generate() every N steps (0: off)."})
     tau_eval_prompts: int = field(default=4, metadata={"help": "Held-out prompts for tau."})
     tau_eval_max_new_tokens: int = field(default=64, metadata={"help": "New tokens per tau prompt."})
+    tau_eval_tree_budget: int = field(default=8, metadata={"help": "Fixed tree budget of the tau measurement."})
     draft_vocab_size: int | None = field(
         default=None, metadata={"help": "Draft vocabulary of the saved head: the N most frequent response tokens."}
     )
@@ -110,6 +119,10 @@ class JetSpecTrainingConfig(_BaseConfig):
             raise ValueError(f"`loss_vocabulary` must be 'full' or 'batch', got {self.loss_vocabulary!r}")
         if self.generation_temperature < 0:
             raise ValueError(f"`generation_temperature` must be >= 0, got {self.generation_temperature}")
+        if self.generation_dtype is not None and not isinstance(getattr(torch, self.generation_dtype, None), torch.dtype):
+            raise ValueError(f"`generation_dtype` must name a torch dtype (e.g. 'bfloat16'), got {self.generation_dtype!r}")
+        if self.tau_eval_tree_budget < 1:
+            raise ValueError(f"`tau_eval_tree_budget` must be >= 1, got {self.tau_eval_tree_budget}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
             raise ValueError(f"`draft_vocab_size` must be >= 1 or unset, got {self.draft_vocab_size}")
         if self.max_train_minutes is not None and self.max_train_minutes <= 0:

@@ -13,6 +13,7 @@ Usage:
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from pathlib import Path
@@ -76,10 +77,14 @@ def prepare_data(config: JetSpecTrainingConfig, target, tokenizer, target_layer_
     held_out, rows = rows[:holdout], rows[holdout:]
     data_dir = Path(config.data_dir)
     with config.main_process_first(desc="on-policy responses and teacher features"):
+        writer = target
+        if config.generation_dtype and getattr(torch, config.generation_dtype) != target.dtype:
+            writer = copy.deepcopy(target).to(getattr(torch, config.generation_dtype))
         responses = generate_responses(
-            target, tokenizer, rows, data_dir / "responses.jsonl", max_new_tokens=config.max_new_tokens,
+            writer, tokenizer, rows, data_dir / "responses.jsonl", max_new_tokens=config.max_new_tokens,
             temperature=config.generation_temperature, batch_size=config.generation_batch_size,
         )
+        del writer
         paths = compute_teacher_features(
             target, responses, data_dir / f"features-{'-'.join(map(str, target_layer_ids))}", target_layer_ids,
             topk=config.teacher_topk,
@@ -104,7 +109,9 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     `target`/`tokenizer` may be passed already loaded; otherwise `config.target_model` is loaded.
     """
     if target is None:
-        dtype = torch.bfloat16 if config.bf16 else torch.float32
+        # On CPU `bf16` is autocast for the head only: the teacher labels and the tau checks come from the fp32 target.
+        on_gpu = torch.cuda.is_available() and not config.use_cpu
+        dtype = torch.bfloat16 if config.bf16 and on_gpu else torch.float32
         target, tokenizer = load_target(config.target_model, dtype)
     target.requires_grad_(False)
     head = build_head(config, target)
@@ -119,7 +126,7 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     if config.tau_eval_steps:
         prompt_ids = [chat_input_ids(tokenizer, row["prompt"]) for row in held_out]
         trainer.add_callback(TauCallback(trainer, target, prompt_ids, config.tau_eval_steps,
-                                         config.tau_eval_max_new_tokens))
+                                         config.tau_eval_max_new_tokens, config.tau_eval_tree_budget))
     last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
     if last:
         logger.info("resuming from %s", last)
@@ -139,6 +146,7 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         "sequences": len(dataset),
         "max_new_tokens": config.max_new_tokens,
         "generation_temperature": config.generation_temperature,
+        "generation_dtype": config.generation_dtype or str(target.dtype).removeprefix("torch."),
         "max_anchors": config.max_anchors,
         "depth_decay": config.depth_decay,
         "loss_vocabulary": config.loss_vocabulary,

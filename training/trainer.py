@@ -131,29 +131,39 @@ class _TrainClock(TrainerCallback):
 
 
 class TauCallback(TrainerCallback):
-    """Every `steps` optimiser steps, measures tau with the real `generate(assistant_model=head)` path."""
+    """Every `steps` optimiser steps, measures tau with the real `generate(assistant_model=head)` path, at a fixed
+    tree budget (`tree_budget`): `"auto"` would mix the head's acceptance with this machine's cost decisions."""
 
-    def __init__(self, trainer: JetSpecTrainer, target, prompt_ids: list[torch.Tensor], steps: int, max_new_tokens: int):
+    def __init__(self, trainer: JetSpecTrainer, target, prompt_ids: list[torch.Tensor], steps: int, max_new_tokens: int,
+                 tree_budget: int = 8):
         self.trainer, self.target, self.prompt_ids = trainer, target, prompt_ids
-        self.steps, self.max_new_tokens = steps, max_new_tokens
+        self.steps, self.max_new_tokens, self.tree_budget = steps, max_new_tokens, tree_budget
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.steps and state.global_step % self.steps == 0 and state.is_world_process_zero:
-            tau = measure_tau(self.target, self.trainer.model, self.prompt_ids, self.max_new_tokens)
+            tau = measure_tau(self.target, self.trainer.model, self.prompt_ids, self.max_new_tokens, self.tree_budget)
             self.trainer.log({"tau": round(tau, 3)})
 
 
 @torch.no_grad()
-def measure_tau(target, model, prompt_ids: list[torch.Tensor], max_new_tokens: int) -> float:
-    """tau (tokens per round, pooled over prompts) of greedy `generate(assistant_model=head)`."""
+def measure_tau(target, model, prompt_ids: list[torch.Tensor], max_new_tokens: int,
+                tree_budget: int | str | None = None) -> float:
+    """tau (tokens per round, pooled over prompts) of greedy `generate(assistant_model=head)`, at `tree_budget`
+    (default: the head's own setting)."""
     head = unwrap_head(model)
     was_training = head.training
+    saved_budget = head.generation_config.tree_budget
+    if tree_budget is not None:
+        head.generation_config.tree_budget = tree_budget
     head.eval()
     accepted = rounds = 0
-    for input_ids in prompt_ids:
-        target.generate(input_ids.to(target.device), do_sample=False, max_new_tokens=max_new_tokens,
-                        assistant_model=head)
-        accepted += head.last_generate_stats.accepted_drafts
-        rounds += head.last_generate_stats.rounds
-    head.train(was_training)
+    try:
+        for input_ids in prompt_ids:
+            target.generate(input_ids.to(target.device), do_sample=False, max_new_tokens=max_new_tokens,
+                            assistant_model=head)
+            accepted += head.last_generate_stats.accepted_drafts
+            rounds += head.last_generate_stats.rounds
+    finally:
+        head.generation_config.tree_budget = saved_budget
+        head.train(was_training)
     return (accepted + rounds) / max(rounds, 1)
