@@ -188,11 +188,11 @@ class AcceptanceProfile:
     def observe_tree(self, scores: list[float], accepted_nodes: list[int]) -> None:
         """Adds one verified best-first tree (`scores` of its nodes) whose accepted path is `accepted_nodes`."""
         accepted = set(accepted_nodes)
-        for index in range(1, min(len(scores), self.max_nodes)):
-            probability = math.exp(scores[index])
+        probabilities = [math.exp(score) for score in scores[1:]]  # node index i at position i - 1
+        for index, probability in enumerate(probabilities[: self.max_nodes - 1], start=1):
             self.predicted[index] = self.decay * self.predicted[index] + probability
             self.accepted[index] = self.decay * self.accepted[index] + (index in accepted)
-        self.total_predicted = self.decay * self.total_predicted + sum(math.exp(score) for score in scores[1:])
+        self.total_predicted = self.decay * self.total_predicted + sum(probabilities)
         self.total_accepted = self.decay * self.total_accepted + len(accepted_nodes)
 
     def observe_costs(self, fixed: float, accept_per_token: float, draft: float | None) -> None:
@@ -251,10 +251,6 @@ class AutoBudget:
     @property
     def fixed_seconds(self) -> float | None:
         return self.profile.fixed_seconds
-
-    @property
-    def draft_seconds(self) -> float | None:
-        return self.profile.draft_seconds
 
     def draft_budget(self) -> int:
         """Nodes to draft this round: twice the largest tree chosen in the last 16 drafted rounds (at least 8), so
