@@ -12,6 +12,7 @@ Methods:
                      seeded per prompt (the same seed for every method)
     jetspec          the head's own tree settings (`head.generation_config`)
     jetspec:B        tree budget B (nodes per tree, root included), or `jetspec:auto` (sized per round, see budget.py)
+    jetspec:head     `"auto"` without prompt-lookup proposals in the tree (the head alone: the ablation of lookup.py)
     chain            the same head drafting a single path (tree_topk=1, depth = block_size - 1): the tree ablation
     prompt_lookup    Transformers' prompt-lookup decoding (`prompt_lookup_num_tokens=10`)
     assisted         Transformers' assisted generation with a smaller draft model sharing the target's tokenizer
@@ -86,6 +87,8 @@ def method_kwargs(method: str, head, draft_model=None) -> dict:
         return {"assistant_model": head}
     if method == "chain":
         return {"assistant_model": head, "tree_budget": head.config.block_size, "tree_topk": 1}
+    if method == "jetspec:head":
+        return {"assistant_model": head, "tree_budget": "auto", "prompt_lookup_num_tokens": 0}
     if method.startswith("jetspec:"):
         budget = method.split(":", 1)[1]
         if budget == "auto":
@@ -94,7 +97,8 @@ def method_kwargs(method: str, head, draft_model=None) -> dict:
             raise ValueError(f"bad method {method!r}: expected jetspec:<budget> or jetspec:auto, e.g. jetspec:16")
         return {"assistant_model": head, "tree_budget": int(budget)}
     raise ValueError(
-        f"unknown method {method!r}; known: plain, jetspec, jetspec:<budget>, jetspec:auto, chain, prompt_lookup, assisted"
+        f"unknown method {method!r}; known: plain, jetspec, jetspec:<budget>, jetspec:auto, jetspec:head, chain, "
+        "prompt_lookup, assisted"
     )
 
 
@@ -115,7 +119,8 @@ def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: i
     """One `generate()` call: greedy, or sampling at `temperature` seeded with `seed` (`torch.manual_seed`)."""
     kwargs = method_kwargs(method, head, draft_model)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    tree_settings = {key: kwargs.pop(key) for key in ("tree_budget", "tree_topk") if key in kwargs}
+    tree_settings = {key: kwargs.pop(key) for key in ("tree_budget", "tree_topk", "prompt_lookup_num_tokens")
+                     if key in kwargs and kwargs.get("assistant_model") is head}
     saved = {}
     if tree_settings:
         saved = {key: getattr(head.generation_config, key, None) for key in tree_settings}
@@ -136,7 +141,8 @@ def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: i
         stats = head.last_generate_stats
         record.update(rounds=stats.rounds, accepted_drafts=stats.accepted_drafts, tree_budget=stats.tree_budget,
                       tree_topk=stats.tree_topk, tau=stats.mean_accepted_length, drafted_nodes=stats.drafted_nodes,
-                      draft_rounds=stats.draft_rounds,
+                      draft_rounds=stats.draft_rounds, lookup_nodes=stats.lookup_nodes,
+                      accepted_lookup=stats.accepted_lookup,
                       time_prefill=stats.time_prefill,
                       **{f"time_{phase}": getattr(stats, f"time_{phase}") for phase in ROUND_PHASES})
     return record

@@ -17,6 +17,10 @@ maximising
 where `t_fixed` (draft, cache, bookkeeping per round) and `t_accept` (the target's lm_head row and the logits
 processors per emitted token) are running means of the measured rounds.
 
+A prompt-lookup proposal (see `lookup.py`) can join the tree as one more branch: [`AutoBudget.choose_tree`] picks the
+head's tree size and the proposal's length together, a proposal token adding `p_d` expected tokens (its measured
+chance of matching the target, `LookupProfile`) and one verify row where it is not already a node of the head's tree.
+
 Drafting itself costs time (the head's forward). When even the best tree does not beat a round without a draft,
 `1 / (t_fixed - t_draft + t_verify(1) + t_accept)` (a plain decoding step), for `patience` drafted rounds in a row, the loop stops
 drafting for a while and decodes plain steps, then probes again, backing off exponentially while probes keep losing.
@@ -35,7 +39,8 @@ from typing import Callable
 
 import torch
 
-from .tree import DraftTree
+from .lookup import LookupProfile
+from .tree import DraftTree, merge_chain
 
 # Tree sizes timed by the calibration (root included); sizes in between are interpolated.
 CPU_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -172,6 +177,7 @@ class AcceptanceProfile:
         self.fixed_seconds: float | None = None
         self.draft_seconds: float | None = None
         self.accept_seconds_per_token: float | None = None
+        self.lookup = LookupProfile()  # how far prompt-lookup proposals matched this target (see `lookup.py`)
 
     @property
     def calibration(self) -> float:
@@ -276,33 +282,92 @@ class AutoBudget:
             self._skip, self._losing_rounds = self._backoff, 0
             self._backoff = min(2 * self._backoff, self.max_backoff)
 
+    def _costs(self) -> tuple[float, float]:
+        profile = self.profile
+        fixed = profile.fixed_seconds if profile.fixed_seconds is not None else 0.5 * self.verify_cost(1)
+        return fixed, profile.accept_seconds_per_token or 0.0
+
     def choose(self, scores: list[float]) -> int:
         """Tree size (root included) maximising expected tokens per second, given a best-first tree's `scores`:
         `E(n) / (fixed + verify(n) + accept_per_token * E(n))`, `E(n) = 1 + sum_{i<n} min(1, c_i * exp(score_i))`."""
+        return self._choose(scores)[0]
+
+    def choose_tree(self, tree: DraftTree, chain: list[int] = (), chain_probabilities: list[float] = (),
+                    drafted: bool = True) -> DraftTree:
+        """The head's best-first `tree` cut to the size, and a prompt-lookup `chain` (see `lookup.py`) cut to the
+        length, that together maximise expected tokens per second; the chain is merged in ([`merge_chain`]).
+
+        A chain node accepted with probability `p_d` (`chain_probabilities`, depth `d`) adds `p_d` expected tokens
+        where it is a new node and `max(0, p_d - q)` where the head's tree already holds its token with probability
+        `q`; only new nodes add rows to the verify forward. `drafted=False`: the head did not run this round (`tree`
+        is the root), so only the chain's length is chosen and the drafting back-off is left alone.
+        """
+        if not drafted:
+            _, length = self._choose([0.0], chain=chain, chain_probabilities=chain_probabilities, update=False)
+            return merge_chain(tree, list(chain[:length]))
+        path = []  # the chain's nodes in the head's full tree, as far as it follows them
+        node = 0
+        for token in chain:
+            node = tree.children[node].get(int(token))
+            if node is None:
+                break
+            path.append(node)
+        size, length = self._choose(tree.scores or [0.0], path, chain, chain_probabilities)
+        return merge_chain(tree.prefix(size), list(chain[:length]))
+
+    def _choose(self, scores: list[float], path: list[int] = (), chain: list[int] = (),
+                chain_probabilities: list[float] = (), update: bool = True) -> tuple[int, int]:
+        """(head nodes, chain tokens) with the best expected tokens per second (see [`choose_tree`]); `update`
+        records the choice and whether drafting pays (against the best round without the head's draft)."""
         profile = self.profile
         fixed = profile.fixed_seconds if profile.fixed_seconds is not None else 0.5 * self.verify_cost(1)
         per_token = profile.accept_seconds_per_token or 0.0
         limit = min(len(scores), self.max_budget)
         scales = profile.scales(limit)
-        best, best_rate, expected = 1, 1.0 / (fixed + self.verify_cost(1) + per_token), 1.0
+        node_probability = [1.0] + [min(1.0, scales[i] * math.exp(scores[i])) for i in range(1, limit)]
+        lookup = [0.0]  # lookup[m]: expected tokens of chain nodes 1..m, were they all new nodes
+        for probability in chain_probabilities:
+            lookup.append(lookup[-1] + probability)
+        on_shared = [0.0]  # over the chain's first nodes that the head's tree holds: sum of max(0, p_d - q)
+        for depth, node in enumerate(path, start=1):
+            head = node_probability[node] if node < limit else 0.0
+            on_shared.append(on_shared[-1] + max(0.0, chain_probabilities[depth - 1] - head))
+
+        def best_with_chain(size: int, head_expected: float, seconds: float) -> tuple[float, int]:
+            shared = bisect.bisect_left(path, size)  # the chain's leading nodes among the first `size` head nodes
+            best_rate, best_length = 0.0, 0
+            for length in range(len(chain) + 1):
+                common = min(length, shared)
+                expected = head_expected + on_shared[common] + lookup[length] - lookup[common]
+                rate = expected / (seconds + self.verify_cost(size + length - common) + per_token * expected)
+                if rate > best_rate:
+                    best_rate, best_length = rate, length
+            return best_rate, best_length
+
+        without_draft = max(fixed - (profile.draft_seconds or 0.0), 0.0)
+        plain_rate, plain_length = best_with_chain(1, 1.0, without_draft)
+        if not update:
+            return 1, plain_length
+        best, expected = 1, 1.0
+        best_rate, best_length = best_with_chain(1, 1.0, fixed)
         for size in range(2, limit + 1):
-            expected += min(1.0, scales[size - 1] * math.exp(scores[size - 1]))
-            rate = expected / (fixed + self.verify_cost(size) + per_token * expected)
+            expected += node_probability[size - 1]
+            rate, length = best_with_chain(size, expected, fixed)
             if rate > best_rate:
-                best, best_rate = size, rate
+                best, best_rate, best_length = size, rate, length
         if profile.draft_seconds is not None:  # known once a round was measured
-            without_draft = max(fixed - profile.draft_seconds, 0.0) + self.verify_cost(1) + per_token
-            self.drafting_pays = best > 1 and best_rate > 1.0 / without_draft
+            self.drafting_pays = best > 1 and best_rate > plain_rate
             self._update_backoff()
         self.sizes.append(best)
-        return best
+        return best, best_length
 
     def observe(self, tree: DraftTree, accepted_nodes: list[int], round_seconds: float, verify_seconds: float,
                 draft_seconds: float | None = None, accept_seconds: float = 0.0) -> None:
         """Updates the profile after a drafted round that verified `tree` and accepted the drafted nodes
         `accepted_nodes` (node indices, root excluded); `draft_seconds` and `accept_seconds` are the head's and the
         accept step's shares of `round_seconds`."""
-        if tree.scores is not None and tree.num_nodes > 1:
-            self.profile.observe_tree(tree.scores, accepted_nodes)
+        head_size = tree.num_head_nodes
+        if tree.scores is not None and head_size > 1:
+            self.profile.observe_tree(tree.scores[:head_size], [node for node in accepted_nodes if node < head_size])
         fixed = max(round_seconds - verify_seconds - accept_seconds, 0.0)
         self.profile.observe_costs(fixed, accept_seconds / (1 + len(accepted_nodes)), draft_seconds)

@@ -7,8 +7,9 @@ from transformers.generation.candidate_generator import CandidateGenerator
 
 from .budget import AutoBudget
 from .draft_vocab import depth_logprobs
+from .lookup import PromptLookupDraft
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead
-from .tree import DraftTree, build_tree
+from .tree import DraftTree, build_tree, merge_chain
 
 
 def default_tree_budget(device: torch.device) -> int:
@@ -49,9 +50,13 @@ class JetSpecCandidateGenerator(CandidateGenerator):
             round's tree with `auto_budget`.
         tree_topk (`int`): candidate tokens per depth.
         auto_budget ([`AutoBudget`], *optional*): required with `tree_budget="auto"`.
+        prompt_lookup ([`PromptLookupDraft`], *optional*): merges a prompt-lookup proposal into every tree (cut to
+            the length that pays under `"auto"`, whole with a fixed budget), also in rounds where the head does not
+            draft.
     """
 
-    def __init__(self, head: JetSpecHead, tree_budget: int | str, tree_topk: int, auto_budget: AutoBudget | None = None):
+    def __init__(self, head: JetSpecHead, tree_budget: int | str, tree_topk: int, auto_budget: AutoBudget | None = None,
+                 prompt_lookup: PromptLookupDraft | None = None):
         tree_budget = resolve_tree_budget(tree_budget)
         if tree_topk < 1:
             raise ValueError(f"`tree_topk` must be >= 1, got {tree_topk}")
@@ -61,6 +66,7 @@ class JetSpecCandidateGenerator(CandidateGenerator):
         self.tree_budget = tree_budget
         self.tree_topk = tree_topk
         self.auto_budget = auto_budget if tree_budget == "auto" else None
+        self.prompt_lookup = prompt_lookup
         self.context_cache = JetSpecContextCache()
         self._pending_features: list[torch.Tensor] = []
         self._pending_positions: list[torch.Tensor] = []
@@ -77,7 +83,7 @@ class JetSpecCandidateGenerator(CandidateGenerator):
             features (`torch.Tensor` of shape `(1, n, K * hidden)`): concatenated tap hidden states.
             position_ids (`torch.LongTensor` of shape `(1, n)`): their positions (contiguous, after the cached ones).
         """
-        if self.tree_budget == 1:  # nothing will be drafted
+        if self.tree_budget == 1:  # the head never drafts
             return
         self._pending_features.append(features)
         self._pending_positions.append(position_ids)
@@ -94,8 +100,12 @@ class JetSpecCandidateGenerator(CandidateGenerator):
         """
         root = int(input_ids[0, -1])
         self.drafted = False
+        chain, chain_probabilities = self.prompt_lookup.propose(input_ids) if self.prompt_lookup else ([], [])
         if self.tree_budget == 1 or (self.auto_budget is not None and not self.auto_budget.should_draft()):
-            return build_tree(root, torch.zeros(0, 1, device=input_ids.device), 1, 1), None  # a plain step
+            tree = build_tree(root, torch.zeros(0, 1, device=input_ids.device), 1, 1)  # a plain step, or a chain
+            if self.auto_budget is not None and chain:
+                return self.auto_budget.choose_tree(tree, chain, chain_probabilities, drafted=False), None
+            return merge_chain(tree, chain), None
         features = positions = None
         if self._pending_features:
             features = torch.cat(self._pending_features, dim=1).to(self.head.dtype)
@@ -116,8 +126,8 @@ class JetSpecCandidateGenerator(CandidateGenerator):
         logprobs, token_ids = depth_logprobs(self.head, output, depth)  # (1, depth, draft vocab)
         tree = build_tree(root, logprobs[0], budget, self.tree_topk, token_ids)
         if self.auto_budget is None:
-            return tree, None
-        return tree.prefix(self.auto_budget.choose(tree.scores)), None
+            return merge_chain(tree, chain), None
+        return self.auto_budget.choose_tree(tree, chain, chain_probabilities), None
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):
         """Nothing to do: with `tree_budget="auto"` the decode loop reports each round's timing to

@@ -18,6 +18,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .attention import TREE_ATTENTION, packed_tree_mask
 from .budget import AutoBudget, acceptance_profile, measure_verify_cost
 from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget, tap_features
+from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
 
 TREE_MASK_ATTENTION = ("sdpa", "eager", "jetspec_tree")
@@ -34,6 +35,8 @@ class JetSpecGenerateStats:
         draft_rounds (`int`): rounds in which the head drafted (with `tree_budget="auto"`, rounds where drafting did
             not pay run as plain steps; see `budget.py`).
         accepted_drafts (`int`): drafted tokens accepted.
+        lookup_nodes (`int`), accepted_lookup (`int`): tree nodes on merged prompt-lookup proposals (shared with the
+            head's or not), and how many of them were accepted (see `lookup.py`).
         tree_budget (`int` or `"auto"`), tree_topk (`int`): the tree settings used.
         time_prefill, time_draft, time_verify, time_accept, time_cache, time_total (`float`): seconds.
     """
@@ -43,6 +46,8 @@ class JetSpecGenerateStats:
     drafted_nodes: int = 0
     accepted_drafts: int = 0
     draft_rounds: int = 0
+    lookup_nodes: int = 0
+    accepted_lookup: int = 0
     tree_budget: int | str = 0
     tree_topk: int = 0
     time_prefill: float = 0.0
@@ -92,11 +97,21 @@ def choose_token(scores: torch.Tensor, do_sample: bool, draft_tokens: list[int])
 def lm_head_chunk(device: torch.device) -> int | None:
     """Rows of the target's lm_head computed at once while accepting (`None`: a whole main chain).
 
-    On a CPU a few rows of a big-vocabulary lm_head cost far more than one or two (SmolLM2's 49k x 576, fp32, 2-core
-    x86 box: 2.4 ms for 1 row, 2.6 ms for 2, 5.3 ms for 4, 8.8 ms for 8) and a round accepts about 1-2 drafts, so
-    rows go two at a time. On a GPU the rows are nearly free: the whole chain goes at once.
+    On a CPU more than three rows of a big-vocabulary lm_head cost far more than one (fp32 `linear` switches kernels
+    at four rows; SmolLM2's 49k x 576 lm_head read from memory on the 2-core x86 box: 4.5 ms for 1 row, 5.1 ms for 3,
+    8.4 ms for 4), so rows go three at a time. On a GPU the rows are nearly free: the whole chain goes at once.
     """
-    return None if device.type == "cuda" else 2
+    return None if device.type == "cuda" else 3
+
+
+def rows_to_project(tree, node: int, done, rows: int | None) -> list[int]:
+    """The tree rows whose target logits one lm_head call computes when `node`'s are needed: `node`, then the nodes
+    below it most likely to be reached (the first ones in the tree's order, best-first for a head's tree) whose
+    logits are not in `done`, `rows` in all; with `rows=None`, `node`'s main chain."""
+    if rows is None:
+        return tree.main_chain(node)
+    below = tree.ancestor_mask[node + 1 :, node].nonzero().flatten().add(node + 1).tolist() if rows > 1 else []
+    return [node, *[other for other in below if other not in done][: rows - 1]]
 
 
 def compact_cache(cache: DynamicCache, past_length: int, keep: torch.LongTensor) -> None:
@@ -200,8 +215,17 @@ def jetspec_decoding(
         )
         auto_budget = AutoBudget(cost, max_budget=getattr(head.generation_config, "tree_max_budget", None),
                                  profile=acceptance_profile(model, head))
+    lookup_tokens = prompt_lookup_tokens(getattr(head.generation_config, "prompt_lookup_num_tokens", None), budget)
+    prompt_lookup = None
+    if lookup_tokens:
+        prompt_lookup = PromptLookupDraft(
+            lookup_tokens, getattr(head.generation_config, "max_matching_ngram_size", None) or 2,
+            eos_token_id=getattr(generation_config, "_eos_token_tensor", None), max_length=generation_config.max_length,
+            profile=None if auto_budget is None else auto_budget.profile.lookup,
+        )
     generator = JetSpecCandidateGenerator(
-        head, tree_budget=budget, tree_topk=head.generation_config.tree_topk, auto_budget=auto_budget
+        head, tree_budget=budget, tree_topk=head.generation_config.tree_topk, auto_budget=auto_budget,
+        prompt_lookup=prompt_lookup,
     )
     stats = JetSpecGenerateStats(tree_budget=budget, tree_topk=generator.tree_topk)
     return_dict = generation_config.return_dict_in_generate
@@ -252,15 +276,15 @@ def jetspec_decoding(
         node_hidden = outputs.last_hidden_state[0]
 
         # 3. Accept: follow the target's own token from the root while a child carries it; the last one is the bonus.
-        #    The lm_head runs over the main chain ahead of the node, `chain_rows` rows at a time (one read of its
-        #    weights for several rows), and again only where the target's path leaves that chain.
+        #    The lm_head runs over the node and the likeliest nodes below it, `chain_rows` rows at a time (one read
+        #    of its weights for several rows), and again only where the target's path leaves those rows.
         t2 = time.perf_counter()
         node_logits: dict[int, torch.Tensor] = {}
 
         def logits_of(node: int) -> torch.Tensor:
             if node not in node_logits:
-                chain = tree.main_chain(node)[:chain_rows]
-                node_logits.update(zip(chain, lm_head(node_hidden[chain])))
+                rows = rows_to_project(tree, node, node_logits, chain_rows)
+                node_logits.update(zip(rows, lm_head(node_hidden[rows])))
             return node_logits[node]
 
         node, accepted = 0, []
@@ -289,6 +313,9 @@ def jetspec_decoding(
         stats.rounds += 1
         stats.drafted_nodes += tree.num_nodes - 1
         stats.accepted_drafts += len(accepted)
+        if tree.lookup_nodes:
+            stats.lookup_nodes += len(tree.lookup_nodes)
+            stats.accepted_lookup += len(set(accepted).intersection(tree.lookup_nodes))
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
         stats.time_accept += t3 - t2

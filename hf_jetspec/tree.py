@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ class DraftTree:
     ancestor_mask: torch.BoolTensor
     children: list[dict[int, int]] = field(repr=False)  # per node: child token -> child index, most likely first
     scores: list[float] | None = field(default=None, repr=False)  # per node: the head's path log-prob (root: 0)
+    head_size: int | None = None  # nodes 0 .. head_size - 1 came from the head (best-first); None: all of them
+    lookup_nodes: tuple[int, ...] = ()  # the merged prompt-lookup chain, node per depth (see `merge_chain`)
 
     @property
     def num_nodes(self) -> int:
@@ -70,6 +73,8 @@ class DraftTree:
         best-first tree it is the best tree of that size."""
         if num_nodes >= self.num_nodes:
             return self
+        if self.lookup_nodes:
+            raise ValueError("take a prefix of the head's tree before merging a prompt-lookup chain into it")
         if num_nodes < 1:
             raise ValueError(f"a tree prefix needs at least the root, got num_nodes={num_nodes}")
         children = [{token: child for token, child in kids.items() if child < num_nodes} for kids in self.children[:num_nodes]]
@@ -81,6 +86,11 @@ class DraftTree:
             children=children,
             scores=None if self.scores is None else self.scores[:num_nodes],
         )
+
+    @property
+    def num_head_nodes(self) -> int:
+        """Nodes drafted by the head (root included): the best-first part, before any merged prompt-lookup nodes."""
+        return self.num_nodes if self.head_size is None else self.head_size
 
     def attention_mask(self, past_length: int, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask `(1, 1, num_nodes, past_length + num_nodes)`: every node sees the whole prefix, itself and its
@@ -125,6 +135,35 @@ def tree_from_parents(
         children=children,
         scores=scores,
     )
+
+
+def merge_chain(tree: DraftTree, chain: list[int]) -> DraftTree:
+    """`tree` with a chain of tokens (a prompt-lookup proposal for depths 1, 2, ...) merged in from the root.
+
+    The chain follows the tree's nodes while they carry its tokens and continues as new nodes, appended after the
+    tree's own (so the head's best-first nodes keep their indices, and each node's existing children stay listed
+    first). The result's `lookup_nodes` is the chain's node at every depth, shared or new; new nodes score `-inf`.
+    """
+    if tree.lookup_nodes:
+        raise ValueError("this tree already holds a prompt-lookup chain")
+    if not chain:
+        return tree
+    tokens, parents = tree.tokens.tolist(), list(tree.parents)
+    scores = None if tree.scores is None else list(tree.scores)
+    node, path, diverged = 0, [], False
+    for token in chain:
+        child = None if diverged else tree.children[node].get(int(token))
+        if child is None:
+            diverged = True
+            tokens.append(int(token))
+            parents.append(node)
+            if scores is not None:
+                scores.append(float("-inf"))
+            child = len(tokens) - 1
+        path.append(child)
+        node = child
+    merged = tree_from_parents(tokens, parents, device=tree.tokens.device, scores=scores)
+    return dataclasses.replace(merged, head_size=tree.num_head_nodes, lookup_nodes=tuple(path))
 
 
 def build_tree(

@@ -47,10 +47,12 @@ def exact_distribution(target, settings: dict) -> np.ndarray:
     return probs.reshape(-1)
 
 
-def sample_counts(target, head, settings: dict, runs: int, seed: int) -> tuple[np.ndarray, float]:
+def sample_counts(target, head, settings: dict, runs: int, seed: int) -> tuple[np.ndarray, float, int]:
+    """(counts of each token sequence, tau, prompt-lookup tokens accepted) over `runs` seeded JetSpec runs."""
     torch.manual_seed(seed)
     counts = np.zeros(VOCAB**NEW_TOKENS)
     accepted = rounds = 0
+    accepted_lookup = 0
     for _ in range(runs):
         out = target.generate(PROMPT, do_sample=True, max_new_tokens=NEW_TOKENS, pad_token_id=0, assistant_model=head,
                               **settings)
@@ -58,7 +60,8 @@ def sample_counts(target, head, settings: dict, runs: int, seed: int) -> tuple[n
         counts[np.ravel_multi_index(tokens, [VOCAB] * NEW_TOKENS)] += 1
         accepted += head.last_generate_stats.accepted_drafts
         rounds += head.last_generate_stats.rounds
-    return counts, (accepted + rounds) / max(rounds, 1)
+        accepted_lookup += head.last_generate_stats.accepted_lookup
+    return counts, (accepted + rounds) / max(rounds, 1), accepted_lookup
 
 
 def compare(counts: np.ndarray, probs: np.ndarray) -> tuple[float, float, float]:
@@ -84,10 +87,25 @@ def test_joint_distribution_of_sampled_tokens_matches_plain_sampling(pair, setti
     target, head = pair
     probs = exact_distribution(target, settings)
     assert abs(probs.sum() - 1) < 1e-9
-    counts, tau = sample_counts(target, head, settings, RUNS, seed=1)
+    counts, tau, _ = sample_counts(target, head, settings, RUNS, seed=1)
     p_value, tv, tv_noise = compare(counts, probs)
     print(f"{settings}: {RUNS} runs, tau {tau:.3f}, chi-square p {p_value:.4f}, TV {tv:.4f} (noise 99.9% {tv_noise:.4f})")
     assert tau > 1.2  # drafts were accepted: the tree walk, not only the prefill's token, is under test
+    assert p_value > 1e-3 and tv <= tv_noise
+
+
+def test_joint_distribution_with_prompt_lookup_in_the_tree_matches_plain_sampling(pair):
+    """Prompt-lookup proposals merged into the tree (see `lookup.py`; the prompt repeats token 1, so they exist)."""
+    target, head = pair
+    settings = SETTINGS["t1.0-topp0.8"]
+    head.generation_config.prompt_lookup_num_tokens = 3
+    try:
+        counts, tau, accepted_lookup = sample_counts(target, head, settings, RUNS, seed=3)
+    finally:
+        head.generation_config.prompt_lookup_num_tokens = None
+    assert accepted_lookup > 0  # proposals were verified and accepted, not only drafted around
+    p_value, tv, tv_noise = compare(counts, exact_distribution(target, settings))
+    print(f"with prompt lookup: tau {tau:.3f}, chi-square p {p_value:.4f}, TV {tv:.4f} (noise 99.9% {tv_noise:.4f})")
     assert p_value > 1e-3 and tv <= tv_noise
 
 
@@ -104,7 +122,7 @@ def test_the_same_test_fails_for_a_broken_acceptance_rule(pair, monkeypatch):
 
     monkeypatch.setattr(hf_jetspec.decoding, "choose_token", broken)
     settings = SETTINGS["t1.0-topp0.8"]
-    counts, _ = sample_counts(target, head, settings, min(RUNS, 5000), seed=2)
+    counts, _, _ = sample_counts(target, head, settings, min(RUNS, 5000), seed=2)
     p_value, tv, tv_noise = compare(counts, exact_distribution(target, settings))
     print(f"broken rule: chi-square p {p_value:.2e}, TV {tv:.4f} (noise 99.9% {tv_noise:.4f})")
     assert p_value < 1e-3 and tv > tv_noise
