@@ -116,8 +116,9 @@ class BatchedDrafter:
             raise RuntimeError("every row needs its newly committed context rows before a draft (anchor_context)")
         context_valid = torch.cat([self.valid, new_valid], dim=1)
         rows = root_ids.shape[0]
-        causal = torch.ones(block, block, dtype=torch.bool, device=root_ids.device).tril()
-        allowed = torch.cat([context_valid[:, None, :].expand(-1, block, -1), causal.expand(rows, -1, -1)], dim=-1)
+        block_rows = depth + 1  # the block is causal: the rows past the drafted depths change nothing
+        causal = torch.ones(block_rows, block_rows, dtype=torch.bool, device=root_ids.device).tril()
+        allowed = torch.cat([context_valid[:, None, :].expand(-1, block_rows, -1), causal.expand(rows, -1, -1)], dim=-1)
         output = head(
             anchor_ids=root_ids[:, None],
             anchor_position_ids=root_position_ids[:, None],
@@ -126,6 +127,7 @@ class BatchedDrafter:
             attention_mask=additive_mask(allowed, head.dtype),
             past_key_values=self.cache,
             logits_to_keep=False,
+            block_rows=block_rows,
         )
         self.valid = context_valid
         roots = root_ids.tolist()

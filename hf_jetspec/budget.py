@@ -302,9 +302,10 @@ class AutoBudget:
         `q`; only new nodes add rows to the verify forward. `drafted=False`: the head did not run this round (`tree`
         is the root), so only the chain's length is chosen and the drafting back-off is left alone.
         """
+        chain_scores = [math.log(max(probability, 1e-30)) for probability in chain_probabilities]
         if not drafted:
             _, length = self._choose([0.0], chain=chain, chain_probabilities=chain_probabilities, update=False)
-            return merge_chain(tree, list(chain[:length]))
+            return merge_chain(tree, list(chain[:length]), chain_scores)
         path = []  # the chain's nodes in the head's full tree, as far as it follows them
         node = 0
         for token in chain:
@@ -313,7 +314,7 @@ class AutoBudget:
                 break
             path.append(node)
         size, length = self._choose(tree.scores or [0.0], path, chain, chain_probabilities)
-        return merge_chain(tree.prefix(size), list(chain[:length]))
+        return merge_chain(tree.prefix(size), list(chain[:length]), chain_scores)
 
     def _choose(self, scores: list[float], path: list[int] = (), chain: list[int] = (),
                 chain_probabilities: list[float] = (), update: bool = True) -> tuple[int, int]:

@@ -106,12 +106,15 @@ def lm_head_chunk(device: torch.device) -> int | None:
 
 def rows_to_project(tree, node: int, done, rows: int | None) -> list[int]:
     """The tree rows whose target logits one lm_head call computes when `node`'s are needed: `node`, then the nodes
-    below it most likely to be reached (the first ones in the tree's order, best-first for a head's tree) whose
-    logits are not in `done`, `rows` in all; with `rows=None`, `node`'s main chain."""
+    below it most likely to be reached (highest `tree.scores`, else the first in the tree's order) whose logits are
+    not in `done`, `rows` in all; with `rows=None`, `node`'s main chain."""
     if rows is None:
         return tree.main_chain(node)
     below = tree.ancestor_mask[node + 1 :, node].nonzero().flatten().add(node + 1).tolist() if rows > 1 else []
-    return [node, *[other for other in below if other not in done][: rows - 1]]
+    below = [other for other in below if other not in done]
+    if tree.scores is not None:
+        below.sort(key=lambda other: -tree.scores[other])  # stable: ties keep the tree's order
+    return [node, *below[: rows - 1]]
 
 
 def compact_cache(cache: DynamicCache, past_length: int, keep: torch.LongTensor) -> None:

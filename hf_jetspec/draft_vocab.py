@@ -107,7 +107,7 @@ def coverage(counts: torch.LongTensor, token_ids: torch.LongTensor) -> float:
 
 def depth_logprobs(head, output, depth: int) -> tuple[torch.Tensor, torch.LongTensor | None]:
     """Log-probs of drafted depths `1 .. depth` from a head forward run with `logits_to_keep=False` over one block
-    per row: `((batch, depth, draft vocab), token ids of the columns or None)`.
+    (of at least `depth + 1` rows) per row: `((batch, depth, draft vocab), token ids of the columns or None)`.
 
     A head whose forward returns logits anyway (a subclass, e.g. a test oracle) is taken at its word (whole vocabulary).
     """
@@ -116,5 +116,5 @@ def depth_logprobs(head, output, depth: int) -> tuple[torch.Tensor, torch.LongTe
         return logits.float().log_softmax(dim=-1), None
     projection = draft_projection(head)
     rows = output.last_hidden_state.shape[0]
-    drafted = output.last_hidden_state.view(rows, head.config.block_size, -1)[:, 1 : 1 + depth]
+    drafted = output.last_hidden_state.view(rows, -1, output.last_hidden_state.shape[-1])[:, 1 : 1 + depth]
     return projection.logprobs(drafted), projection.token_ids

@@ -445,6 +445,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         past_key_values: JetSpecContextCache | None = None,
         logits_to_keep: bool = True,
+        block_rows: int | None = None,
     ) -> JetSpecHeadOutput:
         r"""
         Args:
@@ -458,9 +459,14 @@ class JetSpecHead(JetSpecPreTrainedModel):
                 rows sit at positions `0 .. total_context - 1` (the generation case).
             past_key_values (`JetSpecContextCache`, *optional*): context keys/values of earlier calls.
             logits_to_keep (`bool`, *optional*, defaults to `True`): compute depth logits with the target's lm_head.
+            block_rows (`int`, *optional*): rows of each block to run, anchor included (default: `block_size`). A
+                block is causal, so its first rows come out the same without the rest: drafting `d` depths needs
+                `d + 1`. Outputs then have `block_rows` rows per block (and `attention_mask` must match).
         """
         embed_tokens, lm_head = self._bound()
-        block_size = self.config.block_size
+        block_size = self.config.block_size if block_rows is None else block_rows
+        if not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"`block_rows` must lie in [1, {self.config.block_size}] (the head's block), got {block_rows}")
         batch, num_blocks = anchor_ids.shape
         cache = past_key_values if past_key_values is not None else JetSpecContextCache()
 
@@ -478,7 +484,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
             state = self.context_in(previous.to(hidden_states.dtype))  # (batch, num_blocks, H)
             # anchor row: + state; MASK rows: + state + anchor embedding; every row: + its depth's embedding
             extra = torch.cat([state[:, :, None], (state + anchor_embeds)[:, :, None].expand(-1, -1, block_size - 1, -1)], dim=2)
-            hidden_states = hidden_states + extra + self.depth_embedding.to(hidden_states.dtype)
+            hidden_states = hidden_states + extra + self.depth_embedding[:block_size].to(hidden_states.dtype)
         hidden_states = hidden_states.flatten(1, 2)
         offsets = torch.arange(block_size, device=anchor_ids.device)
         position_ids = (anchor_position_ids[..., None] + offsets).flatten(1)

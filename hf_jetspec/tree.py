@@ -137,12 +137,13 @@ def tree_from_parents(
     )
 
 
-def merge_chain(tree: DraftTree, chain: list[int]) -> DraftTree:
+def merge_chain(tree: DraftTree, chain: list[int], chain_scores: list[float] | None = None) -> DraftTree:
     """`tree` with a chain of tokens (a prompt-lookup proposal for depths 1, 2, ...) merged in from the root.
 
     The chain follows the tree's nodes while they carry its tokens and continues as new nodes, appended after the
     tree's own (so the head's best-first nodes keep their indices, and each node's existing children stay listed
-    first). The result's `lookup_nodes` is the chain's node at every depth, shared or new; new nodes score `-inf`.
+    first). The result's `lookup_nodes` is the chain's node at every depth, shared or new; a new node at depth `d`
+    scores `chain_scores[d - 1]` (a log-probability of being reached), `-inf` without them.
     """
     if tree.lookup_nodes:
         raise ValueError("this tree already holds a prompt-lookup chain")
@@ -158,7 +159,7 @@ def merge_chain(tree: DraftTree, chain: list[int]) -> DraftTree:
             tokens.append(int(token))
             parents.append(node)
             if scores is not None:
-                scores.append(float("-inf"))
+                scores.append(float("-inf") if chain_scores is None else float(chain_scores[len(path)]))
             child = len(tokens) - 1
         path.append(child)
         node = child

@@ -61,8 +61,8 @@ class OracleHead(JetSpecHead):
     rank_of_truth: int = 0
 
     def forward(self, anchor_ids, anchor_position_ids, context_features=None, context_position_ids=None,
-                attention_mask=None, past_key_values=None, logits_to_keep=True):
-        block = self.config.block_size
+                attention_mask=None, past_key_values=None, logits_to_keep=True, block_rows=None):
+        block = self.config.block_size  # all depths, whatever `block_rows` asks: callers slice what they use
         vocab = self.config.vocab_size
         anchor = int(anchor_position_ids[0, 0])
         generator = torch.Generator().manual_seed(anchor)

@@ -57,8 +57,8 @@ class BatchOracleHead(JetSpecHead):
     rank_of_truth: int = 0
 
     def forward(self, anchor_ids, anchor_position_ids, context_features=None, context_position_ids=None,
-                attention_mask=None, past_key_values=None, logits_to_keep=True):
-        block, vocab = self.config.block_size, self.config.vocab_size
+                attention_mask=None, past_key_values=None, logits_to_keep=True, block_rows=None):
+        block, vocab = self.config.block_size, self.config.vocab_size  # all depths: callers slice what they use
         rows = []
         for token, anchor in zip(anchor_ids[:, 0].tolist(), anchor_position_ids[:, 0].tolist()):
             reference = next((r for r in self.references if r.numel() > anchor and int(r[anchor]) == token), None)

@@ -21,6 +21,21 @@ def test_head_drafts_block_size_minus_one_depths_and_caches_only_context(family)
     assert out2.logits.shape == (1, 1, 4, 96)
 
 
+@pytest.mark.parametrize("anchor_context", [True, False])
+def test_a_block_cut_to_its_first_rows_drafts_the_same_depths(anchor_context):
+    """The block is causal: drafting d depths with `block_rows=d + 1` gives the full block's first d depths."""
+    target = make_tiny_target("qwen3", seed=2)
+    head = JetSpecHead.from_target(target, num_hidden_layers=2, block_size=6, anchor_context=anchor_context)
+    features = torch.randn(1, 7, len(head.config.target_layer_ids) * 32)
+    full = head(torch.tensor([[3]]), torch.tensor([[7]]), features, torch.arange(7)[None])
+    for rows in (1, 3):
+        cut = head(torch.tensor([[3]]), torch.tensor([[7]]), features, torch.arange(7)[None], block_rows=rows)
+        assert cut.logits.shape == (1, 1, rows - 1, 96) and cut.last_hidden_state.shape[1] == rows
+        torch.testing.assert_close(cut.last_hidden_state, full.last_hidden_state[:, :rows], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="block_rows"):
+        head(torch.tensor([[3]]), torch.tensor([[7]]), features, torch.arange(7)[None], block_rows=7)
+
+
 def test_incremental_context_equals_one_shot_context():
     target = make_tiny_target("llama")
     head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4)

@@ -9,6 +9,7 @@ from conftest import make_tiny_target
 
 from hf_jetspec import JetSpecHead
 from hf_jetspec.budget import AutoBudget, VerifyCost
+from hf_jetspec.decoding import rows_to_project
 from hf_jetspec.lookup import LookupProfile, PromptLookupDraft, matched_prefix, prompt_lookup_tokens
 from hf_jetspec.tree import build_tree, merge_chain, tree_from_parents
 
@@ -25,6 +26,16 @@ def test_merge_chain_follows_shared_nodes_then_appends():
     assert merged.scores[:4] == TREE.scores and merged.scores[4:] == [-math.inf, -math.inf]
     assert merged.ancestor_mask[5].tolist() == [True, True, False, False, True, True]
     assert merged.depths.tolist() == [0, 1, 1, 2, 2, 3]
+
+
+def test_new_chain_nodes_carry_their_scores_and_the_likeliest_rows_are_projected_first():
+    merged = merge_chain(TREE, [1, 5, 6], [math.log(0.9), math.log(0.5), math.log(0.45)])
+    assert merged.scores[4:] == pytest.approx([math.log(0.5), math.log(0.45)])
+    # below the root: 1 (0.6), 4 (0.5), 5 (0.45), 3 (0.4), 2 (0.3)
+    assert rows_to_project(merged, 0, {}, 3) == [0, 1, 4]
+    assert rows_to_project(merged, 0, {1: None}, 4) == [0, 4, 5, 3]
+    assert rows_to_project(merged, 1, {}, 3) == [1, 4, 5] and rows_to_project(merged, 2, {}, 3) == [2]
+    assert rows_to_project(merged, 0, {}, None) == [0, 1, 3]  # a GPU: the main chain
 
 
 def test_merge_chain_edge_cases():
