@@ -270,9 +270,13 @@ def _budget_of(method: str) -> int | None:
     return int(budget) if budget.isdigit() else None
 
 
+# methods sized per round, drawn as markers at their mean tree size next to the fixed budgets' lines
+AUTO_MARKERS = {"jetspec": "*", "jetspec:auto": "P", "jetspec:head": "D"}
+
+
 def plot_budget(rows: list[dict], path: Path) -> bool:
-    """tau and tokens/s vs tree budget (`jetspec:B` methods), one line per dataset; `jetspec:auto` as a marker at its
-    mean tree size. Returns False (no file) when fewer than two budgets were run."""
+    """tau and tokens/s vs tree budget (`jetspec:B` methods), one line per dataset; `jetspec`, `jetspec:auto` and
+    `jetspec:head` as markers at their mean tree size. Returns False (no file) when fewer than two budgets were run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,14 +296,15 @@ def plot_budget(rows: list[dict], path: Path) -> bool:
         plain = next((r for r in rows if r["dataset"] == dataset and r["method"] == "plain"), None)
         if plain:
             speed_axis.axhline(plain["tokens_per_s"], color=color, linestyle=":", linewidth=1)
-        auto = next((r for r in rows if r["dataset"] == dataset and r["method"] == "jetspec:auto" and "tree_size" in r), None)
-        if auto:
-            tau_axis.plot([auto["tree_size"]], [auto["tau"]], color=color, marker="*", markersize=12, linestyle="")
-            speed_axis.plot([auto["tree_size"]], [auto["tokens_per_s"]], color=color, marker="*", markersize=12,
-                            linestyle="")
+        for method, marker in AUTO_MARKERS.items():
+            auto = next((r for r in rows if r["dataset"] == dataset and r["method"] == method and "tree_size" in r), None)
+            if auto:
+                for axis, value in ((tau_axis, auto["tau"]), (speed_axis, auto["tokens_per_s"])):
+                    axis.plot([auto["tree_size"]], [value], color=color, marker=marker, markersize=10, linestyle="",
+                              label=f"{dataset}: {method}")
     for axis, label in ((tau_axis, "tau (tokens per round, 95% CI)"), (speed_axis, "tokens/s (dotted: plain)")):
         axis.set_xscale("log", base=2)
-        axis.set_xlabel("tree budget (nodes, root included); star: auto at its mean size")
+        axis.set_xlabel("tree budget (nodes, root included); markers: mean size")
         axis.set_ylabel(label)
         axis.legend(fontsize=8)
     figure.tight_layout()
@@ -398,7 +403,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "datasets": args.datasets, "limit": args.limit,
                 "max_new_tokens": args.max_new_tokens, "methods": methods, "greedy": args.temperature <= 0,
                 "head_tree": {"tree_budget": getattr(head.generation_config, "tree_budget", None),
-                              "tree_topk": getattr(head.generation_config, "tree_topk", None)} if head else None}
+                              "tree_topk": getattr(head.generation_config, "tree_topk", None),
+                              "prompt_lookup_num_tokens": getattr(head.generation_config, "prompt_lookup_num_tokens",
+                                                                  None)} if head else None}
     if args.temperature > 0:
         settings["temperature"] = args.temperature
     records_path = output_dir / "records.jsonl"

@@ -8,6 +8,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
+from hf_jetspec.lookup import prompt_lookup_tokens
+
 TEMPLATE = Path(__file__).with_name("jetspec_head_card.md")
 RESULT_FIELDS = ("dataset", "prompts", "max_new_tokens", "tau", "speedup", "hardware", "settings")
 
@@ -29,8 +31,14 @@ def _eval_results(results: list[dict], model_name: str) -> list[EvalResult]:
 def _tree_setting(method: str, head_tree: dict) -> str:
     if method == "chain":
         return "chain (one path, top-1)"
-    budget = method.split(":", 1)[1] if method.startswith("jetspec:") else head_tree.get("tree_budget") or "auto"
-    return f"tree budget {budget}, top-{head_tree.get('tree_topk')}"
+    lookup = head_tree.get("prompt_lookup_num_tokens")
+    if method == "jetspec:head":
+        budget, lookup = "auto", 0
+    else:
+        budget = method.split(":", 1)[1] if method.startswith("jetspec:") else head_tree.get("tree_budget") or "auto"
+    tokens = prompt_lookup_tokens(lookup, budget if budget == "auto" else int(budget))
+    proposals = f"prompt-lookup proposals of up to {tokens} tokens in the tree" if tokens else "no prompt lookup"
+    return f"tree budget {budget}, top-{head_tree.get('tree_topk')}, {proposals}"
 
 
 def rows_from_benchmark(results: dict, method: str | list[str] = "jetspec") -> list[dict]:
@@ -100,8 +108,10 @@ def render_card(head, repo_id: str, results: list[dict] | None = None, license: 
         target_model_type=config.target_model_type, target_num_hidden_layers=config.target_num_hidden_layers,
         vocab_size=config.vocab_size, num_head_layers=config.num_hidden_layers, block_size=config.block_size,
         target_layer_ids=config.target_layer_ids, num_parameters=f"{head.num_parameters():,}",
-        tree_budget=head.generation_config.tree_budget or "auto",
-        tree_topk=head.generation_config.tree_topk, results=results,
+        tree_settings=_tree_setting("jetspec", {
+            "tree_budget": head.generation_config.tree_budget or "auto", "tree_topk": head.generation_config.tree_topk,
+            "prompt_lookup_num_tokens": getattr(head.generation_config, "prompt_lookup_num_tokens", None)}),
+        results=results,
         draft_vocab=(f"{config.draft_vocab_size:,} tokens (drafts score only these; output unaffected)"
                      if config.draft_vocab_size else "the whole vocabulary"),
         training_recipe=json.dumps(recipe, indent=2) if recipe else None,

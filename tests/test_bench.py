@@ -41,6 +41,8 @@ def test_method_names():
     assert method_kwargs("chain", head) == {"assistant_model": head, "tree_budget": 6, "tree_topk": 1}
     assert method_kwargs("jetspec:12", head)["tree_budget"] == 12
     assert method_kwargs("jetspec:auto", head)["tree_budget"] == "auto"
+    assert method_kwargs("jetspec:head", head) == {"assistant_model": head, "tree_budget": "auto",
+                                                   "prompt_lookup_num_tokens": 0}
     for bad in ("jetspec:x", "jetspec:0", "medusa"):
         with pytest.raises(ValueError, match="method"):
             method_kwargs(bad, head)

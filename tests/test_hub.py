@@ -205,7 +205,9 @@ def test_card_rows_come_straight_from_benchmark_results(saved_head):
     rows = rows_from_benchmark(results)
     assert len(rows) == 1 and rows[0]["dataset"] == "gsm8k_test" and rows[0]["tau"] == 3.0
     assert rows[0]["hardware"] == "2-core x86_64 CPU, 2 torch threads, float32"
-    assert rows[0]["speedup"] == round(12.0 / 6.6, 2) and "tree budget 16, top-7" in rows[0]["settings"]
+    assert rows[0]["speedup"] == round(12.0 / 6.6, 2) and "tree budget 16, top-7, no prompt lookup" in rows[0]["settings"]
+    auto = {**results, "settings": {"max_new_tokens": 256, "head_tree": {"tree_budget": "auto", "tree_topk": 7}}}
+    assert "tree budget auto, top-7, prompt-lookup proposals of up to 10 tokens" in rows_from_benchmark(auto)[0]["tree"]
     _, head, _ = saved_head
     card = render_card(head, "someone/tiny-jetspec-head", results=rows)
     validate_card_metadata(card)
