@@ -203,6 +203,7 @@ class AcceptanceHistory:
         self.tokens = [0.0] * (max_nodes + 1)  # index n: decayed sum of tokens per row-round with n nodes
         self.weight = [0.0] * (max_nodes + 1)
         self.host_seconds_per_row: float | None = None
+        self.plain_step_seconds: dict[int, float] = {}  # batch size -> measured step of Transformers' own decoding
 
     @property
     def observed(self) -> bool:
@@ -219,6 +220,11 @@ class AcceptanceHistory:
     def observe_host(self, seconds_per_row: float) -> None:
         previous = self.host_seconds_per_row
         self.host_seconds_per_row = seconds_per_row if previous is None else 0.9 * previous + 0.1 * seconds_per_row
+
+    def observe_plain_step(self, batch_size: int, seconds: float) -> None:
+        """A measured step of plain decoding at `batch_size` (host work included; see `PlainStepTimer`)."""
+        previous = self.plain_step_seconds.get(batch_size)
+        self.plain_step_seconds[batch_size] = seconds if previous is None else 0.5 * previous + 0.5 * seconds
 
     def expected_tokens(self, num_nodes: int) -> float:
         """Mean tokens per row-round with `num_nodes` nodes; beyond the largest size seen, that size's mean (a tree
@@ -269,7 +275,8 @@ def plan_batch(cost: BatchCost, history: AcceptanceHistory, block_size: int, max
 
     With no history the call explores (largest affordable trees; each round then sizes its own tree with
     [`BatchRoundBudget`] and stops drafting when it does not pay). With history, tree size `n` is worth
-    `batch_size * E(n) / round_seconds(n)` tokens per second against `batch_size / plain_step` for plain decoding;
+    `batch_size * E(n) / round_seconds(n)` tokens per second against `batch_size / plain_step` for plain decoding
+    (measured in earlier plain calls at this batch size when there were any);
     when no `n > 1` beats plain, the call does not speculate. Drafted trees may grow to twice the best size, so that
     rounds keep measuring the next sizes up.
 
@@ -286,7 +293,9 @@ def plan_batch(cost: BatchCost, history: AcceptanceHistory, block_size: int, max
         return BatchPlan(speculate=True, max_nodes=cap, depth=min(block_size - 1, cap - 1))
     batch = cost.batch_size
     host = history.host_seconds_per_row or 0.0
-    plain_rate = batch / cost.plain_step()
+    # a plain step as measured in earlier calls at this batch size (Transformers' loop adds host work to the forward),
+    # else the forward and lm_head alone: a conservative estimate
+    plain_rate = batch / max(cost.plain_step(), history.plain_step_seconds.get(batch, 0.0))
     best, best_rate = 1, plain_rate
     for nodes in range(2, cap + 1):
         depth = min(block_size - 1, nodes - 1)

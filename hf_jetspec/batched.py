@@ -18,12 +18,14 @@ and when speculation would not beat plain decoding the call runs Transformers' o
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import decoding
@@ -156,13 +158,35 @@ def row_logits_processors(logits_processor: LogitsProcessorList, batch_size: int
     return per_row
 
 
+class PlainStepTimer(StoppingCriteria):
+    """Never stops anything; notes when each step of Transformers' decoding loop ends, so that the median step (host
+    work included, the prefill left out) can be compared with speculation next time."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def step_seconds(self) -> float | None:
+        steps = [later - earlier for earlier, later in zip(self.times, self.times[1:])]
+        return statistics.median(steps) if len(steps) >= 4 else None
+
+
 def _plain_decoding(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
                     head, stats, **model_kwargs):
-    """Transformers' own decoding for the whole call (speculation would be slower at this batch size)."""
+    """Transformers' own decoding for the whole call (speculation would be slower at this batch size); its step time
+    is recorded in the head's `AcceptanceHistory` for the next plan at this batch size."""
     stats.speculated = False
     head.last_generate_stats = stats
-    return model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                         generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+    timer = PlainStepTimer()
+    output = model._sample(input_ids, logits_processor=logits_processor,
+                           stopping_criteria=StoppingCriteriaList([*stopping_criteria, timer]),
+                           generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+    if timer.step_seconds() is not None:
+        acceptance_history(head).observe_plain_step(input_ids.shape[0], timer.step_seconds())
+    return output
 
 
 def batch_tree_inputs(

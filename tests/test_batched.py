@@ -291,6 +291,19 @@ def test_trees_shrink_as_the_batch_grows_and_speculation_stops_where_it_loses():
     assert not plan_batch(synthetic_cost(4, draft_base=50.0), history, block_size=16).speculate
 
 
+def test_a_measured_plain_step_enters_the_plan():
+    """Transformers' loop costs more than its forward (host work); a step measured in a plain call at a batch size
+    replaces the forward-only estimate there, and only when it is the larger one."""
+    history = depth_history()
+    assert not plan_batch(synthetic_cost(16), history, block_size=16).speculate
+    history.observe_plain_step(16, 5.0)  # 5 s a step measured where the forward alone is estimated at about 1 s
+    plan = plan_batch(synthetic_cost(16), history, block_size=16)
+    assert plan.speculate and plan.expected_speedup > 1.0
+    faster = depth_history()
+    faster.observe_plain_step(16, 0.01)  # below the estimate: the conservative estimate stands
+    assert not plan_batch(synthetic_cost(16), faster, block_size=16).speculate
+
+
 def test_round_budget_shrinks_trees_as_rows_grow():
     logprobs = torch.log_softmax(3 * torch.randn(6, 20, generator=torch.Generator().manual_seed(0)), -1)
     tree = build_tree(1, logprobs, budget=48, topk=4)
@@ -329,6 +342,8 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
         out = target.generate(input_ids, assistant_model=head, **kwargs)
         assert out.tolist() == expected.tolist()
         assert head.last_generate_stats.speculated is speculated and bool(sampled) is not speculated
+        if not speculated:  # Transformers' loop ran: its step time is kept for the next plan at this batch size
+            assert history.plain_step_seconds[input_ids.shape[0]] > 0
     # no history: the call explores, finds that drafting does not pay, and stops drafting for the rest of the call
     monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch, 50.0))
     monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda head: AcceptanceHistory())
