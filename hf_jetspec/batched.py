@@ -184,8 +184,9 @@ def _plain_decoding(model, input_ids, logits_processor, stopping_criteria, gener
     output = model._sample(input_ids, logits_processor=logits_processor,
                            stopping_criteria=StoppingCriteriaList([*stopping_criteria, timer]),
                            generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
-    if timer.step_seconds() is not None:
-        acceptance_history(head).observe_plain_step(input_ids.shape[0], timer.step_seconds())
+    step = timer.step_seconds()
+    if step is not None:
+        acceptance_history(head).observe_plain_step(input_ids.shape[0], step)
     return output
 
 

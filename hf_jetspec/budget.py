@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from .lookup import LookupProfile
-from .tree import DraftTree, merge_chain
+from .tree import DraftTree, chain_path, merge_chain
 
 # Tree sizes timed by the calibration (root included); sizes in between are interpolated.
 CPU_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -302,19 +302,12 @@ class AutoBudget:
         `q`; only new nodes add rows to the verify forward. `drafted=False`: the head did not run this round (`tree`
         is the root), so only the chain's length is chosen and the drafting back-off is left alone.
         """
-        chain_scores = [math.log(max(probability, 1e-30)) for probability in chain_probabilities]
         if not drafted:
             _, length = self._choose([0.0], chain=chain, chain_probabilities=chain_probabilities, update=False)
-            return merge_chain(tree, list(chain[:length]), chain_scores)
-        path = []  # the chain's nodes in the head's full tree, as far as it follows them
-        node = 0
-        for token in chain:
-            node = tree.children[node].get(int(token))
-            if node is None:
-                break
-            path.append(node)
+            return merge_chain(tree, list(chain[:length]), chain_probabilities)
+        path = chain_path(tree, chain)  # the chain's nodes in the head's full tree, as far as it follows them
         size, length = self._choose(tree.scores or [0.0], path, chain, chain_probabilities)
-        return merge_chain(tree.prefix(size), list(chain[:length]), chain_scores)
+        return merge_chain(tree.prefix(size), list(chain[:length]), chain_probabilities)
 
     def _choose(self, scores: list[float], path: list[int] = (), chain: list[int] = (),
                 chain_probabilities: list[float] = (), update: bool = True) -> tuple[int, int]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
@@ -30,10 +28,6 @@ def resolve_tree_budget(value) -> int | str:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`tree_budget` must be 'auto' or an int >= 1 (nodes per tree, root included), got {value!r}")
     return value
-
-
-def _log(probabilities: list[float]) -> list[float]:
-    return [math.log(max(probability, 1e-30)) for probability in probabilities]
 
 
 def tap_features(hidden_states: tuple[torch.Tensor | None, ...], target_layer_ids: list[int]) -> torch.Tensor:
@@ -111,7 +105,7 @@ class JetSpecCandidateGenerator(CandidateGenerator):
             tree = build_tree(root, torch.zeros(0, 1, device=input_ids.device), 1, 1)  # a plain step, or a chain
             if self.auto_budget is not None and chain:
                 return self.auto_budget.choose_tree(tree, chain, chain_probabilities, drafted=False), None
-            return merge_chain(tree, chain, _log(chain_probabilities)), None
+            return merge_chain(tree, chain, chain_probabilities), None
         features = positions = None
         if self._pending_features:
             features = torch.cat(self._pending_features, dim=1).to(self.head.dtype)
@@ -133,7 +127,7 @@ class JetSpecCandidateGenerator(CandidateGenerator):
         logprobs, token_ids = depth_logprobs(self.head, output, depth)  # (1, depth, draft vocab)
         tree = build_tree(root, logprobs[0], budget, self.tree_topk, token_ids)
         if self.auto_budget is None:
-            return merge_chain(tree, chain, _log(chain_probabilities)), None
+            return merge_chain(tree, chain, chain_probabilities), None
         return self.auto_budget.choose_tree(tree, chain, chain_probabilities), None
 
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, num_matches: int):

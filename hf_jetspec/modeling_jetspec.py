@@ -464,8 +464,9 @@ class JetSpecHead(JetSpecPreTrainedModel):
                 `d + 1`. Outputs then have `block_rows` rows per block (and `attention_mask` must match).
         """
         embed_tokens, lm_head = self._bound()
-        block_size = self.config.block_size if block_rows is None else block_rows
-        if not 1 <= block_size <= self.config.block_size:
+        if block_rows is None:
+            block_rows = self.config.block_size
+        elif not 1 <= block_rows <= self.config.block_size:
             raise ValueError(f"`block_rows` must lie in [1, {self.config.block_size}] (the head's block), got {block_rows}")
         batch, num_blocks = anchor_ids.shape
         cache = past_key_values if past_key_values is not None else JetSpecContextCache()
@@ -475,24 +476,24 @@ class JetSpecHead(JetSpecPreTrainedModel):
             fused = self.fuse_context(context_features)
             self._append_context(fused, context_position_ids, cache)
 
-        # Block rows: [anchor embedding, MASK x (block_size - 1)] at positions anchor + 0 .. block_size - 1.
+        # Block rows: [anchor embedding, MASK x (block_rows - 1)] at positions anchor + 0 .. block_rows - 1.
         anchor_embeds = embed_tokens(anchor_ids)  # (batch, num_blocks, H)
-        mask_embeds = self.mask_embedding.to(anchor_embeds.dtype).expand(batch, num_blocks, block_size - 1, -1)
+        mask_embeds = self.mask_embedding.to(anchor_embeds.dtype).expand(batch, num_blocks, block_rows - 1, -1)
         hidden_states = torch.cat([anchor_embeds[:, :, None], mask_embeds], dim=2)
         if self.config.anchor_context:
             previous = self._previous_context_rows(fused, context_position_ids, anchor_position_ids, cache)
             state = self.context_in(previous.to(hidden_states.dtype))  # (batch, num_blocks, H)
             # anchor row: + state; MASK rows: + state + anchor embedding; every row: + its depth's embedding
-            extra = torch.cat([state[:, :, None], (state + anchor_embeds)[:, :, None].expand(-1, -1, block_size - 1, -1)], dim=2)
-            hidden_states = hidden_states + extra + self.depth_embedding[:block_size].to(hidden_states.dtype)
+            extra = torch.cat([state[:, :, None], (state + anchor_embeds)[:, :, None].expand(-1, -1, block_rows - 1, -1)], dim=2)
+            hidden_states = hidden_states + extra + self.depth_embedding[:block_rows].to(hidden_states.dtype)
         hidden_states = hidden_states.flatten(1, 2)
-        offsets = torch.arange(block_size, device=anchor_ids.device)
+        offsets = torch.arange(block_rows, device=anchor_ids.device)
         position_ids = (anchor_position_ids[..., None] + offsets).flatten(1)
 
         if attention_mask is None:
             total_context = cache.get_seq_length()
             all_context_positions = torch.arange(total_context, device=anchor_ids.device).expand(batch, -1)
-            attention_mask = draft_attention_mask(all_context_positions, anchor_position_ids, block_size, hidden_states.dtype)
+            attention_mask = draft_attention_mask(all_context_positions, anchor_position_ids, block_rows, hidden_states.dtype)
 
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
@@ -507,6 +508,6 @@ class JetSpecHead(JetSpecPreTrainedModel):
 
         logits = None
         if logits_to_keep:
-            drafted = hidden_states.view(batch, num_blocks, block_size, -1)[:, :, 1:]
+            drafted = hidden_states.view(batch, num_blocks, block_rows, -1)[:, :, 1:]
             logits = lm_head(drafted)
         return JetSpecHeadOutput(logits=logits, last_hidden_state=hidden_states, past_key_values=cache)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -137,13 +138,24 @@ def tree_from_parents(
     )
 
 
-def merge_chain(tree: DraftTree, chain: list[int], chain_scores: list[float] | None = None) -> DraftTree:
+def chain_path(tree: DraftTree, chain: list[int]) -> list[int]:
+    """The nodes that carry `chain` from the root down (depths 1, 2, ...), as far as the tree holds its tokens."""
+    path, node = [], 0
+    for token in chain:
+        node = tree.child_with_token(node, int(token))
+        if node is None:
+            break
+        path.append(node)
+    return path
+
+
+def merge_chain(tree: DraftTree, chain: list[int], chain_probabilities: list[float] | None = None) -> DraftTree:
     """`tree` with a chain of tokens (a prompt-lookup proposal for depths 1, 2, ...) merged in from the root.
 
-    The chain follows the tree's nodes while they carry its tokens and continues as new nodes, appended after the
-    tree's own (so the head's best-first nodes keep their indices, and each node's existing children stay listed
-    first). The result's `lookup_nodes` is the chain's node at every depth, shared or new; a new node at depth `d`
-    scores `chain_scores[d - 1]` (a log-probability of being reached), `-inf` without them.
+    The chain follows the tree's nodes while they carry its tokens ([`chain_path`]) and continues as new nodes,
+    appended after the tree's own (so the head's best-first nodes keep their indices, and each node's existing
+    children stay listed first). The result's `lookup_nodes` is the chain's node at every depth, shared or new; a new
+    node at depth `d` scores `log(chain_probabilities[d - 1])` (its chance of being reached), `-inf` without them.
     """
     if tree.lookup_nodes:
         raise ValueError("this tree already holds a prompt-lookup chain")
@@ -151,18 +163,14 @@ def merge_chain(tree: DraftTree, chain: list[int], chain_scores: list[float] | N
         return tree
     tokens, parents = tree.tokens.tolist(), list(tree.parents)
     scores = None if tree.scores is None else list(tree.scores)
-    node, path, diverged = 0, [], False
-    for token in chain:
-        child = None if diverged else tree.children[node].get(int(token))
-        if child is None:
-            diverged = True
-            tokens.append(int(token))
-            parents.append(node)
-            if scores is not None:
-                scores.append(float("-inf") if chain_scores is None else float(chain_scores[len(path)]))
-            child = len(tokens) - 1
-        path.append(child)
-        node = child
+    path = chain_path(tree, chain)
+    for depth in range(len(path), len(chain)):
+        parents.append(path[-1] if path else 0)
+        tokens.append(int(chain[depth]))
+        if scores is not None:
+            scores.append(float("-inf") if chain_probabilities is None
+                          else math.log(max(chain_probabilities[depth], 1e-30)))
+        path.append(len(tokens) - 1)
     merged = tree_from_parents(tokens, parents, device=tree.tokens.device, scores=scores)
     return dataclasses.replace(merged, head_size=tree.num_head_nodes, lookup_nodes=tuple(path))
 

@@ -29,7 +29,7 @@ def test_merge_chain_follows_shared_nodes_then_appends():
 
 
 def test_new_chain_nodes_carry_their_scores_and_the_likeliest_rows_are_projected_first():
-    merged = merge_chain(TREE, [1, 5, 6], [math.log(0.9), math.log(0.5), math.log(0.45)])
+    merged = merge_chain(TREE, [1, 5, 6], [0.9, 0.5, 0.45])
     assert merged.scores[4:] == pytest.approx([math.log(0.5), math.log(0.45)])
     # below the root: 1 (0.6), 4 (0.5), 5 (0.45), 3 (0.4), 2 (0.3)
     assert rows_to_project(merged, 0, {}, 3) == [0, 1, 4]
