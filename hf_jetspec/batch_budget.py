@@ -18,6 +18,7 @@ size costs more and the best `n` shrinks, down to `n = 1`: no speculation.
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 import time
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .budget import AcceptanceProfile, VerifyCost, monotone
-from .tree import DraftTree
+from .tree import DraftTree, chain_path, merge_chain
 
 # Largest total rows (batch_size * nodes per row) a verify forward is timed and planned for.
 MAX_TOTAL_ROWS = {"cpu": 256, "cuda": 4096}
@@ -309,20 +310,63 @@ def plan_batch(cost: BatchCost, history: AcceptanceHistory, block_size: int, max
                      expected_speedup=best_rate / plain_rate)
 
 
+def row_choices(
+    node_probability: list[float], path: list[int], chain_probabilities: list[float], max_width: int
+) -> list[tuple[float, int, int]]:
+    """A row's best tree for every width: entry `w` (0 unused) is `(expected tokens, head nodes h, chain tokens L)` of
+    the best tree of at most `w` nodes made of the head's first `h` best-first nodes and a prompt-lookup chain's
+    first `L` tokens merged in (see `lookup.py`).
+
+    Args:
+        node_probability (`list[float]`): the head's nodes' acceptance probabilities (index 0, the root: 1).
+        path (`list[int]`): the chain's nodes in the head's tree, as far as it follows them ([`chain_path`]).
+        chain_probabilities (`list[float]`): `P(the chain's first d tokens are right)`, `d = 1, 2, ...`.
+        max_width (`int`): largest tree considered.
+
+    A chain node at depth `d` adds `p_d` expected tokens as a new node (one more row) and `max(0, p_d - q)` where the
+    head's first `h` nodes hold it with probability `q` (no row), as in [`AutoBudget.choose_tree`].
+    """
+    lookup = [0.0]  # lookup[L]: expected tokens of chain nodes 1..L, were they all new nodes
+    for probability in chain_probabilities:
+        lookup.append(lookup[-1] + probability)
+    on_shared = [0.0]  # over the chain's first nodes that the head's tree holds: sum of max(0, p_d - q)
+    for depth, node in enumerate(path, start=1):
+        held = node_probability[node] if node < len(node_probability) else 0.0
+        on_shared.append(on_shared[-1] + max(0.0, chain_probabilities[depth - 1] - held))
+    best = [(1.0, 1, 0)] * (max_width + 1)
+    head_expected = 0.0
+    for size in range(1, min(len(node_probability), max_width) + 1):
+        head_expected += node_probability[size - 1]
+        shared = bisect.bisect_left(path, size)  # the chain's leading nodes among the first `size` head nodes
+        for length in range(len(chain_probabilities) + 1):
+            common = min(length, shared)
+            nodes = size + length - common
+            if nodes > max_width:
+                break
+            expected = head_expected + on_shared[common] + lookup[length] - lookup[common]
+            if expected > best[nodes][0]:
+                best[nodes] = (expected, size, length)
+    for width in range(2, max_width + 1):  # a tree of fewer nodes fits a wider round too
+        if best[width - 1][0] >= best[width][0]:
+            best[width] = best[width - 1]
+    return best
+
+
 class BatchRoundBudget:
-    """Chooses each round's tree size (common to all rows) from the drafted trees' scores and the measured costs, and
-    tells whether drafting still pays.
+    """Chooses each round's trees (one common width, padded) from the drafted trees' scores, the rows' prompt-lookup
+    proposals and the measured costs, and tells whether drafting still pays.
 
     Node `i` of a row's best-first tree is accepted with probability about `c_i * exp(score_i)`, `c_i` calibrating
     the head's confidence at that node index against what the target accepted there (the head's
-    [`AcceptanceProfile`], shared with [`AutoBudget`]). The round keeps the prefix size `n` maximising
-    `sum_rows E_row(n) / (fixed + verify(rows * n))`, `fixed` being a running mean of the rest of a round (draft,
-    accept, cache, host). Drafting pays while that best rate beats plain rounds without a draft:
-    `rows / (fixed - draft + verify(rows))`.
+    [`AcceptanceProfile`], shared with [`AutoBudget`]); a proposal's first `d` tokens are right with the probability
+    its [`LookupProfile`] measured. For every width `w` each row takes its best tree of at most `w` nodes
+    ([`row_choices`]); the round keeps the `w` maximising `sum_rows E_row(w) / (fixed + verify(rows * w))`, `fixed`
+    being a running mean of the rest of a round (draft, accept, cache, host). Drafting pays while that best rate beats
+    rounds without a draft (proposals only): the same choice with no head nodes and `fixed - draft`.
 
     Args:
         cost ([`BatchCost`]): measured costs.
-        max_nodes (`int`): largest size considered.
+        max_nodes (`int`): most head nodes per row.
         initial_fixed (`float`): `fixed` before the first round is measured.
         initial_draft (`float`): seconds of a draft before the first round is measured.
         profile ([`AcceptanceProfile`], *optional*): the head's calibration (default: a fresh one).
@@ -343,33 +387,63 @@ class BatchRoundBudget:
         return self.profile.calibration
 
     def choose(self, trees: list[DraftTree]) -> int:
-        """Nodes per row (root included) for this round; also sets [`drafting_pays`]."""
+        """Nodes per row (root included) for this round without proposals; also sets [`drafting_pays`]."""
+        return max(tree.num_nodes for tree in self.choose_trees(trees))
+
+    def choose_trees(self, trees: list[DraftTree], chains: list[list[int]] | None = None,
+                     chain_probabilities: list[list[float]] | None = None, drafted: bool = True) -> list[DraftTree]:
+        """Each row's tree for this round: its head tree cut and its proposal (`chains[r]`, right with
+        `chain_probabilities[r]`) cut and merged in, at the common width with the best expected tokens per second.
+        `drafted=False`: the head did not run (`trees` are roots), so only the proposals' lengths are chosen and
+        [`drafting_pays`] is left alone."""
         rows = len(trees)
-        limit = min(self.max_nodes, max(tree.num_nodes for tree in trees))
-        scales = self.profile.scales(limit)
-        expected = [0.0] * (limit + 1)  # expected[n]: summed over rows, tokens from node n - 1
-        for tree in trees:
+        chains = chains or [[] for _ in trees]
+        chain_probabilities = chain_probabilities or [[] for _ in trees]
+        head_limit = min(self.max_nodes, max(tree.num_nodes for tree in trees)) if drafted else 1
+        width_limit = max(head_limit + max(len(chain) for chain in chains), 1)
+        width_limit = min(width_limit, max(self.cost.max_nodes, head_limit))
+        scales = self.profile.scales(head_limit)
+        with_head, without_head = [], []
+        for tree, chain, probabilities in zip(trees, chains, chain_probabilities):
             scores = tree.scores or [0.0]
-            for node in range(1, min(len(scores), limit)):
-                expected[node + 1] += min(1.0, scales[node] * math.exp(scores[node]))
-        best, best_rate, total = 1, rows / (self.fixed_seconds + self.cost.verify_seconds(rows, 1)), float(rows)
-        for nodes in range(2, limit + 1):
-            total += expected[nodes]
-            rate = total / (self.fixed_seconds + self.cost.verify_seconds(rows, nodes))
-            if rate > best_rate:
-                best, best_rate = nodes, rate
-        without_draft = max(self.fixed_seconds - self.draft_seconds, 0.0) + self.cost.verify_seconds(rows, 1)
-        self.drafting_pays = best > 1 and best_rate > rows / without_draft
-        self.sizes.append(best)
-        return best
+            size = min(len(scores), head_limit)
+            node_probability = [1.0] + [min(1.0, scales[i] * math.exp(scores[i])) for i in range(1, size)]
+            path = chain_path(tree, chain) if chain else []
+            with_head.append(row_choices(node_probability, path, list(probabilities[: len(chain)]), width_limit))
+            if drafted and chain:
+                without_head.append(row_choices([1.0], [], list(probabilities[: len(chain)]), width_limit))
+
+        def best_width(choices: list[list[tuple[float, int, int]]], fixed: float) -> tuple[int, float]:
+            best, best_rate = 1, -1.0
+            for width in range(1, width_limit + 1):
+                rate = sum(row[width][0] for row in choices) / (fixed + self.cost.verify_seconds(rows, width))
+                if rate > best_rate:
+                    best, best_rate = width, rate
+            return best, best_rate
+
+        fixed = self.fixed_seconds if drafted else max(self.fixed_seconds - self.draft_seconds, 0.0)
+        width, rate = best_width(with_head, fixed)
+        if drafted:
+            no_draft = max(self.fixed_seconds - self.draft_seconds, 0.0)
+            _, rate_without = best_width(without_head, no_draft) if without_head else (1, rows / (
+                no_draft + self.cost.verify_seconds(rows, 1)))
+            self.drafting_pays = any(row[width][1] > 1 for row in with_head) and rate > rate_without
+        self.sizes.append(width)
+        merged = []
+        for tree, chain, probabilities, row in zip(trees, chains, chain_probabilities, with_head):
+            _, size, length = row[width]
+            cut = tree.prefix(size) if size < tree.num_nodes else tree
+            merged.append(merge_chain(cut, list(chain[:length]), list(probabilities)) if length else cut)
+        return merged
 
     def observe(self, trees: list[DraftTree], accepted: list[list[int]], round_seconds: float, verify_seconds: float,
                 draft_seconds: float) -> None:
         """Updates the calibration and the running costs after a round (`accepted[r]`: the drafted nodes row `r`
-        accepted, as node indices)."""
+        accepted, as node indices); only the head's own nodes calibrate the head."""
         for tree, path in zip(trees, accepted):
-            if tree.scores is not None and tree.num_nodes > 1:
-                self.profile.observe_tree(tree.scores, path)
+            head_size = tree.num_head_nodes
+            if tree.scores is not None and head_size > 1:
+                self.profile.observe_tree(tree.scores[:head_size], [node for node in path if node < head_size])
         fixed = max(round_seconds - verify_seconds, 0.0)
         self.fixed_seconds = 0.8 * self.fixed_seconds + 0.2 * fixed
         self.draft_seconds = 0.8 * self.draft_seconds + 0.2 * draft_seconds

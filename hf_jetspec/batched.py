@@ -34,8 +34,11 @@ from .budget import acceptance_profile
 from .batched_draft import BatchedDrafter, compact_cache_rows
 from .candidate_generator import resolve_tree_budget, tap_features
 from .decoding import JetSpecGenerateStats
+from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
-from .tree import DraftTree, additive_mask, build_tree
+from .exact_argmax import exact_argmax_for
+from .projection import ProjectionCost, measure_projection
+from .tree import DraftTree, additive_mask, build_tree, merge_chain
 
 BATCH_MASK_ATTENTION = ("sdpa", "eager")
 # Logits processors that index the batch (or keep per-call state across steps): a row's tokens are processed alone,
@@ -237,6 +240,31 @@ def keep_tree_slots(cache: DynamicCache, past_length: int, index: torch.LongTens
         cache.crop(-(tree_rows - width))
 
 
+def projection_rows(
+    trees: list[DraftTree],
+    waiting: list[int],
+    nodes: list[int],
+    done: list[dict[int, torch.Tensor]],
+    projection: ProjectionCost | None,
+) -> list[tuple[int, int]]:
+    """The `(row, node)` pairs whose target logits the next lm_head call computes: each waiting row's main chain from
+    its current node (logits not in `done[row]`), then, up to [`ProjectionCost.padded_rows`] of that (`projection=None`:
+    all of them), the waiting rows' other nodes, likeliest first (highest `tree.scores`, else the tree's order)."""
+    wanted = [(i, node) for i in waiting for node in trees[i].main_chain(nodes[i]) if node not in done[i]]
+    room = sum(tree.num_nodes for tree in trees) if projection is None else projection.padded_rows(len(wanted)) - len(wanted)
+    if room > 0:
+        chosen = set(wanted)
+        extra = [
+            (i, node)
+            for i in waiting
+            for node in range(1, trees[i].num_nodes)
+            if node not in done[i] and (i, node) not in chosen
+        ]
+        extra.sort(key=lambda pair: -trees[pair[0]].scores[pair[1]] if trees[pair[0]].scores is not None else pair[1])
+        wanted += extra[:room]
+    return wanted
+
+
 @torch.no_grad()
 def batched_jetspec_decoding(
     model,
@@ -286,6 +314,7 @@ def batched_jetspec_decoding(
 
     decoder = getattr(model, model.base_model_prefix)
     lm_head = model.get_output_embeddings()
+    projection = measure_projection(model)
     target_layer_ids = head.config.target_layer_ids
     hidden_state_ids = [i + 1 for i in target_layer_ids]
     do_sample = bool(generation_config.do_sample)
@@ -300,14 +329,31 @@ def batched_jetspec_decoding(
     lengths = [prompt_length] * batch
     finished_at: list[int | None] = [None] * batch
     processors = row_logits_processors(logits_processor, batch)
+    # greedy rows without logits processors need only the argmax: a bf16 pass + an fp32 recheck where it is faster
+    argmax = None if do_sample or len(logits_processor) else exact_argmax_for(model)
+    # Per row: prompt-lookup proposals over its own tokens (padding left out), scored in the head's shared profile.
+    lookup_tokens = prompt_lookup_tokens(getattr(head.generation_config, "prompt_lookup_num_tokens", None), budget)
+    left_padding = (prompt_length - prompt_mask.sum(-1)).tolist()
+    lookups = [
+        PromptLookupDraft(
+            lookup_tokens, getattr(head.generation_config, "max_matching_ngram_size", None) or 2,
+            eos_token_id=getattr(generation_config, "_eos_token_tensor", None), max_length=max_length - left_padding[row],
+            profile=None if round_budget is None else round_budget.profile.lookup,
+        )
+        for row in range(batch)
+    ] if lookup_tokens else None
 
-    def emit(row: int, logits: torch.Tensor, draft_tokens: list[int]) -> tuple[int, bool]:
-        """Appends the target's token for `row` from its logits at the current node; returns (token, stop)."""
+    def emit(row: int, logits: torch.Tensor | int, draft_tokens: list[int]) -> tuple[int, bool]:
+        """Appends the target's token for `row` from its logits at the current node (or the token itself, from
+        [`ExactArgmax`]); returns (token, stop)."""
         length = lengths[row]
-        scores = logits.to(dtype=torch.float32, device=device, copy=True)[None]
-        if len(processors[row]):
-            scores = processors[row](sequences[row : row + 1, :length], scores)
-        token = int(decoding.choose_token(scores, do_sample, draft_tokens))
+        if isinstance(logits, int):
+            token = logits
+        else:
+            scores = logits.to(dtype=torch.float32, device=device, copy=True)[None]
+            if len(processors[row]):
+                scores = processors[row](sequences[row : row + 1, :length], scores)
+            token = int(decoding.choose_token(scores, do_sample, draft_tokens))
         sequences[row, length] = token
         lengths[row] = length + 1
         if finished_at[row] is None and bool(stopping_criteria(sequences[row : row + 1, : length + 1], None).any()):
@@ -364,20 +410,29 @@ def batched_jetspec_decoding(
         rows = len(active)
         roots = torch.tensor([int(sequences[row, lengths[row] - 1]) for row in active], device=device)
 
-        # 1. Draft a tree per row, then pick this round's common size from the trees' scores and the costs.
+        # 1. Draft a tree per row, take each row's prompt-lookup proposal, then pick this round's common width from
+        #    the trees' scores, the proposals' measured odds and the costs (a fixed budget merges whole proposals).
         t0 = time.perf_counter()
+        chains = probabilities = None
+        if lookups is not None:
+            proposals = [lookups[row].propose(sequences[row : row + 1, left_padding[row] : lengths[row]]) for row in active]
+            chains, probabilities = [chain for chain, _ in proposals], [odds for _, odds in proposals]
+        t_draft = time.perf_counter()
         if drafting:
             trees = drafter.draft(roots, root_positions, plan.max_nodes, plan.depth)
-            if round_budget is not None:
-                size = round_budget.choose(trees)
-                trees = [tree.prefix(size) for tree in trees]
-                rounds_not_paying = 0 if round_budget.drafting_pays else rounds_not_paying + 1
-                if rounds_not_paying >= DRAFT_PATIENCE:  # speculation does not pay in this call: stop drafting
-                    drafting = False
-                    stats.drafting_stopped_at = stats.rounds
         else:
             empty = torch.zeros(0, 1, device=device)
             trees = [build_tree(int(root), empty, 1, 1) for root in roots.tolist()]
+        draft_seconds = time.perf_counter() - t_draft
+        if round_budget is not None:
+            trees = round_budget.choose_trees(trees, chains, probabilities, drafted=drafting)
+            if drafting:
+                rounds_not_paying = 0 if round_budget.drafting_pays else rounds_not_paying + 1
+                if rounds_not_paying >= DRAFT_PATIENCE:  # the head's drafts do not pay in this call: stop drafting
+                    drafting = False
+                    stats.drafting_stopped_at = stats.rounds
+        elif chains is not None:
+            trees = [merge_chain(tree, chain, odds) for tree, chain, odds in zip(trees, chains, probabilities)]
 
         # 2. Verify every row's tree in one target forward.
         t1 = time.perf_counter()
@@ -396,30 +451,34 @@ def batched_jetspec_decoding(
         node_hidden = outputs.last_hidden_state
 
         # 3. Accept, row by row: follow the target's own token while a child carries it. The lm_head runs over
-        #    every waiting row's main chain at once, and again only where a row's path leaves that chain.
+        #    every waiting row's main chain at once, padded to the cheapest measured row count with the likeliest
+        #    other nodes (see `projection.py`), and again only where a row's path leaves the rows computed.
         t2 = time.perf_counter()
         lm_head_seconds = 0.0
         nodes = [0] * rows
         accepted: list[list[int]] = [[] for _ in range(rows)]
         node_logits: list[dict[int, torch.Tensor]] = [{} for _ in range(rows)]
-        requests = [(i, trees[i].main_chain(0)) for i in range(rows)]
-        while requests:
+        waiting = list(range(rows))
+        while waiting:
             t_lm = time.perf_counter()
-            row_index = torch.tensor([i for i, chain in requests for _ in chain], device=device)
-            node_index = torch.tensor([node for _, chain in requests for node in chain], device=device)
-            logits = lm_head(node_hidden[row_index, node_index])
+            if argmax is not None:  # flat in the rows: every node the waiting rows may reach, in one call
+                wanted = projection_rows(trees, waiting, nodes, node_logits, None)
+                logits = argmax(node_hidden[torch.tensor([i for i, _ in wanted], device=device),
+                                            torch.tensor([node for _, node in wanted], device=device)]).tolist()
+            else:
+                wanted = projection_rows(trees, waiting, nodes, node_logits, projection)
+                repeats = [wanted[-1]] * (projection.padded_rows(len(wanted)) - len(wanted))  # to the cheaper count
+                logits = lm_head(node_hidden[torch.tensor([i for i, _ in wanted + repeats], device=device),
+                                             torch.tensor([node for _, node in wanted + repeats], device=device)])
             lm_head_seconds += time.perf_counter() - t_lm
-            flat = 0
-            for i, chain in requests:
-                for node in chain:
-                    node_logits[i][node] = logits[flat]
-                    flat += 1
-            waiting = []
-            for i, _ in requests:
+            for (i, node), row_logits in zip(wanted, logits):
+                node_logits[i][node] = row_logits
+            still = []
+            for i in waiting:
                 while True:
                     node = nodes[i]
                     if node not in node_logits[i]:
-                        waiting.append((i, trees[i].main_chain(node)))
+                        still.append(i)
                         break
                     token, stop = emit(active[i], node_logits[i][node], trees[i].child_tokens(node))
                     child = trees[i].child_with_token(node, token)
@@ -427,7 +486,7 @@ def batched_jetspec_decoding(
                         break
                     accepted[i].append(child)
                     nodes[i] = child
-            requests = waiting
+            waiting = still
 
         # 4. Keep each row's root + accepted nodes in the cache (the rest of its slots invalid); their tap features
         #    become the rows' next context.
@@ -448,15 +507,19 @@ def batched_jetspec_decoding(
         t4 = time.perf_counter()
         if round_budget is not None and drafting:
             round_budget.observe(trees, accepted, round_seconds=t4 - t0,
-                                 verify_seconds=t2 - t1, draft_seconds=t1 - t0)
+                                 verify_seconds=t2 - t1, draft_seconds=draft_seconds)
         for tree, path in zip(trees, accepted):
             history.observe(tree.num_nodes, path)
-        history.observe_host(max(t4 - t0 - (t2 - t1) - (t1 - t0 if drafting else 0.0) - lm_head_seconds, 0.0) / rows)
+        history.observe_host(max(t4 - t0 - (t2 - t1) - draft_seconds - lm_head_seconds, 0.0) / rows)
         stats.rounds += 1
         stats.row_rounds += rows
         stats.tree_sizes.append(max(tree.num_nodes for tree in trees))
         stats.drafted_nodes += sum(tree.num_nodes - 1 for tree in trees)
         stats.accepted_drafts += sum(len(path) for path in accepted)
+        for tree, path in zip(trees, accepted):
+            if tree.lookup_nodes:
+                stats.lookup_nodes += len(tree.lookup_nodes)
+                stats.accepted_lookup += len(set(path).intersection(tree.lookup_nodes))
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
         stats.time_accept += t3 - t2

@@ -215,7 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
                         stats = head.last_generate_stats
                         runs[method].update(speculated=bool(getattr(stats, "speculated", True)),
                                             row_rounds=getattr(stats, "row_rounds", stats.rounds),
-                                            tau=stats.mean_accepted_length, tree_size=stats.mean_tree_size)
+                                            tau=stats.mean_accepted_length, tree_size=stats.mean_tree_size,
+                                            accepted_drafts=stats.accepted_drafts,
+                                            accepted_lookup=stats.accepted_lookup,
+                                            # the plan of the call (batch > 1; see `batch_budget.plan_batch`)
+                                            expected_speedup=getattr(stats, "expected_speedup", None),
+                                            max_nodes=getattr(stats, "max_nodes", None),
+                                            drafting_stopped_at=getattr(stats, "drafting_stopped_at", None))
                 plain, spec = runs["plain"].pop("output"), runs["jetspec"].pop("output")
                 wrong = [row for row in range(plain.shape[0])
                          if plain.shape != spec.shape or not torch.equal(plain[row], spec[row])]

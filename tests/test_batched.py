@@ -345,6 +345,8 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
         if not speculated:  # Transformers' loop ran: its step time is kept for the next plan at this batch size
             assert history.plain_step_seconds[input_ids.shape[0]] > 0
     # no history: the call explores, finds that drafting does not pay, and stops drafting for the rest of the call
+    # (prompt-lookup proposals off: with them the rounds after the stop would still verify proposals)
+    head.generation_config.prompt_lookup_num_tokens = 0
     monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch, 50.0))
     monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda head: AcceptanceHistory())
     assert target.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()

@@ -1,0 +1,103 @@
+"""The target's `lm_head` over `m` rows, run at the measured cheapest row count `>= m`.
+
+A big-vocabulary `lm_head` is one GEMM with few rows (`m`) and a wide output. Its cost is not monotone in `m` on every
+machine: on the 2-core x86 CPU this project is developed on, fp32 `linear` over SmolLM2's 49k x 576 `lm_head` with
+the weights out of cache takes about 4.3 ms for 1 row, 8.6 ms for 4, 17.7 ms for 12 -- and 9.5 ms for 16, where the
+BLAS picks another kernel. Accepting a tree needs the logits of a few nodes per row, so a round can ask for 10 rows
+and pay twice what 16 would cost.
+
+[`measure_projection`] times the `lm_head` once per (model, device, dtype) at [`PROBE_SIZES`] rows (caches flushed
+between runs on a CPU, as they are after a verify forward), and [`ProjectionCost.padded_rows`] gives the cheapest
+measured row count that holds `m` rows. The caller fills the extra rows with more tree nodes (logits it may need next)
+rather than zeros. Each row's logits do not depend on the other rows, so this changes the cost, never the output
+(beyond floating point, as any batch shape does).
+"""
+
+from __future__ import annotations
+
+import bisect
+import statistics
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+PROBE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+FLUSH_BYTES = 64 * 1024 * 1024  # larger than the last-level cache of the CPUs this runs on
+
+_MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class ProjectionCost:
+    """Measured seconds of one `lm_head` call vs rows.
+
+    Args:
+        sizes (`tuple[int, ...]`): row counts timed (increasing).
+        seconds (`tuple[float, ...]`): median seconds of a call with each.
+    """
+
+    sizes: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self):
+        if not self.sizes or len(self.sizes) != len(self.seconds) or list(self.sizes) != sorted(set(self.sizes)):
+            raise ValueError(f"`sizes` must be increasing and match `seconds`, got {self.sizes} and {self.seconds}")
+
+    def padded_rows(self, rows: int) -> int:
+        """The measured row count `>= rows` with the lowest cost (the smallest among equals); `rows` itself past the
+        largest measured size."""
+        start = bisect.bisect_left(self.sizes, rows)
+        if start == len(self.sizes):
+            return rows
+        best = min(range(start, len(self.sizes)), key=lambda i: (self.seconds[i], self.sizes[i]))
+        return self.sizes[best]
+
+    def __call__(self, rows: int) -> float:
+        """Seconds of the logits of `rows` rows, run at [`padded_rows`] (past the largest size: extrapolated with
+        the last slope)."""
+        if rows < 1:
+            return 0.0
+        padded = self.padded_rows(rows)
+        if padded in self.sizes:
+            return self.seconds[self.sizes.index(padded)]
+        slope = ((self.seconds[-1] - self.seconds[-2]) / (self.sizes[-1] - self.sizes[-2])) if len(self.sizes) > 1 else 0.0
+        return self.seconds[-1] + max(slope, 0.0) * (rows - self.sizes[-1])
+
+
+def flat_projection_cost() -> ProjectionCost:
+    """A cost that never pads (every row count costs the same): for tests and where nothing was measured."""
+    return ProjectionCost(sizes=(1,), seconds=(0.0,))
+
+
+def measure_projection(model: torch.nn.Module, sizes: tuple[int, ...] = PROBE_SIZES, repeats: int = 5) -> ProjectionCost:
+    """Times `model.get_output_embeddings()` at `sizes` rows (median of `repeats` after a warm-up), once per
+    (model, device, dtype); later calls return the cached [`ProjectionCost`]."""
+    lm_head = model.get_output_embeddings()
+    device, dtype = lm_head.weight.device, lm_head.weight.dtype
+    key = (str(device), str(dtype), tuple(sizes), repeats)
+    cached = _MEASURED.setdefault(model, {})
+    if key in cached:
+        return cached[key]
+    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32) if device.type == "cpu" else None
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(max(sizes), lm_head.weight.shape[1], generator=generator).to(device, dtype)
+    seconds = []
+    with torch.no_grad():
+        for rows in sizes:
+            timings = []
+            for _ in range(repeats + 1):
+                if flush is not None:
+                    flush.fill_(1.0)  # evict the weights, as a verify forward does before accept needs them
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                lm_head(hidden[:rows])
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                timings.append(time.perf_counter() - start)
+            seconds.append(statistics.median(timings[1:]))
+    cost = ProjectionCost(sizes=tuple(sizes), seconds=tuple(seconds))
+    cached[key] = cost
+    return cost
