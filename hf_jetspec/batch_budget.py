@@ -30,6 +30,8 @@ import torch
 from .budget import AcceptanceProfile, VerifyCost, monotone
 from .tree import DraftTree, chain_path, merge_chain
 
+# Plain calls at a batch size, chosen because speculation measured slower there, before speculation is tried again.
+EXPLORE_EVERY = 4
 # Largest total rows (batch_size * nodes per row) a verify forward is timed and planned for.
 MAX_TOTAL_ROWS = {"cpu": 256, "cuda": 4096}
 
@@ -205,6 +207,8 @@ class AcceptanceHistory:
         self.weight = [0.0] * (max_nodes + 1)
         self.host_seconds_per_row: float | None = None
         self.plain_step_seconds: dict[int, float] = {}  # batch size -> measured step of Transformers' own decoding
+        self.spec_token_seconds: dict[int, float] = {}  # batch size -> measured seconds per token of speculative calls
+        self.plain_calls: dict[int, int] = {}  # batch size -> plain calls since the last speculative one
 
     @property
     def observed(self) -> bool:
@@ -226,6 +230,24 @@ class AcceptanceHistory:
         """A measured step of plain decoding at `batch_size` (host work included; see `PlainStepTimer`)."""
         previous = self.plain_step_seconds.get(batch_size)
         self.plain_step_seconds[batch_size] = seconds if previous is None else 0.5 * previous + 0.5 * seconds
+        self.plain_calls[batch_size] = self.plain_calls.get(batch_size, 0) + 1
+
+    def observe_spec_call(self, batch_size: int, seconds_per_token: float) -> None:
+        """A speculative call at `batch_size` that took `seconds_per_token` per generated token (its prefill and
+        first token left out, like the plain step)."""
+        previous = self.spec_token_seconds.get(batch_size)
+        self.spec_token_seconds[batch_size] = (
+            seconds_per_token if previous is None else 0.5 * previous + 0.5 * seconds_per_token
+        )
+        self.plain_calls[batch_size] = 0
+
+    def measured_speedup(self, batch_size: int) -> float | None:
+        """Speculative over plain tokens per second at `batch_size`, from the calls measured (`None` until both
+        were); plain's step makes `batch_size` tokens, rows that finished early included (a bias towards plain)."""
+        spec, plain = self.spec_token_seconds.get(batch_size), self.plain_step_seconds.get(batch_size)
+        if spec is None or plain is None:
+            return None
+        return plain / (batch_size * spec)
 
     def expected_tokens(self, num_nodes: int) -> float:
         """Mean tokens per row-round with `num_nodes` nodes; beyond the largest size seen, that size's mean (a tree
@@ -278,8 +300,10 @@ def plan_batch(cost: BatchCost, history: AcceptanceHistory, block_size: int, max
     [`BatchRoundBudget`] and stops drafting when it does not pay). With history, tree size `n` is worth
     `batch_size * E(n) / round_seconds(n)` tokens per second against `batch_size / plain_step` for plain decoding
     (measured in earlier plain calls at this batch size when there were any);
-    when no `n > 1` beats plain, the call does not speculate. Drafted trees may grow to twice the best size, so that
-    rounds keep measuring the next sizes up.
+    when no `n > 1` beats plain, the call does not speculate. Once a speculative call was measured at this batch size,
+    the next call runs plain decoding to measure it too; from then on measured tokens per second decide (speculation,
+    when slower, is tried again after `EXPLORE_EVERY` plain calls), and the model only sizes the trees. Drafted trees
+    may grow to twice the best size, so that rounds keep measuring the next sizes up.
 
     Args:
         cost ([`BatchCost`]): measured costs at this batch size.
@@ -293,6 +317,13 @@ def plan_batch(cost: BatchCost, history: AcceptanceHistory, block_size: int, max
     if not history.observed:
         return BatchPlan(speculate=True, max_nodes=cap, depth=min(block_size - 1, cap - 1))
     batch = cost.batch_size
+    # What earlier calls at this batch size measured overrides the model: after a speculative call, one plain call
+    # measures plain's step; then the faster one runs (speculation, when slower, again after `EXPLORE_EVERY` plain
+    # calls: prompts, lengths and the machine's load change).
+    if batch in history.spec_token_seconds:
+        measured = history.measured_speedup(batch)
+        if measured is None or (measured < 1.0 and history.plain_calls.get(batch, 0) < EXPLORE_EVERY):
+            return BatchPlan(speculate=False, max_nodes=1, depth=0, expected_speedup=measured)
     host = history.host_seconds_per_row or 0.0
     # a plain step as measured in earlier calls at this batch size (Transformers' loop adds host work to the forward),
     # else the forward and lm_head alone: a conservative estimate

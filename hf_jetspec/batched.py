@@ -54,8 +54,11 @@ BATCH_INDEXED_PROCESSORS = (
 # Invalid cache slots (per-row gaps) are squeezed out once there are this many per row and this share of the cache.
 COMPACT_MIN_GAP = 16
 COMPACT_MIN_FRACTION = 0.25
-# Rounds in a row in which drafting did not pay (see `BatchRoundBudget.drafting_pays`) before it stops for the call.
+# Rounds in a row in which drafting did not pay (see `BatchRoundBudget.drafting_pays`) before the head pauses for
+# DRAFT_BACKOFF rounds (proposals only), doubling while the rounds after each pause still do not pay.
 DRAFT_PATIENCE = 3
+DRAFT_BACKOFF = 4
+MAX_DRAFT_BACKOFF = 64
 
 
 @dataclass
@@ -70,7 +73,9 @@ class JetSpecBatchStats(JetSpecGenerateStats):
         row_rounds (`int`): rounds summed over the rows taking part in them.
         tree_sizes (`list[int]`): nodes per row verified in each round (root included).
         max_nodes (`int`): largest tree per row the call allowed.
-        drafting_stopped_at (`int`, *optional*): the round after which drafting stopped because it did not pay (the
+        drafting_stopped_at (`int`, *optional*): the round after which the head first paused because its drafts did
+            not pay (see `DRAFT_BACKOFF`).
+        undrafted_rounds (`int`): rounds in which the head did not draft (its trees were the root, plus proposals).
             remaining rounds verified the root alone).
         expected_speedup (`float`, *optional*): the cost model's throughput ratio vs plain decoding for this call.
     """
@@ -81,6 +86,7 @@ class JetSpecBatchStats(JetSpecGenerateStats):
     tree_sizes: list[int] = field(default_factory=list)
     max_nodes: int = 0
     drafting_stopped_at: int | None = None
+    undrafted_rounds: int = 0
     expected_speedup: float | None = None
 
     @property
@@ -389,7 +395,7 @@ def batched_jetspec_decoding(
     key_valid = prompt_mask.bool()
     root_positions = prompt_mask.sum(-1)  # the root (last committed token) sits after the real prompt tokens
     active = list(range(batch))
-    drafting, rounds_not_paying = True, 0
+    rounds_not_paying, skip, backoff = 0, 0, DRAFT_BACKOFF
     stats.time_prefill = time.perf_counter() - start
 
     while True:
@@ -418,6 +424,7 @@ def batched_jetspec_decoding(
             proposals = [lookups[row].propose(sequences[row : row + 1, left_padding[row] : lengths[row]]) for row in active]
             chains, probabilities = [chain for chain, _ in proposals], [odds for _, odds in proposals]
         t_draft = time.perf_counter()
+        drafting = skip == 0
         if drafting:
             trees = drafter.draft(roots, root_positions, plan.max_nodes, plan.depth)
         else:
@@ -426,11 +433,16 @@ def batched_jetspec_decoding(
         draft_seconds = time.perf_counter() - t_draft
         if round_budget is not None:
             trees = round_budget.choose_trees(trees, chains, probabilities, drafted=drafting)
-            if drafting:
-                rounds_not_paying = 0 if round_budget.drafting_pays else rounds_not_paying + 1
-                if rounds_not_paying >= DRAFT_PATIENCE:  # the head's drafts do not pay in this call: stop drafting
-                    drafting = False
-                    stats.drafting_stopped_at = stats.rounds
+            if not drafting:
+                skip -= 1
+            elif round_budget.drafting_pays:
+                rounds_not_paying, backoff = 0, DRAFT_BACKOFF
+            else:
+                rounds_not_paying += 1
+                if rounds_not_paying >= DRAFT_PATIENCE:  # the head's drafts do not pay now: pause the head
+                    skip, rounds_not_paying, backoff = backoff, 0, min(2 * backoff, MAX_DRAFT_BACKOFF)
+                    if stats.drafting_stopped_at is None:
+                        stats.drafting_stopped_at = stats.rounds
         elif chains is not None:
             trees = [merge_chain(tree, chain, odds) for tree, chain, odds in zip(trees, chains, probabilities)]
 
@@ -498,10 +510,9 @@ def batched_jetspec_decoding(
         keep_tree_slots(cache, past_length, index)
         new_valid = torch.arange(index.shape[1], device=device)[None] < torch.tensor(kept, device=device)[:, None]
         key_valid = torch.cat([key_valid, new_valid], dim=1)
-        if drafting:
-            taps = tap_features(outputs.hidden_states, target_layer_ids)
-            features = taps.gather(1, index[..., None].expand(-1, -1, taps.shape[-1]))
-            drafter.add_context(features, root_positions[:, None] + torch.arange(index.shape[1], device=device), new_valid)
+        taps = tap_features(outputs.hidden_states, target_layer_ids)  # kept while the head pauses, too
+        features = taps.gather(1, index[..., None].expand(-1, -1, taps.shape[-1]))
+        drafter.add_context(features, root_positions[:, None] + torch.arange(index.shape[1], device=device), new_valid)
         root_positions = root_positions + torch.tensor(kept, device=device)
 
         t4 = time.perf_counter()
@@ -512,6 +523,7 @@ def batched_jetspec_decoding(
             history.observe(tree.num_nodes, path)
         history.observe_host(max(t4 - t0 - (t2 - t1) - draft_seconds - lm_head_seconds, 0.0) / rows)
         stats.rounds += 1
+        stats.undrafted_rounds += not drafting
         stats.row_rounds += rows
         stats.tree_sizes.append(max(tree.num_nodes for tree in trees))
         stats.drafted_nodes += sum(tree.num_nodes - 1 for tree in trees)
@@ -543,6 +555,9 @@ def batched_jetspec_decoding(
         streamer.end()
     stats.time_total = time.perf_counter() - start
     head.last_generate_stats = stats
+    later_tokens = stats.new_tokens - batch  # the first token of every row came with the prefill
+    if round_budget is not None and later_tokens >= 4 * batch:  # for the next plan at this batch size
+        history.observe_spec_call(batch, (stats.time_total - stats.time_prefill) / later_tokens)
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=output)
     return output

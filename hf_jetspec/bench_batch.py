@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .bench import bootstrap_ci, throughput_ratio
+
 DEFAULT_EVAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 # Used when no eval set is found (e.g. outside the project's checkout): varied lengths, so batches are padded.
@@ -113,6 +115,9 @@ def summarize(records: list[dict], batch_sizes: list[int]) -> list[dict]:
             row[f"{method}_new_tokens"] = tokens
         spec = [r for r in records if r["batch_size"] == batch_size and r["method"] == "jetspec"]
         row["speedup"] = row["jetspec_tokens_per_s"] / row["plain_tokens_per_s"] if row["plain_tokens_per_s"] else 0.0
+        plain_runs = {r["batch"]: r for r in records if r["batch_size"] == batch_size and r["method"] == "plain"}
+        pairs = [(plain_runs[r["batch"]], r) for r in spec if r["batch"] in plain_runs]
+        row["speedup_ci"] = list(bootstrap_ci(pairs, throughput_ratio))  # 95%, batches resampled as pairs
         row["speculated_fraction"] = sum(r["speculated"] for r in spec) / len(spec) if spec else 0.0
         speculated = [r for r in spec if r["speculated"]]
         row_rounds = sum(r["row_rounds"] for r in speculated)
@@ -135,7 +140,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     left.plot(sizes, [row["plain_tokens_per_s"] for row in rows], "o-", label="plain generate()")
     left.plot(sizes, [row["jetspec_tokens_per_s"] for row in rows], "s-", label="JetSpec")
     left.set(xscale="log", xlabel="batch size", ylabel="generated tokens / s", title="throughput")
-    right.plot(sizes, [row["speedup"] for row in rows], "s-", color="C1")
+    speedups = [row["speedup"] for row in rows]
+    intervals = [row.get("speedup_ci", [row["speedup"]] * 2) for row in rows]
+    right.errorbar(sizes, speedups, yerr=[[max(s - low, 0.0) for s, (low, _) in zip(speedups, intervals)],
+                                          [max(high - s, 0.0) for s, (_, high) in zip(speedups, intervals)]],
+                   fmt="s-", color="C1", capsize=3, label="95% interval over batches")
     right.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     right.set(xscale="log", xlabel="batch size", ylabel="JetSpec / plain", title="speedup")
     for axis in (left, right):
@@ -239,8 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
     plot(summary, output_dir / "throughput.png",
          f"{args.target if args.target != 'default' else 'SmolLM2-135M-Instruct'}, {args.max_new_tokens} new tokens")
     for row in summary:
+        low, high = row["speedup_ci"]
         tqdm.write(f"batch {row['batch_size']:>3}: plain {row['plain_tokens_per_s']:8.1f} tok/s, JetSpec "
-                   f"{row['jetspec_tokens_per_s']:8.1f} tok/s ({row['speedup']:.2f}x, speculated in "
+                   f"{row['jetspec_tokens_per_s']:8.1f} tok/s ({row['speedup']:.2f}x, {low:.2f}-{high:.2f}, speculated in "
                    f"{row['speculated_fraction']:.0%} of calls)")
     if mismatches:
         tqdm.write(f"WARNING: {mismatches} rows differ from plain generate() -- JetSpec must match it exactly")

@@ -18,6 +18,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .attention import TREE_ATTENTION, packed_tree_mask
 from .budget import AutoBudget, acceptance_profile, measure_verify_cost
 from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget, tap_features
+from .exact_argmax import exact_argmax_for
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
 
@@ -102,6 +103,9 @@ def lm_head_chunk(device: torch.device) -> int | None:
     8.4 ms for 4), so rows go three at a time. On a GPU the rows are nearly free: the whole chain goes at once.
     """
     return None if device.type == "cuda" else 3
+
+
+ARGMAX_ROWS = 32  # tree rows per `ExactArgmax` call: its bf16 pass costs about the same for 1 to 32 rows
 
 
 def rows_to_project(tree, node: int, done, rows: int | None) -> list[int]:
@@ -237,18 +241,27 @@ def jetspec_decoding(
 
     do_sample = bool(generation_config.do_sample)
     chain_rows = lm_head_chunk(lm_head.weight.device)
+    # greedy without logits processors or returned scores needs only each node's argmax: a bf16 pass + an fp32
+    # recheck where that is faster (see `exact_argmax.py`), over every node likely to be reached, in one call
+    argmax = None
+    if not do_sample and not len(logits_processor) and scores is None and raw_logits is None:
+        argmax = exact_argmax_for(model)
 
-    def emit(token_logits: torch.Tensor, draft_tokens: list[int] = ()) -> tuple[int, bool]:
-        """Processes one row of logits with the current path, appends the target's token; returns (token, done)."""
+    def emit(token_logits: torch.Tensor | int, draft_tokens: list[int] = ()) -> tuple[int, bool]:
+        """Processes one row of logits with the current path (or takes the token itself, from [`ExactArgmax`]),
+        appends the target's token; returns (token, done)."""
         nonlocal input_ids, scores, raw_logits
-        next_logits = token_logits.to(dtype=torch.float32, device=input_ids.device)[None]
-        next_scores = logits_processor(input_ids, next_logits.clone())
-        token = choose_token(next_scores, do_sample, list(draft_tokens))
+        if isinstance(token_logits, int):
+            token = torch.tensor([token_logits], device=input_ids.device)
+        else:
+            next_logits = token_logits.to(dtype=torch.float32, device=input_ids.device)[None]
+            next_scores = logits_processor(input_ids, next_logits.clone())
+            token = choose_token(next_scores, do_sample, list(draft_tokens))
+            if scores is not None:
+                scores += (next_scores,)
+            if raw_logits is not None:
+                raw_logits += (next_logits,)
         input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
-        if scores is not None:
-            scores += (next_scores,)
-        if raw_logits is not None:
-            raw_logits += (next_logits,)
         if streamer is not None:
             streamer.put(token.cpu())
         stats.new_tokens += 1
@@ -280,14 +293,19 @@ def jetspec_decoding(
 
         # 3. Accept: follow the target's own token from the root while a child carries it; the last one is the bonus.
         #    The lm_head runs over the node and the likeliest nodes below it, `chain_rows` rows at a time (one read
-        #    of its weights for several rows), and again only where the target's path leaves those rows.
+        #    of its weights for several rows; `ARGMAX_ROWS` with `ExactArgmax`), and again only where the target's
+        #    path leaves those rows.
         t2 = time.perf_counter()
-        node_logits: dict[int, torch.Tensor] = {}
+        node_logits: dict[int, torch.Tensor | int] = {}
 
-        def logits_of(node: int) -> torch.Tensor:
+        def logits_of(node: int) -> torch.Tensor | int:
             if node not in node_logits:
-                rows = rows_to_project(tree, node, node_logits, chain_rows)
-                node_logits.update(zip(rows, lm_head(node_hidden[rows])))
+                if argmax is not None:
+                    rows = rows_to_project(tree, node, node_logits, ARGMAX_ROWS)
+                    node_logits.update(zip(rows, argmax(node_hidden[rows]).tolist()))
+                else:
+                    rows = rows_to_project(tree, node, node_logits, chain_rows)
+                    node_logits.update(zip(rows, lm_head(node_hidden[rows])))
             return node_logits[node]
 
         node, accepted = 0, []

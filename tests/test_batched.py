@@ -8,6 +8,7 @@ from conftest import make_tiny_target
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+import hf_jetspec.batch_budget
 import hf_jetspec.batched
 from hf_jetspec import JetSpecCandidateGenerator, JetSpecHead
 from hf_jetspec.batch_budget import AcceptanceHistory, BatchCost, BatchRoundBudget, acceptance_history, plan_batch
@@ -304,6 +305,33 @@ def test_a_measured_plain_step_enters_the_plan():
     assert not plan_batch(synthetic_cost(16), faster, block_size=16).speculate
 
 
+def test_measured_calls_decide_between_speculation_and_plain_decoding():
+    """After a speculative call at a batch size, the next one runs plain decoding to measure it; then the measured
+    faster way runs, and speculation (when slower) again after EXPLORE_EVERY plain calls."""
+    history = depth_history()
+    cost = synthetic_cost(4)
+    assert plan_batch(cost, history, block_size=16).speculate  # the model favours speculation here
+    history.observe_spec_call(4, 0.5)  # 0.5 s per token: 2 s for the 4 tokens of a plain step
+    assert not plan_batch(cost, history, block_size=16).speculate  # plain not measured yet: measure it
+    history.observe_plain_step(4, 1.0)  # plain: 4 tokens a second, twice the speculative rate
+    assert history.measured_speedup(4) == pytest.approx(0.5)
+    decisions = []
+    for _ in range(2 * hf_jetspec.batch_budget.EXPLORE_EVERY):
+        plan = plan_batch(cost, history, block_size=16)
+        decisions.append(plan.speculate)
+        if not plan.speculate:
+            history.observe_plain_step(4, 1.0)
+        else:
+            history.observe_spec_call(4, 0.5)
+    every = hf_jetspec.batch_budget.EXPLORE_EVERY
+    # the measured plain call counts: speculation is tried again after EXPLORE_EVERY plain calls
+    assert decisions == [False] * (every - 1) + [True] + [False] * every
+    history.observe_spec_call(4, 0.05)  # speculation got faster (0.5 -> 0.275 s a token after the moving average)
+    history.observe_spec_call(4, 0.05)
+    assert history.measured_speedup(4) > 1.0 and plan_batch(cost, history, block_size=16).speculate
+    assert plan_batch(synthetic_cost(8), history, block_size=16).speculate  # other batch sizes: the model alone
+
+
 def test_round_budget_shrinks_trees_as_rows_grow():
     logprobs = torch.log_softmax(3 * torch.randn(6, 20, generator=torch.Generator().manual_seed(0)), -1)
     tree = build_tree(1, logprobs, budget=48, topk=4)
@@ -344,7 +372,8 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
         assert head.last_generate_stats.speculated is speculated and bool(sampled) is not speculated
         if not speculated:  # Transformers' loop ran: its step time is kept for the next plan at this batch size
             assert history.plain_step_seconds[input_ids.shape[0]] > 0
-    # no history: the call explores, finds that drafting does not pay, and stops drafting for the rest of the call
+    # no history: the call explores, finds that drafting does not pay, and pauses the head for DRAFT_BACKOFF rounds,
+    # then tries again
     # (prompt-lookup proposals off: with them the rounds after the stop would still verify proposals)
     head.generation_config.prompt_lookup_num_tokens = 0
     monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch, 50.0))
@@ -353,7 +382,9 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
     stats = head.last_generate_stats
     stopped = stats.drafting_stopped_at
     assert stats.speculated and stopped == hf_jetspec.batched.DRAFT_PATIENCE - 1
-    assert stats.rounds > stopped + 1 and set(stats.tree_sizes[stopped + 1 :]) == {1}
+    backoff = hf_jetspec.batched.DRAFT_BACKOFF
+    assert stats.rounds > stopped + backoff + 1 and set(stats.tree_sizes[stopped + 1 : stopped + 1 + backoff]) == {1}
+    assert stats.tree_sizes[stopped + 1 + backoff] > 1 and stats.undrafted_rounds >= backoff
     head.generation_config.tree_budget = 1  # a budget of one node is plain decoding: Transformers' own loop
     assert run(target, head, 1, input_ids, attention_mask=mask, max_new_tokens=12).tolist() == expected.tolist()
     assert not head.last_generate_stats.speculated
