@@ -17,6 +17,7 @@ and when speculation would not beat plain decoding the call runs Transformers' o
 
 from __future__ import annotations
 
+import collections
 import copy
 import statistics
 import time
@@ -59,6 +60,12 @@ COMPACT_MIN_FRACTION = 0.25
 DRAFT_PATIENCE = 3
 DRAFT_BACKOFF = 4
 MAX_DRAFT_BACKOFF = 64
+# With plain decoding's step measured at this batch size, a call whose last GUARD_ROUNDS rounds made tokens more than
+# GUARD_MARGIN times slower than it gives up speculating (head and proposals) for the rest of the call.
+GUARD_ROUNDS = 8
+GUARD_MARGIN = 1.05
+# Accept uses `ExactArgmax` above this many rows per call (below, the fp32 lm_head costs about the same).
+ARGMAX_MIN_ROWS = 3
 
 
 @dataclass
@@ -76,6 +83,8 @@ class JetSpecBatchStats(JetSpecGenerateStats):
         drafting_stopped_at (`int`, *optional*): the round after which the head first paused because its drafts did
             not pay (see `DRAFT_BACKOFF`).
         undrafted_rounds (`int`): rounds in which the head did not draft (its trees were the root, plus proposals).
+        gave_up_at (`int`, *optional*): the round from which the call verified roots alone, its recent rounds having
+            made tokens slower than plain decoding's measured step (see `GUARD_ROUNDS`).
             remaining rounds verified the root alone).
         expected_speedup (`float`, *optional*): the cost model's throughput ratio vs plain decoding for this call.
     """
@@ -87,6 +96,7 @@ class JetSpecBatchStats(JetSpecGenerateStats):
     max_nodes: int = 0
     drafting_stopped_at: int | None = None
     undrafted_rounds: int = 0
+    gave_up_at: int | None = None
     expected_speedup: float | None = None
 
     @property
@@ -396,6 +406,9 @@ def batched_jetspec_decoding(
     root_positions = prompt_mask.sum(-1)  # the root (last committed token) sits after the real prompt tokens
     active = list(range(batch))
     rounds_not_paying, skip, backoff = 0, 0, DRAFT_BACKOFF
+    # plain decoding's measured step here: speculation that falls behind it gives up for the rest of the call
+    plain_step = history.plain_step_seconds.get(batch) if round_budget is not None else None
+    recent: collections.deque = collections.deque(maxlen=GUARD_ROUNDS)  # (tokens, seconds) of the last rounds
     stats.time_prefill = time.perf_counter() - start
 
     while True:
@@ -462,9 +475,10 @@ def batched_jetspec_decoding(
         )
         node_hidden = outputs.last_hidden_state
 
-        # 3. Accept, row by row: follow the target's own token while a child carries it. The lm_head runs over
-        #    every waiting row's main chain at once, padded to the cheapest measured row count with the likeliest
-        #    other nodes (see `projection.py`), and again only where a row's path leaves the rows computed.
+        # 3. Accept, row by row: follow the target's own token while a child carries it. Greedy without processors:
+        #    `ExactArgmax` over every node the waiting rows may reach, in one call. Else the lm_head runs over every
+        #    waiting row's main chain at once, padded to the cheapest measured row count with the likeliest other
+        #    nodes (see `projection.py`). Again only where a row's path leaves the rows computed.
         t2 = time.perf_counter()
         lm_head_seconds = 0.0
         nodes = [0] * rows
@@ -473,8 +487,8 @@ def batched_jetspec_decoding(
         waiting = list(range(rows))
         while waiting:
             t_lm = time.perf_counter()
-            if argmax is not None:  # flat in the rows: every node the waiting rows may reach, in one call
-                wanted = projection_rows(trees, waiting, nodes, node_logits, None)
+            wanted = projection_rows(trees, waiting, nodes, node_logits, None) if argmax is not None else []
+            if len(wanted) > ARGMAX_MIN_ROWS:  # flat in the rows: every node the waiting rows may reach, in one call
                 logits = argmax(node_hidden[torch.tensor([i for i, _ in wanted], device=device),
                                             torch.tensor([node for _, node in wanted], device=device)]).tolist()
             else:
@@ -510,15 +524,23 @@ def batched_jetspec_decoding(
         keep_tree_slots(cache, past_length, index)
         new_valid = torch.arange(index.shape[1], device=device)[None] < torch.tensor(kept, device=device)[:, None]
         key_valid = torch.cat([key_valid, new_valid], dim=1)
-        taps = tap_features(outputs.hidden_states, target_layer_ids)  # kept while the head pauses, too
-        features = taps.gather(1, index[..., None].expand(-1, -1, taps.shape[-1]))
-        drafter.add_context(features, root_positions[:, None] + torch.arange(index.shape[1], device=device), new_valid)
+        if stats.gave_up_at is None:  # the head's context is kept while it pauses, too
+            taps = tap_features(outputs.hidden_states, target_layer_ids)
+            features = taps.gather(1, index[..., None].expand(-1, -1, taps.shape[-1]))
+            drafter.add_context(features, root_positions[:, None] + torch.arange(index.shape[1], device=device),
+                                new_valid)
         root_positions = root_positions + torch.tensor(kept, device=device)
 
         t4 = time.perf_counter()
         if round_budget is not None and drafting:
             round_budget.observe(trees, accepted, round_seconds=t4 - t0,
                                  verify_seconds=t2 - t1, draft_seconds=draft_seconds)
+        if plain_step is not None and stats.gave_up_at is None:
+            recent.append((rows + sum(len(path) for path in accepted), t4 - t0))
+            tokens, seconds = map(sum, zip(*recent))
+            if len(recent) == GUARD_ROUNDS and seconds / tokens > GUARD_MARGIN * plain_step / batch:
+                # the last rounds made tokens slower than plain decoding does: verify the roots alone from now on
+                skip, lookups, stats.gave_up_at = max_length, None, stats.rounds + 1
         for tree, path in zip(trees, accepted):
             history.observe(tree.num_nodes, path)
         history.observe_host(max(t4 - t0 - (t2 - t1) - draft_seconds - lm_head_seconds, 0.0) / rows)

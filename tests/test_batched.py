@@ -332,6 +332,35 @@ def test_measured_calls_decide_between_speculation_and_plain_decoding():
     assert plan_batch(synthetic_cost(8), history, block_size=16).speculate  # other batch sizes: the model alone
 
 
+def test_larger_batches_are_not_explored_after_a_smaller_one_measured_slower():
+    history = depth_history()
+    history.observe_spec_call(4, 0.5)
+    history.observe_plain_step(4, 1.0)  # speculation measured at half plain's speed at batch 4
+    assert not plan_batch(synthetic_cost(8), history, block_size=16).speculate
+    assert plan_batch(synthetic_cost(2), history, block_size=16).speculate  # smaller sizes: the model decides
+    for _ in range(hf_jetspec.batch_budget.EXPLORE_EVERY):
+        history.observe_plain_step(8, 1.0)
+    assert plan_batch(synthetic_cost(8), history, block_size=16).speculate  # tried again after a few plain calls
+
+
+def test_a_call_falling_behind_plain_decoding_gives_up_speculating(monkeypatch):
+    target = make_tiny_target("llama", seed=10)
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
+    head.generation_config.tree_budget = "auto"
+    input_ids, mask = left_padded_batch(seed=11)
+    kwargs = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=PAD)
+    expected = target.generate(input_ids, **kwargs)
+    history = depth_history()
+    history.observe_plain_step(input_ids.shape[0], 1e-9)  # plain decoding measured (absurdly) fast here
+    monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch))
+    monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda head: history)
+    assert target.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
+    stats = head.last_generate_stats
+    assert stats.speculated and stats.gave_up_at == hf_jetspec.batched.GUARD_ROUNDS
+    assert stats.rounds > stats.gave_up_at and set(stats.tree_sizes[stats.gave_up_at :]) == {1}
+    assert history.measured_speedup(input_ids.shape[0]) < 1.0  # and the next call at this size runs plain
+
+
 def test_round_budget_shrinks_trees_as_rows_grow():
     logprobs = torch.log_softmax(3 * torch.randn(6, 20, generator=torch.Generator().manual_seed(0)), -1)
     tree = build_tree(1, logprobs, budget=48, topk=4)
