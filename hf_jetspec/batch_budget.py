@@ -236,8 +236,8 @@ class AcceptanceHistory:
         """A speculative call at `batch_size` that took `seconds_per_token` per generated token (its prefill and
         first token left out, like the plain step)."""
         previous = self.spec_token_seconds.get(batch_size)
-        self.spec_token_seconds[batch_size] = (
-            seconds_per_token if previous is None else 0.5 * previous + 0.5 * seconds_per_token
+        self.spec_token_seconds[batch_size] = (  # a slow average: one prompt the head cannot draft is not the rule
+            seconds_per_token if previous is None else 0.75 * previous + 0.25 * seconds_per_token
         )
         self.plain_calls[batch_size] = 0
 

@@ -409,7 +409,8 @@ def batched_jetspec_decoding(
     # plain decoding's measured step here: speculation that falls behind it gives up for the rest of the call
     plain_step = history.plain_step_seconds.get(batch) if round_budget is not None else None
     recent: collections.deque = collections.deque(maxlen=GUARD_ROUNDS)  # (tokens, seconds) of the last rounds
-    stats.time_prefill = time.perf_counter() - start
+    stats.time_prefill = time.perf_counter() - start  # (the plan and its first-time cost measurements included)
+    decode_start = time.perf_counter()
 
     while True:
         # Rows that are done leave the batch (their cache rows, key masks, head context and root positions).
@@ -559,6 +560,7 @@ def batched_jetspec_decoding(
         stats.time_accept += t3 - t2
         stats.time_cache += t4 - t3
 
+    decode_end = time.perf_counter()
     # Output: each row's tokens up to the step it finished, then pad_token_id (EOS-type criteria) or its own tokens
     # (others), up to the step the last row finished -- what plain generate() returns.
     for row in range(batch):  # a row stopped at max_length by a criteria list without MaxLengthCriteria
@@ -579,7 +581,7 @@ def batched_jetspec_decoding(
     head.last_generate_stats = stats
     later_tokens = stats.new_tokens - batch  # the first token of every row came with the prefill
     if round_budget is not None and later_tokens >= 4 * batch:  # for the next plan at this batch size
-        history.observe_spec_call(batch, (stats.time_total - stats.time_prefill) / later_tokens)
+        history.observe_spec_call(batch, (decode_end - decode_start) / later_tokens)
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=output)
     return output
