@@ -152,6 +152,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         axis.minorticks_off()
         axis.grid(alpha=0.3)
     left.legend()
+    right.legend()
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
