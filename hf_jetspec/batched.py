@@ -56,7 +56,8 @@ BATCH_INDEXED_PROCESSORS = (
 COMPACT_MIN_GAP = 16
 COMPACT_MIN_FRACTION = 0.25
 # Rounds in a row in which drafting did not pay (see `BatchRoundBudget.drafting_pays`) before the head pauses for
-# DRAFT_BACKOFF rounds (proposals only), doubling while the rounds after each pause still do not pay.
+# DRAFT_BACKOFF rounds (proposals only), doubling while the rounds after each pause still do not pay; after a pause one
+# such round (a probe) is enough.
 DRAFT_PATIENCE = 3
 DRAFT_BACKOFF = 4
 MAX_DRAFT_BACKOFF = 64
@@ -405,7 +406,7 @@ def batched_jetspec_decoding(
     key_valid = prompt_mask.bool()
     root_positions = prompt_mask.sum(-1)  # the root (last committed token) sits after the real prompt tokens
     active = list(range(batch))
-    rounds_not_paying, skip, backoff = 0, 0, DRAFT_BACKOFF
+    rounds_not_paying, skip, backoff, probing = 0, 0, DRAFT_BACKOFF, False
     # plain decoding's measured step here: speculation that falls behind it gives up for the rest of the call
     plain_step = history.plain_step_seconds.get(batch) if round_budget is not None else None
     recent: collections.deque = collections.deque(maxlen=GUARD_ROUNDS)  # (tokens, seconds) of the last rounds
@@ -450,11 +451,12 @@ def batched_jetspec_decoding(
             if not drafting:
                 skip -= 1
             elif round_budget.drafting_pays:
-                rounds_not_paying, backoff = 0, DRAFT_BACKOFF
+                rounds_not_paying, backoff, probing = 0, DRAFT_BACKOFF, False
             else:
                 rounds_not_paying += 1
-                if rounds_not_paying >= DRAFT_PATIENCE:  # the head's drafts do not pay now: pause the head
+                if rounds_not_paying >= (1 if probing else DRAFT_PATIENCE):  # the drafts do not pay now: pause the head
                     skip, rounds_not_paying, backoff = backoff, 0, min(2 * backoff, MAX_DRAFT_BACKOFF)
+                    probing = True
                     if stats.drafting_stopped_at is None:
                         stats.drafting_stopped_at = stats.rounds
         elif chains is not None:

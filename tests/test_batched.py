@@ -414,6 +414,7 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
     backoff = hf_jetspec.batched.DRAFT_BACKOFF
     assert stats.rounds > stopped + backoff + 1 and set(stats.tree_sizes[stopped + 1 : stopped + 1 + backoff]) == {1}
     assert stats.tree_sizes[stopped + 1 + backoff] > 1 and stats.undrafted_rounds >= backoff
+    assert stats.tree_sizes[stopped + 2 + backoff] == 1  # after a pause, one probe that does not pay pauses again
     head.generation_config.tree_budget = 1  # a budget of one node is plain decoding: Transformers' own loop
     assert run(target, head, 1, input_ids, attention_mask=mask, max_new_tokens=12).tolist() == expected.tolist()
     assert not head.last_generate_stats.speculated
