@@ -144,3 +144,7 @@ def test_projection_rows_fill_the_padding_with_the_likeliest_nodes():
     # computed logits are skipped; a row past its chain asks only for what it lacks
     done = [{0: None, 1: None, 2: None, 4: None}, {}]
     assert projection_rows([first, second], [1], [0, 0], done, flat_projection_cost()) == [(1, 0), (1, 1)]
+    # filling as much as ExactArgmax takes: only nodes the row can still reach (below its current node)
+    at_node_1 = projection_rows([first, second], [0], [1, 0], [{0: None, 1: None}, {}], None)
+    assert at_node_1 == [(0, 2), (0, 4)]  # node 3 hangs off the root, behind the path taken
+    assert len(projection_rows([first, second], [0, 1], [0, 0], [{}, {}], None)) == 8  # every node, both rows
