@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import bisect
 import math
-import statistics
-import time
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from .budget import AcceptanceProfile, VerifyCost, monotone
+from .budget import AcceptanceProfile, VerifyCost, median_seconds, monotone
 from .tree import DraftTree, chain_path, merge_chain
 
 # Plain calls at a batch size, chosen because speculation measured slower there, before speculation is tried again.
@@ -78,20 +76,6 @@ class BatchCost:
     def plain_step(self) -> float:
         """One step of plain decoding for the whole batch (its host overhead left out: a conservative estimate)."""
         return self.verify(self.batch_size) + self.lm_head(self.batch_size)
-
-
-def _timed(function, repeats: int, device: torch.device) -> float:
-    """Median seconds of `function()` over `repeats` runs after one warm-up run."""
-    timings = []
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings[1:])
 
 
 NODE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -155,11 +139,11 @@ def measure_batch_cost(
                         use_cache=True)
                 cache.crop(-nodes)
 
-            seconds.append(_timed(verify, repeats, device))
+            seconds.append(median_seconds(verify, repeats, device))
 
         hidden = torch.randn(batch_size * 8, config.hidden_size, generator=generator).to(device, model.dtype)
-        lm_small = _timed(lambda: lm_head(hidden[:batch_size]), repeats, device)
-        lm_big = _timed(lambda: lm_head(hidden), repeats, device)
+        lm_small = median_seconds(lambda: lm_head(hidden[:batch_size]), repeats, device)
+        lm_big = median_seconds(lambda: lm_head(hidden), repeats, device)
         per_row = max(lm_big - lm_small, 0.0) / (7 * batch_size)
 
         taps = len(head.config.target_layer_ids) * config.hidden_size
@@ -169,7 +153,7 @@ def measure_batch_cost(
         context_positions = torch.arange(context_length, device=device).expand(batch_size, -1)
         head(anchor_ids=prefix[:, -1:], anchor_position_ids=anchors, context_features=features,
              context_position_ids=context_positions, past_key_values=context, logits_to_keep=False)
-        draft_base = _timed(
+        draft_base = median_seconds(
             lambda: head(anchor_ids=prefix[:, -1:], anchor_position_ids=anchors, past_key_values=context,
                          logits_to_keep=False),
             repeats,

@@ -77,6 +77,25 @@ class VerifyCost:
         return self.sizes[-1]
 
 
+def median_seconds(function, repeats: int, device: torch.device, before=None, after=None) -> float:
+    """Median seconds of `function()` over `repeats` runs after one warm-up run (which warms up its shapes); `before`
+    and `after` run around each timed call, untimed; the device is synchronised around it on CUDA."""
+    timings = []
+    for _ in range(repeats + 1):
+        if before is not None:
+            before()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings.append(time.perf_counter() - start)
+        if after is not None:
+            after()
+    return statistics.median(timings[1:])
+
+
 def default_sizes(device: torch.device) -> tuple[int, ...]:
     return CUDA_SIZES if device.type == "cuda" else CPU_SIZES
 
@@ -122,17 +141,8 @@ def measure_verify_cost(
         for size in sizes:
             tokens = torch.randint(vocab, (size,), generator=generator).tolist()
             tree = tree_from_parents(tokens, [-1] + list(range(size - 1)), device=device)
-            timings = []
-            for _ in range(repeats + 1):  # the first run warms up this shape
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                verify(tree, context_length, cache)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                timings.append(time.perf_counter() - start)
-                cache.crop(-size)
-            seconds.append(statistics.median(timings[1:]))
+            seconds.append(median_seconds(lambda: verify(tree, context_length, cache), repeats, device,
+                                          after=lambda: cache.crop(-size)))
     cost = VerifyCost(sizes=sizes, seconds=tuple(monotone(seconds)))
     cached[key] = cost
     return cost

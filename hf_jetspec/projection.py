@@ -16,12 +16,12 @@ rather than zeros. Each row's logits do not depend on the other rows, so this ch
 from __future__ import annotations
 
 import bisect
-import statistics
-import time
 import weakref
 from dataclasses import dataclass
 
 import torch
+
+from .budget import median_seconds
 
 PROBE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 FLUSH_BYTES = 64 * 1024 * 1024  # larger than the last-level cache of the CPUs this runs on
@@ -83,21 +83,9 @@ def measure_projection(model: torch.nn.Module, sizes: tuple[int, ...] = PROBE_SI
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32) if device.type == "cpu" else None
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(max(sizes), lm_head.weight.shape[1], generator=generator).to(device, dtype)
-    seconds = []
+    evict = None if flush is None else lambda: flush.fill_(1.0)  # as a verify forward does before accept needs them
     with torch.no_grad():
-        for rows in sizes:
-            timings = []
-            for _ in range(repeats + 1):
-                if flush is not None:
-                    flush.fill_(1.0)  # evict the weights, as a verify forward does before accept needs them
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                lm_head(hidden[:rows])
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                timings.append(time.perf_counter() - start)
-            seconds.append(statistics.median(timings[1:]))
+        seconds = [median_seconds(lambda: lm_head(hidden[:rows]), repeats, device, before=evict) for rows in sizes]
     cost = ProjectionCost(sizes=tuple(sizes), seconds=tuple(seconds))
     cached[key] = cost
     return cost
