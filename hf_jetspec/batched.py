@@ -549,6 +549,7 @@ def batched_jetspec_decoding(
                 skip, lookups, stats.gave_up_at = max_length, None, stats.rounds + 1
         for tree, path in zip(trees, accepted):
             history.observe(tree.num_nodes, path)
+            stats.count_lookup(tree, path)
         history.observe_host(max(t4 - t0 - (t2 - t1) - draft_seconds - lm_head_seconds, 0.0) / rows)
         stats.rounds += 1
         stats.undrafted_rounds += not drafting
@@ -556,10 +557,6 @@ def batched_jetspec_decoding(
         stats.tree_sizes.append(max(tree.num_nodes for tree in trees))
         stats.drafted_nodes += sum(tree.num_nodes - 1 for tree in trees)
         stats.accepted_drafts += sum(len(path) for path in accepted)
-        for tree, path in zip(trees, accepted):
-            if tree.lookup_nodes:
-                stats.lookup_nodes += len(tree.lookup_nodes)
-                stats.accepted_lookup += len(set(path).intersection(tree.lookup_nodes))
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
         stats.time_accept += t3 - t2

@@ -58,6 +58,12 @@ class JetSpecGenerateStats:
     time_cache: float = 0.0
     time_total: float = 0.0
 
+    def count_lookup(self, tree, accepted_nodes: list[int]) -> None:
+        """Adds a verified tree's merged prompt-lookup nodes and how many of them `accepted_nodes` holds."""
+        if tree.lookup_nodes:
+            self.lookup_nodes += len(tree.lookup_nodes)
+            self.accepted_lookup += len(set(accepted_nodes).intersection(tree.lookup_nodes))
+
     @property
     def mean_accepted_length(self) -> float:
         """tau: tokens emitted per round (accepted drafts + the target's own token)."""
@@ -334,9 +340,7 @@ def jetspec_decoding(
         stats.rounds += 1
         stats.drafted_nodes += tree.num_nodes - 1
         stats.accepted_drafts += len(accepted)
-        if tree.lookup_nodes:
-            stats.lookup_nodes += len(tree.lookup_nodes)
-            stats.accepted_lookup += len(set(accepted).intersection(tree.lookup_nodes))
+        stats.count_lookup(tree, accepted)
         stats.time_draft += t1 - t0
         stats.time_verify += t2 - t1
         stats.time_accept += t3 - t2
