@@ -431,7 +431,7 @@ class BatchRoundBudget:
             node_probability = [1.0] + [min(1.0, scales[i] * math.exp(scores[i])) for i in range(1, size)]
             path = chain_path(tree, chain) if chain else []
             with_head.append(row_choices(node_probability, path, list(probabilities[: len(chain)]), width_limit))
-            if drafted and chain:
+            if drafted:  # the same row without the head's nodes: its root, plus its proposal if it has one
                 without_head.append(row_choices([1.0], [], list(probabilities[: len(chain)]), width_limit))
 
         def best_width(choices: list[list[tuple[float, int, int]]], fixed: float) -> tuple[int, float]:
@@ -445,9 +445,7 @@ class BatchRoundBudget:
         fixed = self.fixed_seconds if drafted else max(self.fixed_seconds - self.draft_seconds, 0.0)
         width, rate = best_width(with_head, fixed)
         if drafted:
-            no_draft = max(self.fixed_seconds - self.draft_seconds, 0.0)
-            _, rate_without = best_width(without_head, no_draft) if without_head else (1, rows / (
-                no_draft + self.cost.verify_seconds(rows, 1)))
+            _, rate_without = best_width(without_head, max(self.fixed_seconds - self.draft_seconds, 0.0))
             self.drafting_pays = any(row[width][1] > 1 for row in with_head) and rate > rate_without
         self.sizes.append(width)
         merged = []
