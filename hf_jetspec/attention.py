@@ -18,10 +18,17 @@ tree (`key_length - num_nodes` of them) are the prefix every node sees. Then:
   picks the mode when it is imported), the Triton kernel of `hf_jetspec_kernels.tree_attention` runs;
 - anywhere else an exact PyTorch path (the dense boolean mask rebuilt from the bits, then SDPA) runs, and a single
   warning per process says so.
+
+Models loaded with `attn_implementation="sdpa"` verify trees with a dense mask. Transformers' SDPA function then
+repeats every key/value head for its query heads (`repeat_kv`: a copy of the whole cache per layer and forward) unless
+the forward has one query row (`pack_gqa`). [`verification_attention`] switches such a decoder, for the verify
+forward only, to `"jetspec_sdpa_gqa"` ([`gqa_sdpa_attention_forward`]): the query heads sharing a key/value head are
+folded into the query rows instead, the same computation without the copies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -36,6 +43,7 @@ from hf_jetspec_kernels.reference import tree_visibility
 logger = logging.getLogger(__name__)
 
 TREE_ATTENTION = "jetspec_tree"
+GQA_ATTENTION = "jetspec_sdpa_gqa"
 
 
 def packed_tree_mask(tree_bits: torch.IntTensor) -> torch.IntTensor:
@@ -140,7 +148,69 @@ def jetspec_tree_attention_forward(
     return _tree_attention_fallback(module, query, key, value, tree_bits, scaling), None
 
 
+def gqa_sdpa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Transformers' SDPA attention, with grouped-query attention done by folding instead of `repeat_kv`.
+
+    For several query rows and a dense mask shared by the heads (`(batch | 1, 1, q_length, kv_length)`), the
+    `groups` query heads of each key/value head become `groups * q_length` query rows of that head (head-major, as
+    `repeat_kv` pairs them) and the mask is repeated to match, so SDPA reads the cache as it is. Anything else
+    (one query row, no mask, per-head masks, dropout, softcap, position bias, no grouping) goes to Transformers'
+    `sdpa_attention_forward` unchanged.
+
+    Returns:
+        `(attn_output, None)`, `attn_output` of shape `(batch, q_length, num_heads, head_dim)`.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    q_length = query.shape[2]
+    if (
+        groups == 1
+        or q_length == 1
+        or attention_mask is None
+        or attention_mask.ndim != 4
+        or attention_mask.shape[1] != 1
+        or dropout
+        or any(kwargs.get(option) is not None for option in ("softcap", "position_bias", "sinks", "s_aux"))
+        or query.shape[-1] != value.shape[-1]
+    ):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    batch, num_heads, _, head_dim = query.shape
+    folded = query.reshape(batch, num_heads // groups, groups * q_length, head_dim)
+    mask = attention_mask.repeat(1, 1, groups, 1)  # row g * q_length + t is query row t's mask
+    out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, num_heads, q_length, head_dim).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def verification_attention(decoder: torch.nn.Module):
+    """Within the block, a decoder loaded with `attn_implementation="sdpa"` runs [`gqa_sdpa_attention_forward`]
+    (same inputs and math, no key/value copies); other backends are left as they are. Wrap the verify forward only:
+    the decoder's config is switched for the duration (not thread-safe across concurrent forwards of one model)."""
+    config = getattr(decoder, "config", None)
+    if getattr(config, "_attn_implementation_internal", None) != "sdpa":
+        yield
+        return
+    config._attn_implementation_internal = GQA_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = "sdpa"
+
+
 def register_tree_attention() -> None:
-    """Registers `"jetspec_tree"` in Transformers' attention and attention-mask interfaces (idempotent)."""
+    """Registers `"jetspec_tree"` and `"jetspec_sdpa_gqa"` in Transformers' attention and attention-mask interfaces
+    (idempotent)."""
     AttentionInterface.register(TREE_ATTENTION, jetspec_tree_attention_forward)
     AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
+    AttentionInterface.register(GQA_ATTENTION, gqa_sdpa_attention_forward)
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)

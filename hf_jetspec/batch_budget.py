@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import verification_attention
 from .budget import AcceptanceProfile, VerifyCost, median_seconds, monotone
 from .tree import DraftTree, chain_path, merge_chain
 
@@ -135,8 +136,9 @@ def measure_batch_cost(
             mask = additive_mask(allowed.expand(batch_size, -1, -1), model.dtype)
 
             def verify():
-                decoder(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                        use_cache=True)
+                with verification_attention(decoder):  # as the decode loop verifies
+                    decoder(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache,
+                            use_cache=True)
                 cache.crop(-nodes)
 
             seconds.append(median_seconds(verify, repeats, device))

@@ -30,6 +30,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import decoding
+from .attention import verification_attention
 from .batch_budget import BatchPlan, BatchRoundBudget, acceptance_history, measure_batch_cost, plan_batch, round_seconds
 from .budget import acceptance_profile
 from .batched_draft import BatchedDrafter, compact_cache_rows
@@ -471,14 +472,15 @@ def batched_jetspec_decoding(
         tree_ids, tree_positions, tree_mask = batch_tree_inputs(
             trees, root_positions, key_valid, pad_token_id or 0, model.dtype
         )
-        outputs = decoder(
-            input_ids=tree_ids,
-            position_ids=tree_positions,
-            attention_mask=tree_mask,
-            past_key_values=cache,
-            use_cache=True,
-            output_hidden_states=hidden_state_ids,
-        )
+        with verification_attention(decoder):
+            outputs = decoder(
+                input_ids=tree_ids,
+                position_ids=tree_positions,
+                attention_mask=tree_mask,
+                past_key_values=cache,
+                use_cache=True,
+                output_hidden_states=hidden_state_ids,
+            )
         node_hidden = outputs.last_hidden_state
 
         # 3. Accept, row by row: follow the target's own token while a child carries it. Greedy without processors:

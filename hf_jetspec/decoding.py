@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .attention import TREE_ATTENTION, packed_tree_mask
+from .attention import TREE_ATTENTION, packed_tree_mask, verification_attention
 from .budget import AutoBudget, acceptance_profile, measure_verify_cost
 from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget, tap_features
 from .exact_argmax import exact_argmax_for
@@ -150,14 +150,15 @@ def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_sta
         attention_mask = packed_tree_mask(tree.packed_ancestor_bits())
     else:
         attention_mask = tree.attention_mask(past_length, dtype)
-    return decoder(
-        input_ids=tree.tokens[None],
-        position_ids=tree.position_ids(past_length),
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        use_cache=True,
-        output_hidden_states=hidden_state_ids,
-    )
+    with verification_attention(decoder):
+        return decoder(
+            input_ids=tree.tokens[None],
+            position_ids=tree.position_ids(past_length),
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=hidden_state_ids,
+        )
 
 
 def validated_cache(model_kwargs: dict) -> DynamicCache:
