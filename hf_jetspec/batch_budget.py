@@ -27,6 +27,7 @@ import torch
 
 from .attention import verification_attention
 from .budget import AcceptanceProfile, VerifyCost, median_seconds, monotone
+from .packed_linear import packed_linears
 from .tree import DraftTree, chain_path, merge_chain
 
 # Plain calls at a batch size, chosen because speculation measured slower there, before speculation is tried again.
@@ -136,7 +137,7 @@ def measure_batch_cost(
             mask = additive_mask(allowed.expand(batch_size, -1, -1), model.dtype)
 
             def verify():
-                with verification_attention(decoder):  # as the decode loop verifies
+                with verification_attention(decoder), packed_linears(decoder, tokens.numel()):  # as the loop verifies
                     decoder(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache,
                             use_cache=True)
                 cache.crop(-nodes)

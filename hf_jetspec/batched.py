@@ -38,6 +38,7 @@ from .candidate_generator import resolve_tree_budget, tap_features
 from .decoding import JetSpecGenerateStats
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
+from .packed_linear import packed_linears
 from .exact_argmax import exact_argmax_for
 from .projection import ProjectionCost, measure_projection
 from .tree import DraftTree, additive_mask, build_tree, merge_chain
@@ -472,7 +473,7 @@ def batched_jetspec_decoding(
         tree_ids, tree_positions, tree_mask = batch_tree_inputs(
             trees, root_positions, key_valid, pad_token_id or 0, model.dtype
         )
-        with verification_attention(decoder):
+        with verification_attention(decoder), packed_linears(decoder, tree_ids.numel()):
             outputs = decoder(
                 input_ids=tree_ids,
                 position_ids=tree_positions,

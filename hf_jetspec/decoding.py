@@ -21,6 +21,7 @@ from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget,
 from .exact_argmax import exact_argmax_for
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
+from .packed_linear import packed_linears
 
 TREE_MASK_ATTENTION = ("sdpa", "eager", "jetspec_tree")
 
@@ -150,7 +151,7 @@ def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_sta
         attention_mask = packed_tree_mask(tree.packed_ancestor_bits())
     else:
         attention_mask = tree.attention_mask(past_length, dtype)
-    with verification_attention(decoder):
+    with verification_attention(decoder), packed_linears(decoder, tree.tokens.numel()):
         return decoder(
             input_ids=tree.tokens[None],
             position_ids=tree.position_ids(past_length),

@@ -1,0 +1,199 @@
+"""Verify forwards on CPU with MKL-packed float32 linear weights.
+
+oneMKL's float32 GEMM changes kernels with the number of rows: on the 2-core x86 box the default target's linears cost
+about the same for 1 to 3 rows and about 45% more at 4 rows, so a verify forward of 2 rows x 2 tree nodes costs
+about 1.4 plain decoding steps of those 2 rows. With a weight packed once for a given row count (`cblas_sgemm_pack`:
+PyTorch's `torch.ops.mkl._mkl_reorder_linear_weight` and `_mkl_linear`, what Inductor's CPU weight prepacking uses),
+the same products at 4 to 16 rows cost 20-25% less. A packed copy serves one row count only, so a verify forward of
+`m` rows runs its linears at the next packed count `P >= m`, the input padded with zero rows that are dropped after
+the product (rows are independent in a GEMM).
+
+Exactness: the products stay float32. Their rounding differs from the unpacked kernel's as the unpacked kernel's
+rounding already differs between row counts (a verify forward never reproduced plain decoding's bits; outputs are
+compared token for token).
+
+- [`PackedLinears.measure`] packs the decoder's `nn.Linear` weights for each row count of [`PACK_ROWS`] and keeps
+  the counts where the packed product of all of them is faster than the unpacked one (timed here), together with the
+  smallest row count it is faster for, while the copies (one weight's size each) fit in [`MEMORY_SHARE`] of the
+  memory available.
+- [`packed_linears`] runs a block (the verify forward) with those linears switched to their packed copies.
+
+Only for float32 weights on CPU with PyTorch's MKL build; `HF_JETSPEC_PACKED_LINEARS=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import weakref
+
+import torch
+
+from .budget import median_seconds
+
+logger = logging.getLogger(__name__)
+
+# Row counts weights are packed for (a copy each, about the decoder's linear weights in size).
+PACK_ROWS = (4, 8, 16, 32)
+# Share of the available memory the packed copies may take.
+MEMORY_SHARE = 0.25
+ENV_SWITCH = "HF_JETSPEC_PACKED_LINEARS"
+
+_PACKED: "weakref.WeakKeyDictionary[torch.nn.Module, PackedLinears | None]" = weakref.WeakKeyDictionary()
+
+
+def mkl_packing_available() -> bool:
+    """Whether this PyTorch can pack float32 weights with MKL (and the switch does not turn it off)."""
+    if os.environ.get(ENV_SWITCH, "1").lower() in ("0", "false", "off", "no"):
+        return False
+    ops = torch.ops.mkl
+    return torch.backends.mkl.is_available() and hasattr(ops, "_mkl_linear") and hasattr(ops, "_mkl_reorder_linear_weight")
+
+
+def available_memory_bytes() -> int | None:
+    """`MemAvailable` from `/proc/meminfo` (free pages elsewhere), or `None` when unknown."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor, rows: int):
+    def forward(input: torch.Tensor) -> torch.Tensor:
+        flat = input.reshape(-1, input.shape[-1]).contiguous()
+        count = flat.shape[0]
+        if count < rows:
+            flat = torch.cat([flat, flat.new_zeros(rows - count, flat.shape[1])])
+        out = torch.ops.mkl._mkl_linear(flat, packed, weight, bias, rows)
+        return out[:count].reshape(*input.shape[:-1], out.shape[-1])
+
+    return forward
+
+
+class PackedLinears:
+    """A decoder's float32 `nn.Linear` layers with weights packed for some row counts.
+
+    Args:
+        linears (`list[nn.Linear]`): the layers (their `forward` is replaced inside [`use`] only).
+        packed (`dict[int, list[Tensor]]`): row count -> packed weight per layer.
+        min_rows (`dict[int, int]`): row count -> smallest row count a forward is padded up to it from.
+    """
+
+    def __init__(self, linears: list[torch.nn.Linear], packed: dict[int, list[torch.Tensor]], min_rows: dict[int, int]):
+        self.linears = linears
+        self.min_rows = dict(sorted(min_rows.items()))
+        self._stamp = self.stamp(linears)
+        self._forwards = {
+            size: [_packed_forward(layer.weight, layer.bias, weight, size) for layer, weight in zip(linears, packed[size])]
+            for size in self.min_rows
+        }
+
+    @staticmethod
+    def stamp(linears) -> tuple:
+        return tuple((id(layer.weight), layer.weight.data_ptr(), layer.weight._version) for layer in linears)
+
+    def current(self) -> bool:
+        """Whether the layers still hold the weights that were packed."""
+        return self.stamp(self.linears) == self._stamp
+
+    def rows_for(self, rows: int) -> int | None:
+        """The packed row count a forward of `rows` rows runs at (`None`: unpacked)."""
+        for size, smallest in self.min_rows.items():
+            if smallest <= rows <= size:
+                return size
+        return None
+
+    @contextlib.contextmanager
+    def use(self, rows: int):
+        size = self.rows_for(rows)
+        if size is None:
+            yield
+            return
+        for layer, forward in zip(self.linears, self._forwards[size]):
+            layer.__dict__["forward"] = forward
+        try:
+            yield
+        finally:
+            for layer in self.linears:
+                layer.__dict__.pop("forward", None)
+
+    @classmethod
+    def measure(cls, decoder: torch.nn.Module, sizes: tuple[int, ...] = PACK_ROWS, repeats: int = 3,
+                memory_bytes: int | None = None) -> PackedLinears | None:
+        """Packs and times `decoder`'s float32 CPU linears for each row count of `sizes`; `None` when packing is not
+        available or never faster here. `memory_bytes` caps the copies (default: [`MEMORY_SHARE`] of available)."""
+        if not mkl_packing_available():
+            return None
+        linears = [
+            module for module in decoder.modules()
+            if type(module) is torch.nn.Linear and "forward" not in module.__dict__
+            and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
+        ]
+        if not linears:
+            return None
+        copy_bytes = sum(layer.weight.numel() * 4 for layer in linears)
+        if memory_bytes is None:
+            available = available_memory_bytes()
+            memory_bytes = int(MEMORY_SHARE * available) if available is not None else 0
+        device = torch.device("cpu")
+        generator = torch.Generator().manual_seed(0)
+        inputs = {}
+
+        def run(rows: int, weights=None) -> None:
+            for index, layer in enumerate(linears):
+                key = (rows, layer.in_features)
+                if key not in inputs:
+                    inputs[key] = torch.randn(rows, layer.in_features, generator=generator)
+                if weights is None:
+                    torch.nn.functional.linear(inputs[key], layer.weight, layer.bias)
+                else:
+                    size = weights[1]
+                    _packed_forward(layer.weight, layer.bias, weights[0][index], size)(inputs[key])
+
+        packed, min_rows = {}, {}
+        with torch.no_grad():
+            for size in sizes:
+                if (len(packed) + 1) * copy_bytes > memory_bytes:
+                    break
+                weights = [torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, size) for layer in linears]
+                fast = median_seconds(lambda: run(size, (weights, size)), repeats, device)
+                smallest = size // 2 + 1
+                if fast < median_seconds(lambda: run(smallest), repeats, device):
+                    min_rows[size] = smallest
+                elif fast < median_seconds(lambda: run(size), repeats, device):
+                    min_rows[size] = size
+                else:
+                    continue
+                packed[size] = weights
+        if not packed:
+            return None
+        logger.info("packed float32 linear weights for verify forwards of %s rows", sorted(min_rows.items()))
+        return cls(linears, packed, min_rows)
+
+
+def packed_linears_for(decoder: torch.nn.Module) -> PackedLinears | None:
+    """The [`PackedLinears`] of `decoder`, measured on first use (and again when its weights changed)."""
+    found = _PACKED.get(decoder, False)
+    if found is False or (found is not None and not found.current()):
+        found = _PACKED[decoder] = PackedLinears.measure(decoder)
+    return found
+
+
+@contextlib.contextmanager
+def packed_linears(decoder: torch.nn.Module, rows: int):
+    """Runs the block (one forward of `rows` token rows through `decoder`) with its linears packed for `rows`,
+    where [`PackedLinears`] found that faster; otherwise as is."""
+    packed = packed_linears_for(decoder) if not torch.is_grad_enabled() else None
+    if packed is None:
+        yield
+        return
+    with packed.use(rows):
+        yield

@@ -1,0 +1,109 @@
+"""MKL-packed float32 linears for verify forwards: same products, forwards restored, token-identical generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_target, oracle_for
+
+import hf_jetspec.packed_linear as packed_linear
+from hf_jetspec.packed_linear import PackedLinears, mkl_packing_available, packed_linears, packed_linears_for
+
+pytestmark = pytest.mark.skipif(not mkl_packing_available(), reason="this PyTorch has no MKL weight packing")
+
+
+def forced(decoder, min_rows):
+    """`PackedLinears` of every linear of `decoder` with the given row counts (no timing)."""
+    linears = [module for module in decoder.modules() if type(module) is torch.nn.Linear]
+    packed = {size: [torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, size) for layer in linears]
+              for size in min_rows}
+    return PackedLinears(linears, packed, min_rows)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_products_equal_unpacked_and_other_row_counts_stay_unpacked(rows, bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40, bias=bias)
+    packed = forced(torch.nn.Sequential(layer), {4: 3, 8: 5})
+    inputs = torch.randn(1, rows, 48)
+    expected = layer(inputs)
+    with torch.no_grad(), packed.use(rows):
+        assert ("forward" in layer.__dict__) == (rows in (3, 4, 5, 8))
+        out = layer(inputs)
+    assert "forward" not in layer.__dict__
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert packed.rows_for(rows) == {3: 4, 4: 4, 5: 8, 8: 8}.get(rows)
+
+
+def test_forwards_are_restored_after_an_error_and_changed_weights_are_measured_again(monkeypatch):
+    target = make_tiny_target("llama")
+    decoder = target.model
+    packed = forced(decoder, {4: 4})
+    with pytest.raises(RuntimeError), packed.use(4):
+        raise RuntimeError("a failing forward")
+    assert all("forward" not in layer.__dict__ for layer in packed.linears)
+
+    measured = []
+    monkeypatch.setattr(PackedLinears, "measure", classmethod(lambda cls, decoder: measured.append(1) or packed))
+    monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)())
+    assert packed_linears_for(decoder) is packed and packed_linears_for(decoder) is packed
+    assert measured == [1]
+    with torch.no_grad():
+        decoder.layers[0].mlp.up_proj.weight.mul_(1.0)  # in place: a new version of the weight
+    packed_linears_for(decoder)
+    assert measured == [1, 1]
+
+
+def test_measure_respects_the_switch_the_memory_cap_and_foreign_forwards(monkeypatch):
+    decoder = make_tiny_target("llama").model
+    assert PackedLinears.measure(decoder, memory_bytes=0) is None  # no room for one copy
+    monkeypatch.setenv("HF_JETSPEC_PACKED_LINEARS", "0")
+    assert PackedLinears.measure(decoder, memory_bytes=1 << 30) is None
+    monkeypatch.delenv("HF_JETSPEC_PACKED_LINEARS")
+    for module in decoder.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = module.forward  # e.g. an accelerate hook: left alone
+    assert PackedLinears.measure(decoder, memory_bytes=1 << 30) is None
+
+
+def test_packed_linears_leaves_training_forwards_alone(monkeypatch):
+    target = make_tiny_target("llama")
+    packed = forced(target.model, {4: 1})
+    monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)({target.model: packed}))
+    with torch.enable_grad(), packed_linears(target.model, 4):
+        assert all("forward" not in layer.__dict__ for layer in packed.linears)
+    with torch.no_grad(), packed_linears(target.model, 4):
+        assert all("forward" in layer.__dict__ for layer in packed.linears)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_with_packed_verify_forwards_equals_plain_generate(family, batch, monkeypatch):
+    target = make_tiny_target(family, seed=7)
+    prompt = torch.tensor([[5, 17, 42, 9, 33, 8], [0, 0, 11, 3, 27, 64]])[:batch]
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])[:batch]
+    expected = target.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0)
+    packed = forced(target.model, {4: 3, 8: 5, 16: 9, 32: 17})
+    monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)({target.model: packed}))
+    used = []
+    original = PackedLinears.use
+
+    def spy(self, rows):
+        used.append(self.rows_for(rows))
+        return original(self, rows)
+
+    monkeypatch.setattr(PackedLinears, "use", spy)
+    if batch == 1:
+        head = oracle_for(target, expected, rank_of_truth=1)
+    else:
+        from test_batched import batch_oracle_for, real_tokens
+
+        head = batch_oracle_for(target, real_tokens(expected, mask))
+    head.generation_config.tree_budget = 8
+    out = target.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0,
+                          assistant_model=head)
+    assert out.tolist() == expected.tolist()
+    assert any(size is not None for size in used)  # some verify forwards ran packed
+    assert all("forward" not in layer.__dict__ for layer in packed.linears)
