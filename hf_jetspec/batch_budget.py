@@ -27,7 +27,7 @@ import torch
 
 from .attention import verification_attention
 from .budget import AcceptanceProfile, VerifyCost, median_seconds, monotone
-from .packed_linear import packed_linears
+from .packed_linear import packed_linears, packed_linears_for
 from .tree import DraftTree, chain_path, merge_chain
 
 # Plain calls at a batch size, chosen because speculation measured slower there, before speculation is tried again.
@@ -124,6 +124,7 @@ def measure_batch_cost(
     config = model.config.get_text_config()
     generator = torch.Generator().manual_seed(0)
     decoder = getattr(model, model.base_model_prefix)
+    packed = packed_linears_for(decoder)
     lm_head = model.get_output_embeddings()
     prefix = torch.randint(config.vocab_size, (batch_size, context_length), generator=generator).to(device)
     cache = DynamicCache(config=model.config)
@@ -137,7 +138,7 @@ def measure_batch_cost(
             mask = additive_mask(allowed.expand(batch_size, -1, -1), model.dtype)
 
             def verify():
-                with verification_attention(decoder), packed_linears(decoder, tokens.numel()):  # as the loop verifies
+                with verification_attention(decoder), packed_linears(packed, tokens.numel()):  # as the loop verifies
                     decoder(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache,
                             use_cache=True)
                 cache.crop(-nodes)

@@ -38,7 +38,7 @@ from .candidate_generator import resolve_tree_budget, tap_features
 from .decoding import JetSpecGenerateStats
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
-from .packed_linear import packed_linears
+from .packed_linear import packed_linears, packed_linears_for
 from .exact_argmax import exact_argmax_for
 from .projection import ProjectionCost, measure_projection
 from .tree import DraftTree, additive_mask, build_tree, merge_chain
@@ -252,8 +252,10 @@ def keep_tree_slots(cache: DynamicCache, past_length: int, index: torch.LongTens
     """After a verify forward that appended `n` tree slots per row, keeps `index.shape[1]` of them: row `i`'s slot
     `j` becomes tree node `index[i, j]`. The kept slots are written in place and the rest cropped."""
     width = index.shape[1]
-    for layer in cache.layers:
-        tree_rows = layer.keys.shape[-2] - past_length
+    tree_rows = cache.layers[0].keys.shape[-2] - past_length
+    # Every row keeping its first slots in order (e.g. roots alone: nothing accepted) needs no move, only the crop.
+    in_place = bool((index == torch.arange(width, device=index.device)).all())
+    for layer in cache.layers if not in_place else ():
         gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
         layer.keys[:, :, past_length : past_length + width] = layer.keys[:, :, past_length:].gather(2, gather)
         layer.values[:, :, past_length : past_length + width] = layer.values[:, :, past_length:].gather(2, gather)
@@ -335,6 +337,7 @@ def batched_jetspec_decoding(
                                streamer, head, stats, **model_kwargs)
 
     decoder = getattr(model, model.base_model_prefix)
+    packed = packed_linears_for(decoder)  # verify forwards on packed weights where measured faster
     lm_head = model.get_output_embeddings()
     projection = measure_projection(model)
     target_layer_ids = head.config.target_layer_ids
@@ -473,7 +476,7 @@ def batched_jetspec_decoding(
         tree_ids, tree_positions, tree_mask = batch_tree_inputs(
             trees, root_positions, key_valid, pad_token_id or 0, model.dtype
         )
-        with verification_attention(decoder), packed_linears(decoder, tree_ids.numel()):
+        with verification_attention(decoder), packed_linears(packed, tree_ids.numel()):
             outputs = decoder(
                 input_ids=tree_ids,
                 position_ids=tree_positions,

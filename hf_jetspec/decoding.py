@@ -21,7 +21,7 @@ from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget,
 from .exact_argmax import exact_argmax_for
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
-from .packed_linear import packed_linears
+from .packed_linear import PackedLinears, packed_linears, packed_linears_for
 
 TREE_MASK_ATTENTION = ("sdpa", "eager", "jetspec_tree")
 
@@ -143,15 +143,17 @@ def compact_cache(cache: DynamicCache, past_length: int, keep: torch.LongTensor)
     cache.crop(-(cache.layers[0].keys.shape[-2] - past_length - keep.numel()))
 
 
-def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_state_ids: list[int], dtype: torch.dtype):
+def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_state_ids: list[int], dtype: torch.dtype,
+                packed: PackedLinears | None = None):
     """Step 2 of a round: one target forward over every tree node (ancestor mask, tree positions), appending the
     nodes' keys and values to `cache` and returning the decoder outputs with the tapped hidden states. Under
-    `attn_implementation="jetspec_tree"` the mask is the packed ancestor bits (no dense mask, see `attention.py`)."""
+    `attn_implementation="jetspec_tree"` the mask is the packed ancestor bits (no dense mask, see `attention.py`).
+    `packed`: the decoder's [`PackedLinears`] (see `packed_linear.py`), if any."""
     if decoder.config._attn_implementation == TREE_ATTENTION:
         attention_mask = packed_tree_mask(tree.packed_ancestor_bits())
     else:
         attention_mask = tree.attention_mask(past_length, dtype)
-    with verification_attention(decoder), packed_linears(decoder, tree.tokens.numel()):
+    with verification_attention(decoder), packed_linears(packed, tree.tokens.numel()):
         return decoder(
             input_ids=tree.tokens[None],
             position_ids=tree.position_ids(past_length),
@@ -221,12 +223,13 @@ def jetspec_decoding(
     start = time.perf_counter()
     budget = resolve_tree_budget(head.generation_config.tree_budget)
     decoder = getattr(model, model.base_model_prefix)
+    packed = packed_linears_for(decoder)  # verify forwards on packed weights where measured faster
     lm_head = model.get_output_embeddings()
     hidden_state_ids = [i + 1 for i in head.config.target_layer_ids]
     auto_budget = None
     if budget == "auto":  # the verify cost vs tree size on this machine, measured once per process and model
         cost = measure_verify_cost(
-            model, lambda tree, past, kv: verify_tree(decoder, tree, past, kv, hidden_state_ids, model.dtype)
+            model, lambda tree, past, kv: verify_tree(decoder, tree, past, kv, hidden_state_ids, model.dtype, packed)
         )
         auto_budget = AutoBudget(cost, max_budget=getattr(head.generation_config, "tree_max_budget", None),
                                  profile=acceptance_profile(model, head))
@@ -296,7 +299,7 @@ def jetspec_decoding(
 
         # 2. Verify every node in one target forward (ancestor mask, tree positions).
         t1 = time.perf_counter()
-        outputs = verify_tree(decoder, tree, past_length, cache, hidden_state_ids, model.dtype)
+        outputs = verify_tree(decoder, tree, past_length, cache, hidden_state_ids, model.dtype, packed)
         node_hidden = outputs.last_hidden_state[0]
 
         # 3. Accept: follow the target's own token from the root while a child carries it; the last one is the bonus.

@@ -16,7 +16,8 @@ compared token for token).
   the counts where the packed product of all of them is faster than the unpacked one (timed here), together with the
   smallest row count it is faster for, while the copies (one weight's size each) fit in [`MEMORY_SHARE`] of the
   memory available.
-- [`packed_linears`] runs a block (the verify forward) with those linears switched to their packed copies.
+- [`packed_linears_for`] returns them for a decoder (measured on first use, again when its weights changed; once per
+  call), and [`packed_linears`] runs a block (the verify forward) with those linears switched to their packed copies.
 
 Only for float32 weights on CPU with PyTorch's MKL build; `HF_JETSPEC_PACKED_LINEARS=0` turns it off.
 """
@@ -188,11 +189,11 @@ def packed_linears_for(decoder: torch.nn.Module) -> PackedLinears | None:
 
 
 @contextlib.contextmanager
-def packed_linears(decoder: torch.nn.Module, rows: int):
-    """Runs the block (one forward of `rows` token rows through `decoder`) with its linears packed for `rows`,
-    where [`PackedLinears`] found that faster; otherwise as is."""
-    packed = packed_linears_for(decoder) if not torch.is_grad_enabled() else None
-    if packed is None:
+def packed_linears(packed: PackedLinears | None, rows: int):
+    """Runs the block (one forward of `rows` token rows) with the linears of `packed` (from [`packed_linears_for`],
+    looked up once per call: checking the weights costs about a millisecond) packed for `rows`, where that was
+    measured faster; as is with `packed=None` or while gradients are on."""
+    if packed is None or torch.is_grad_enabled():
         yield
         return
     with packed.use(rows):

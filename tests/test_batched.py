@@ -465,3 +465,30 @@ def test_all_padding_row_is_refused():
     with pytest.raises(ValueError, match="at least one prompt token"):
         target.generate(input_ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD,
                         assistant_model=head)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [[[0], [0]], [[0, 1], [0, 1]], [[0, 2], [0, 1]], [[0, 3, 1], [0, 2, 0]]],
+    ids=["roots-only", "first-slots-in-order", "one-row-moves", "both-move"],
+)
+def test_keep_tree_slots_moves_accepted_nodes_down_and_crops(index):
+    from transformers import DynamicCache
+
+    from hf_jetspec.batched import keep_tree_slots
+
+    generator = torch.Generator().manual_seed(0)
+    past, nodes = 5, 4
+    cache = DynamicCache()
+    layers = [torch.randn(2, 3, past + nodes, 8, generator=generator) for _ in range(4)]
+    for layer, keys in enumerate(layers[::2]):
+        cache.update(keys.clone(), layers[2 * layer + 1].clone(), layer)
+    index = torch.tensor(index)
+    keep_tree_slots(cache, past, index)
+    for layer, (keys, values) in enumerate(zip(layers[::2], layers[1::2])):
+        for row in range(2):
+            expected_keys = torch.cat([keys[row, :, :past], keys[row, :, past + index[row]]], dim=1)
+            expected_values = torch.cat([values[row, :, :past], values[row, :, past + index[row]]], dim=1)
+            assert torch.equal(cache.layers[layer].keys[row], expected_keys)
+            assert torch.equal(cache.layers[layer].values[row], expected_values)
+    assert cache.get_seq_length() == past + index.shape[1]

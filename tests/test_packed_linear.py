@@ -68,14 +68,15 @@ def test_measure_respects_the_switch_the_memory_cap_and_foreign_forwards(monkeyp
     assert PackedLinears.measure(decoder, memory_bytes=1 << 30) is None
 
 
-def test_packed_linears_leaves_training_forwards_alone(monkeypatch):
+def test_packed_linears_leaves_training_forwards_alone():
     target = make_tiny_target("llama")
     packed = forced(target.model, {4: 1})
-    monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)({target.model: packed}))
-    with torch.enable_grad(), packed_linears(target.model, 4):
+    with torch.enable_grad(), packed_linears(packed, 4):
         assert all("forward" not in layer.__dict__ for layer in packed.linears)
-    with torch.no_grad(), packed_linears(target.model, 4):
+    with torch.no_grad(), packed_linears(packed, 4):
         assert all("forward" in layer.__dict__ for layer in packed.linears)
+    with torch.no_grad(), packed_linears(None, 4):
+        assert all("forward" not in layer.__dict__ for layer in packed.linears)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
