@@ -32,6 +32,9 @@ from .tree import DraftTree, chain_path, merge_chain
 
 # Plain calls at a batch size, chosen because speculation measured slower there, before speculation is tried again.
 EXPLORE_EVERY = 4
+# A batch size not measured yet is explored only when the nearest smaller measured one found speculation at least
+# this much faster (gains shrink as batches grow: a tie there predicts a loss here).
+EXPLORE_LARGER_MARGIN = 1.05
 # Largest total rows (batch_size * nodes per row) a verify forward is timed and planned for.
 MAX_TOTAL_ROWS = {"cpu": 256, "cuda": 4096}
 
@@ -291,7 +294,8 @@ def plan_batch(cost: BatchCost, history: AcceptanceHistory, block_size: int, max
     when no `n > 1` beats plain, the call does not speculate. Once a speculative call was measured at this batch size,
     the next call runs plain decoding to measure it too; from then on measured tokens per second decide (speculation,
     when slower, is tried again after `EXPLORE_EVERY` plain calls), and the model only sizes the trees. A batch size
-    not measured yet is explored only if the nearest smaller measured one found speculation faster. Drafted trees
+    not measured yet is explored only if the nearest smaller measured one found speculation at least
+    `EXPLORE_LARGER_MARGIN` times faster (else after `EXPLORE_EVERY` plain calls there). Drafted trees
     may grow to twice the best size, so that rounds keep measuring the next sizes up.
 
     Args:
@@ -309,14 +313,15 @@ def plan_batch(cost: BatchCost, history: AcceptanceHistory, block_size: int, max
     # What earlier calls at this batch size measured overrides the model: after a speculative call, one plain call
     # measures plain's step; then the faster one runs (speculation, when slower, again after `EXPLORE_EVERY` plain
     # calls: prompts, lengths and the machine's load change).
-    # A batch size not measured yet is not explored while the nearest smaller one measured speculation slower: gains
-    # shrink as batches grow.
+    # A batch size not measured yet is not explored until the nearest smaller one measured speculation clearly faster
+    # (`EXPLORE_LARGER_MARGIN`): gains shrink as batches grow.
     if batch in history.spec_token_seconds:
-        measured = history.measured_speedup(batch)
+        measured, needed = history.measured_speedup(batch), 1.0
     else:
         smaller = [size for size in history.spec_token_seconds if size < batch and history.measured_speedup(size)]
         measured = history.measured_speedup(max(smaller)) if smaller else 1.0
-    if measured is None or (measured < 1.0 and history.plain_calls.get(batch, 0) < EXPLORE_EVERY):
+        needed = EXPLORE_LARGER_MARGIN if smaller else 1.0
+    if measured is None or (measured < needed and history.plain_calls.get(batch, 0) < EXPLORE_EVERY):
         return BatchPlan(speculate=False, max_nodes=1, depth=0, expected_speedup=measured)
     host = history.host_seconds_per_row or 0.0
     # a plain step as measured in earlier calls at this batch size (Transformers' loop adds host work to the forward),

@@ -343,6 +343,19 @@ def test_larger_batches_are_not_explored_after_a_smaller_one_measured_slower():
     assert plan_batch(synthetic_cost(8), history, block_size=16).speculate  # tried again after a few plain calls
 
 
+@pytest.mark.parametrize("plain_step,explored", [(1.02, False), (1.10, True)])
+def test_larger_batches_are_explored_only_after_a_clear_win_at_a_smaller_one(plain_step, explored):
+    """A tie at a smaller batch predicts a loss at a larger one (gains shrink as batches grow)."""
+    history = depth_history()
+    history.observe_spec_call(4, 0.25)
+    history.observe_plain_step(4, plain_step)  # speculation measured plain_step x plain's speed at batch 4
+    assert history.measured_speedup(4) == pytest.approx(plain_step)
+    assert plan_batch(synthetic_cost(8), history, block_size=16).speculate == explored
+    for _ in range(hf_jetspec.batch_budget.EXPLORE_EVERY):
+        history.observe_plain_step(8, 1.0)
+    assert plan_batch(synthetic_cost(8), history, block_size=16).speculate  # tried after a few plain calls anyway
+
+
 def test_a_call_falling_behind_plain_decoding_gives_up_speculating(monkeypatch):
     target = make_tiny_target("llama", seed=10)
     head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
