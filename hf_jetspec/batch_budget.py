@@ -25,9 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import verification_attention
 from .budget import AcceptanceProfile, VerifyCost, median_seconds, monotone
-from .packed_linear import packed_linears, packed_linears_for
+from .packed_linear import packed_linears_for
 from .tree import DraftTree, chain_path, merge_chain
 
 # Plain calls at a batch size, chosen because speculation measured slower there, before speculation is tried again.
@@ -113,6 +112,7 @@ def measure_batch_cost(
     """
     from transformers import DynamicCache
 
+    from .decoding import verify_forward
     from .modeling_jetspec import JetSpecContextCache
     from .tree import additive_mask
 
@@ -141,9 +141,8 @@ def measure_batch_cost(
             mask = additive_mask(allowed.expand(batch_size, -1, -1), model.dtype)
 
             def verify():
-                with verification_attention(decoder), packed_linears(packed, tokens.numel()):  # as the loop verifies
-                    decoder(input_ids=tokens, position_ids=positions, attention_mask=mask, past_key_values=cache,
-                            use_cache=True)
+                verify_forward(decoder, packed, input_ids=tokens, position_ids=positions, attention_mask=mask,
+                               past_key_values=cache)
                 cache.crop(-nodes)
 
             seconds.append(median_seconds(verify, repeats, device))

@@ -30,7 +30,6 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import decoding
-from .attention import verification_attention
 from .batch_budget import BatchPlan, BatchRoundBudget, acceptance_history, measure_batch_cost, plan_batch, round_seconds
 from .budget import acceptance_profile
 from .batched_draft import BatchedDrafter, compact_cache_rows
@@ -38,8 +37,8 @@ from .candidate_generator import resolve_tree_budget, tap_features
 from .decoding import JetSpecGenerateStats
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
-from .packed_linear import packed_linears, packed_linears_for
 from .exact_argmax import exact_argmax_for
+from .packed_linear import packed_linears_for
 from .projection import ProjectionCost, measure_projection
 from .tree import DraftTree, additive_mask, build_tree, merge_chain
 
@@ -255,10 +254,11 @@ def keep_tree_slots(cache: DynamicCache, past_length: int, index: torch.LongTens
     tree_rows = cache.layers[0].keys.shape[-2] - past_length
     # Every row keeping its first slots in order (e.g. roots alone: nothing accepted) needs no move, only the crop.
     in_place = bool((index == torch.arange(width, device=index.device)).all())
-    for layer in cache.layers if not in_place else ():
-        gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-        layer.keys[:, :, past_length : past_length + width] = layer.keys[:, :, past_length:].gather(2, gather)
-        layer.values[:, :, past_length : past_length + width] = layer.values[:, :, past_length:].gather(2, gather)
+    if not in_place:
+        for layer in cache.layers:
+            gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            layer.keys[:, :, past_length : past_length + width] = layer.keys[:, :, past_length:].gather(2, gather)
+            layer.values[:, :, past_length : past_length + width] = layer.values[:, :, past_length:].gather(2, gather)
     if tree_rows > width:
         cache.crop(-(tree_rows - width))
 
@@ -476,15 +476,9 @@ def batched_jetspec_decoding(
         tree_ids, tree_positions, tree_mask = batch_tree_inputs(
             trees, root_positions, key_valid, pad_token_id or 0, model.dtype
         )
-        with verification_attention(decoder), packed_linears(packed, tree_ids.numel()):
-            outputs = decoder(
-                input_ids=tree_ids,
-                position_ids=tree_positions,
-                attention_mask=tree_mask,
-                past_key_values=cache,
-                use_cache=True,
-                output_hidden_states=hidden_state_ids,
-            )
+        outputs = decoding.verify_forward(decoder, packed, input_ids=tree_ids, position_ids=tree_positions,
+                                          attention_mask=tree_mask, past_key_values=cache,
+                                          output_hidden_states=hidden_state_ids)
         node_hidden = outputs.last_hidden_state
 
         # 3. Accept, row by row: follow the target's own token while a child carries it. Greedy without processors:

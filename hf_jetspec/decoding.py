@@ -153,15 +153,16 @@ def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_sta
         attention_mask = packed_tree_mask(tree.packed_ancestor_bits())
     else:
         attention_mask = tree.attention_mask(past_length, dtype)
-    with verification_attention(decoder), packed_linears(packed, tree.tokens.numel()):
-        return decoder(
-            input_ids=tree.tokens[None],
-            position_ids=tree.position_ids(past_length),
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            use_cache=True,
-            output_hidden_states=hidden_state_ids,
-        )
+    return verify_forward(decoder, packed, input_ids=tree.tokens[None], position_ids=tree.position_ids(past_length),
+                          attention_mask=attention_mask, past_key_values=cache, output_hidden_states=hidden_state_ids)
+
+
+def verify_forward(decoder, packed: PackedLinears | None, input_ids: torch.LongTensor, **kwargs):
+    """One verify forward of the target's decoder (cache on), as every verify forward and its cost calibration runs:
+    grouped-query heads folded (`attention.verification_attention`) and linears on `packed` weights where measured
+    faster (`packed_linear.py`)."""
+    with verification_attention(decoder), packed_linears(packed, input_ids.numel()):
+        return decoder(input_ids=input_ids, use_cache=True, **kwargs)
 
 
 def validated_cache(model_kwargs: dict) -> DynamicCache:

@@ -146,30 +146,28 @@ class PackedLinears:
             memory_bytes = int(MEMORY_SHARE * available) if available is not None else 0
         device = torch.device("cpu")
         generator = torch.Generator().manual_seed(0)
-        inputs = {}
+        inputs: dict[tuple[int, int], torch.Tensor] = {}
 
-        def run(rows: int, weights=None) -> None:
-            for index, layer in enumerate(linears):
+        def run(rows: int, calls) -> None:
+            for layer, call in zip(linears, calls):
                 key = (rows, layer.in_features)
                 if key not in inputs:
                     inputs[key] = torch.randn(rows, layer.in_features, generator=generator)
-                if weights is None:
-                    torch.nn.functional.linear(inputs[key], layer.weight, layer.bias)
-                else:
-                    size = weights[1]
-                    _packed_forward(layer.weight, layer.bias, weights[0][index], size)(inputs[key])
+                call(inputs[key])
 
+        unpacked = [lambda x, layer=layer: torch.nn.functional.linear(x, layer.weight, layer.bias) for layer in linears]
         packed, min_rows = {}, {}
         with torch.no_grad():
             for size in sizes:
                 if (len(packed) + 1) * copy_bytes > memory_bytes:
                     break
                 weights = [torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, size) for layer in linears]
-                fast = median_seconds(lambda: run(size, (weights, size)), repeats, device)
+                calls = [_packed_forward(layer.weight, layer.bias, weight, size) for layer, weight in zip(linears, weights)]
+                fast = median_seconds(lambda: run(size, calls), repeats, device)
                 smallest = size // 2 + 1
-                if fast < median_seconds(lambda: run(smallest), repeats, device):
+                if fast < median_seconds(lambda: run(smallest, unpacked), repeats, device):
                     min_rows[size] = smallest
-                elif fast < median_seconds(lambda: run(size), repeats, device):
+                elif fast < median_seconds(lambda: run(size, unpacked), repeats, device):
                     min_rows[size] = size
                 else:
                     continue
