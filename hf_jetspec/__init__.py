@@ -9,13 +9,14 @@ from transformers import AutoConfig, AutoModel
 from .attention import register_tree_attention
 from .chat import chat_input_ids
 from .candidate_generator import JetSpecCandidateGenerator, default_tree_budget
-from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, tokenizer_fingerprint
+from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, qwen3_draft_config, tokenizer_fingerprint
 from .decoding import JetSpecGenerateStats, jetspec_decoding
 from .dflash_export import DFLASH_ATTENTION, dflash_incompatibility, export_dflash  # registers "jetspec_block_causal"
 from .default_target import DEFAULT_TARGET_SHA256, default_target_path, load_default_target
 from .integration import install
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead, draft_attention_mask
 from .tree import DraftTree, build_tree, tree_from_parents
+from .vllm_export import export_vllm, vllm_incompatibility
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,9 @@ __all__ = [
     "draft_attention_mask",
     "jetspec_decoding",
     "load_default_target",
+    "qwen3_draft_config",
     "tokenizer_fingerprint",
     "tree_from_parents",
+    "export_vllm",
+    "vllm_incompatibility",
 ]

@@ -52,9 +52,11 @@ class JetSpecConfig(PretrainedConfig):
 
     Args:
         draft_config (`dict`):
-            Config of the head's decoder layers, in the target family's own format (for example a `LlamaConfig` or
-            `Qwen3Config` as a dict, with `num_hidden_layers` set to the head's depth). Its `model_type` selects the
-            decoder layer, norm and rotary classes the head is built from.
+            Config of the head's own decoder layers as a Transformers config dict, with `num_hidden_layers` set to the
+            head's depth. Its `model_type` selects the decoder layer, norm and rotary classes the head is built from:
+            `"qwen3"` for heads built by [`JetSpecHead.from_target`] whatever the target's family (see
+            [`qwen3_draft_config`]; the layout of vLLM's and Transformers' DFlash drafters); heads saved before that
+            carry their target's own family (e.g. `"llama"`) and still load.
         target_layer_ids (`list[int]`):
             0-based indices of the target decoder layers whose outputs are fused into the head's context features.
         block_size (`int`, *optional*, defaults to 16):
@@ -75,6 +77,12 @@ class JetSpecConfig(PretrainedConfig):
         target_tokenizer (`dict`, *optional*):
             [`tokenizer_fingerprint`] of the target's tokenizer, when known; checked when `generate()` is given a
             `tokenizer` and by `head.check_tokenizer`.
+        target_model_type (`str`, *optional*):
+            `model_type` of the target (e.g. `"gemma3_text"`); defaults to `draft_config["model_type"]` (heads whose
+            layers are their target's own family).
+        final_logit_softcapping (`float`, *optional*):
+            The target's final-logit softcapping (Gemma 2/3): the head's depth logits through the target's `lm_head`
+            are capped the same way, `c * tanh(logits / c)`.
         draft_vocab_size (`int`, *optional*):
             Size of the head's draft vocabulary (the token ids, stored with the weights as `draft_vocab`, that the
             head scores when drafting; see `hf_jetspec/draft_vocab.py`). `None`: the whole vocabulary.
@@ -95,10 +103,14 @@ class JetSpecConfig(PretrainedConfig):
         target_tokenizer: dict[str, Any] | None = None,
         anchor_context: bool = False,
         draft_vocab_size: int | None = None,
+        target_model_type: str | None = None,
+        final_logit_softcapping: float | None = None,
         **kwargs,
     ):
         draft_config = dict(draft_config or {})
         self.draft_config = draft_config
+        self.target_model_type = target_model_type or draft_config.get("model_type")
+        self.final_logit_softcapping = None if final_logit_softcapping is None else float(final_logit_softcapping)
         self.target_layer_ids = list(target_layer_ids) if target_layer_ids is not None else []
         self.block_size = int(block_size)
         self.target_num_hidden_layers = target_num_hidden_layers
@@ -126,7 +138,8 @@ class JetSpecConfig(PretrainedConfig):
         return super().from_dict(config_dict, **kwargs)
 
     @property
-    def target_model_type(self) -> str | None:
+    def draft_model_type(self) -> str | None:
+        """`model_type` of the head's own decoder layers (`"qwen3"` for heads built by `from_target`)."""
         return self.draft_config.get("model_type")
 
     def validate(self) -> None:
@@ -139,8 +152,10 @@ class JetSpecConfig(PretrainedConfig):
             )
         if not self.draft_config:
             return
-        if self.target_model_type is None:
-            raise ValueError("`draft_config` needs a `model_type` (the target family, e.g. 'llama' or 'qwen3')")
+        if self.draft_model_type is None:
+            raise ValueError("`draft_config` needs a `model_type` (the head's layer family, e.g. 'qwen3')")
+        if self.final_logit_softcapping is not None and self.final_logit_softcapping <= 0:
+            raise ValueError(f"`final_logit_softcapping` must be > 0 or None, got {self.final_logit_softcapping}")
         if not self.target_layer_ids:
             raise ValueError("`target_layer_ids` must name at least one target layer to tap")
         if self.target_num_hidden_layers is not None:
@@ -151,7 +166,7 @@ class JetSpecConfig(PretrainedConfig):
                 )
 
     def to_family_config(self) -> PretrainedConfig:
-        """The target-family config (`LlamaConfig`, `Qwen3Config`, ...) the head's decoder layers are built with."""
+        """The config (`Qwen3Config`, or `LlamaConfig`, ... for older heads) the head's decoder layers are built with."""
         family = dict(self.draft_config)
         model_type = family.pop("model_type")
         family.pop("layer_types", None)  # re-derived for the head's own depth
@@ -159,3 +174,62 @@ class JetSpecConfig(PretrainedConfig):
         config = AutoConfig.for_model(model_type, **family)
         config._attn_implementation = "sdpa"
         return config
+
+
+# Target-config fields that are the target's business (where it came from, how it was quantised, its labels), not the
+# head's: never copied into a head's `draft_config`.
+_NOT_COPIED = ("_name_or_path", "_model_name_or_path", "quantization_config", "architectures", "id2label", "label2id",
+               "transformers_version", "layer_types", "dtype", "torch_dtype")
+
+
+def _rope_theta(target_config: PretrainedConfig) -> float:
+    """The target's (global-attention) RoPE base, or 1e6 when it has none the head can use."""
+    rope = getattr(target_config, "rope_parameters", None) or {}
+    if isinstance(rope.get("full_attention"), dict):  # per-layer-type RoPE (Gemma 3): the global layers' base
+        rope = rope["full_attention"]
+    theta = rope.get("rope_theta", getattr(target_config, "rope_theta", None))
+    return float(theta) if isinstance(theta, (int, float)) else 1e6
+
+
+def qwen3_draft_config(target_config: PretrainedConfig, num_hidden_layers: int, **overrides) -> dict[str, Any]:
+    """The `draft_config` of a head for `target_config`, whatever its family: Qwen3-style decoder layers (q/k RMSNorm,
+    SwiGLU MLP, no biases, plain RoPE) of the target's hidden size (the head shares its embeddings and `lm_head`),
+    attention heads, key/value heads and head size. This is the layer layout of vLLM's and Transformers' DFlash drafters.
+
+    Args:
+        target_config (`PretrainedConfig`): the target's text config.
+        num_hidden_layers (`int`): the head's depth.
+        overrides: other `Qwen3Config` fields (e.g. `intermediate_size`).
+    """
+    from transformers import Qwen3Config
+
+    heads = target_config.num_attention_heads
+    fields = dict(
+        vocab_size=target_config.vocab_size,
+        hidden_size=target_config.hidden_size,
+        intermediate_size=getattr(target_config, "intermediate_size", None) or 4 * target_config.hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(target_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(target_config, "head_dim", None) or target_config.hidden_size // heads,
+        hidden_act="silu",
+        max_position_embeddings=getattr(target_config, "max_position_embeddings", 32768),
+        rms_norm_eps=float(getattr(target_config, "rms_norm_eps", None) or 1e-6),
+        rope_parameters={"rope_type": "default", "rope_theta": _rope_theta(target_config)},
+        attention_bias=False,
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+        bos_token_id=_int_or_none(getattr(target_config, "bos_token_id", None)),
+        eos_token_id=_int_or_none(getattr(target_config, "eos_token_id", None)),
+        pad_token_id=_int_or_none(getattr(target_config, "pad_token_id", None)),
+    )
+    fields.update(overrides)
+    config = Qwen3Config(**fields).to_dict()
+    for key in _NOT_COPIED:
+        config.pop(key, None)
+    config["model_type"] = "qwen3"
+    return config
+
+
+def _int_or_none(value) -> int | None:
+    return value if isinstance(value, int) else None

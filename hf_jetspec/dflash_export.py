@@ -198,7 +198,7 @@ def _incompatibility(head, target_model=None) -> tuple[str | None, int | None]:
             f"whole vocabulary. Export a copy without it (`head.set_draft_vocab(None)`): its drafts then differ only "
             f"where the head's best token lies outside that vocabulary"
         )
-    model_type = head.config.target_model_type
+    model_type = head.config.draft_model_type
     if model_type not in EXPORTABLE_FAMILIES:
         reasons.append(
             f"its decoder layers are {model_type!r} layers, but MuseGlimmerAssistant layers are Qwen3-style (q/k "

@@ -39,7 +39,9 @@ class DraftProjection:
         dtype (`torch.dtype`): dtype of the projection (its own copy of the rows).
     """
 
-    def __init__(self, weight: torch.Tensor, token_ids: torch.LongTensor | None, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, token_ids: torch.LongTensor | None, dtype: torch.dtype,
+                 softcap: float | None = None):
+        self.softcap = softcap
         rows = weight.detach() if token_ids is None else weight.detach().index_select(0, token_ids.to(weight.device))
         self.weight = rows.to(dtype).contiguous()
         self.token_ids = None if token_ids is None else token_ids.to(weight.device)
@@ -48,8 +50,10 @@ class DraftProjection:
         """`(..., hidden)` -> float32 log-probs `(..., draft_vocab_size)` (columns in `token_ids` order)."""
         # one 2-D `linear`: a 3-D bf16 input (or a transposed `@ weight.T`) misses oneDNN's fast path on CPU (30x slower)
         rows = hidden_states.reshape(-1, hidden_states.shape[-1]).to(self.weight.dtype)
-        logits = torch.nn.functional.linear(rows, self.weight)
-        return logits.float().log_softmax(dim=-1).view(*hidden_states.shape[:-1], -1)
+        logits = torch.nn.functional.linear(rows, self.weight).float()
+        if self.softcap is not None:  # the target's final-logit softcapping (Gemma 2/3)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.log_softmax(dim=-1).view(*hidden_states.shape[:-1], -1)
 
 
 def draft_projection(head) -> DraftProjection:
@@ -59,11 +63,12 @@ def draft_projection(head) -> DraftProjection:
     weight = lm_head.weight
     token_ids = head.draft_vocab
     dtype = projection_dtype(weight.device, head.dtype)
+    softcap = head.config.final_logit_softcapping
     key = (weight.data_ptr(), weight._version, weight.device, dtype,
-           None if token_ids is None else (token_ids.data_ptr(), token_ids._version))
+           None if token_ids is None else (token_ids.data_ptr(), token_ids._version), softcap)
     cached = getattr(head, "_draft_projection", None)
     if cached is None or cached[0] != key:
-        cached = (key, DraftProjection(weight, token_ids, dtype))
+        cached = (key, DraftProjection(weight, token_ids, dtype, softcap))
         head._draft_projection = cached
     return cached[1]
 

@@ -1,9 +1,12 @@
-"""`JetSpecHead`: the causal parallel draft head, composed from the target family's own Transformers layers.
+"""`JetSpecHead`: the causal parallel draft head, composed from Transformers' own Qwen3 layers for any target.
 
 The head reads hidden states of a few target layers ("taps"), fuses them (`Linear(K*H -> H)` + RMSNorm) into one
 context row per committed position, and lets every head layer attend to those rows as extra keys/values (projected
 with that layer's own `k_proj`/`v_proj`). The queries are one block per anchor: `[anchor, MASK x (block_size - 1)]`,
-causal inside the block. The target's input embeddings and `lm_head` are shared and bound at run time, never saved.
+causal inside the block. The target's input embeddings and `lm_head` are shared and bound at run time, never saved. The head's own layers are
+Qwen3-style whatever the target's family (Llama, Gemma, Phi, ...): only the taps, the embeddings and the `lm_head`
+come from the target, so one architecture serves every family and maps onto vLLM's DFlash drafter. Heads saved with
+their target's own layer family (before this) still load and run.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, tokenizer_fingerprint
+from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, qwen3_draft_config, tokenizer_fingerprint
 from .tree import additive_mask
 
 
@@ -46,6 +49,21 @@ def family_classes(model_type: str) -> tuple[type, type, type, object]:
             f"{names} or `apply_rotary_pos_emb`. Llama- and Qwen-style decoders are supported."
         )
     return (*found, module)
+
+
+def target_family_config(target_config) -> dict:
+    """The target's own config as a head `draft_config` (`layer_family="target"`), without where it came from or how
+    it was quantised."""
+    draft_config = target_config.to_dict()
+    for key in ("_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version"):
+        draft_config.pop(key, None)
+    return draft_config
+
+
+def _load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copies the tensors of `state` whose names and shapes match `module`'s; leaves the rest as initialised."""
+    own = module.state_dict()
+    module.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
 
 
 class JetSpecContextCache(DynamicCache):
@@ -156,7 +174,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
     def __init__(self, config: JetSpecConfig):
         super().__init__(config)
         family_config = config.to_family_config()
-        decoder_layer_cls, norm_cls, rotary_cls, self._family_module = family_classes(config.target_model_type)
+        decoder_layer_cls, norm_cls, rotary_cls, self._family_module = family_classes(config.draft_model_type)
         hidden = family_config.hidden_size
         self.fc = nn.Linear(len(config.target_layer_ids) * hidden, hidden, bias=False)
         self.context_norm = norm_cls(hidden, eps=family_config.rms_norm_eps)
@@ -284,30 +302,41 @@ class JetSpecHead(JetSpecPreTrainedModel):
         init_from_target: bool = True,
         tokenizer=None,
         anchor_context: bool = True,
+        layer_family: str = "qwen3",
         **draft_overrides,
     ) -> JetSpecHead:
         """Builds a fresh head for `target_model` (random fc/mask; decoder layers copied from the target's last ones).
 
         Args:
-            target_model (`PreTrainedModel`): the causal LM the head drafts for.
+            target_model (`PreTrainedModel`): the causal LM the head drafts for, of any decoder family.
             num_hidden_layers (`int`, *optional*, defaults to 1): decoder layers in the head.
             block_size (`int`, *optional*, defaults to 16): anchor + drafted depths per block.
             target_layer_ids (`list[int]`, *optional*): tapped target layers; default evenly spaced (see
                 [`default_target_layer_ids`]) with `max(num_hidden_layers, 3)` taps.
             init_from_target (`bool`, *optional*, defaults to `True`): copy the weights of the target's last
-                `num_hidden_layers` decoder layers and its final norm into the head.
-            anchor_context (`bool`, *optional*, defaults to `True`): see [`JetSpecConfig`].
+                `num_hidden_layers` decoder layers and its final norm into the head, where names and shapes match
+                (all of them for a Qwen3 target; the projections and norms of Llama-style layers).
+            anchor_context (`bool`, *optional*, defaults to `True`): see [`JetSpecConfig`]. `False` gives a head that
+                vLLM's DFlash drafter runs exactly (see `export_vllm`).
+            layer_family (`str`, *optional*, defaults to `"qwen3"`): the head's own layers. `"qwen3"`: Qwen3-style
+                layers of the target's sizes for every target family ([`qwen3_draft_config`]); `"target"`: the
+                target's own family's layers, as heads were built before (Llama/Qwen-style families only).
             tokenizer (*optional*): the target's tokenizer; its [`tokenizer_fingerprint`] is recorded so that a
                 different tokenizer is refused later (see [`check_tokenizer`]).
-            draft_overrides: other fields of the family config to override (e.g. `intermediate_size`); the layers
-                then start from random weights, since the target's no longer fit.
+            draft_overrides: other fields of the head's layer config to override (e.g. `intermediate_size`); the
+                layers then start from random weights, since the target's no longer fit.
         """
         target_config = target_model.config.get_text_config()
         num_target_layers = target_config.num_hidden_layers
         if target_layer_ids is None:
             target_layer_ids = default_target_layer_ids(num_target_layers, max(num_hidden_layers, 3))
-        draft_config = target_config.to_dict()
-        draft_config.update(num_hidden_layers=num_hidden_layers, **draft_overrides)
+        if layer_family == "qwen3":
+            draft_config = qwen3_draft_config(target_config, num_hidden_layers, **draft_overrides)
+        elif layer_family == "target":
+            draft_config = target_family_config(target_config)
+            draft_config.update(num_hidden_layers=num_hidden_layers, **draft_overrides)
+        else:
+            raise ValueError(f"`layer_family` must be 'qwen3' or 'target', got {layer_family!r}")
         config = JetSpecConfig(
             draft_config=draft_config,
             target_layer_ids=target_layer_ids,
@@ -316,13 +345,15 @@ class JetSpecHead(JetSpecPreTrainedModel):
             target_name_or_path=getattr(target_config, "_name_or_path", None) or None,
             target_tokenizer=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
             anchor_context=anchor_context,
+            target_model_type=target_config.model_type,
+            final_logit_softcapping=getattr(target_config, "final_logit_softcapping", None),
         )
         head = cls(config).to(device=target_model.device, dtype=target_model.dtype)
         if init_from_target and not draft_overrides:
             decoder = getattr(target_model, target_model.base_model_prefix)
             for head_layer, target_layer in zip(head.layers, decoder.layers[-num_hidden_layers:]):
-                head_layer.load_state_dict(target_layer.state_dict())
-            head.norm.load_state_dict(decoder.norm.state_dict())
+                _load_matching(head_layer, target_layer.state_dict())
+            _load_matching(head.norm, decoder.norm.state_dict())
         head.bind(target_model)
         return head
 
@@ -334,7 +365,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
             "vocab_size": (draft.get("vocab_size"), target_config.vocab_size),
             "hidden_size": (draft.get("hidden_size"), target_config.hidden_size),
             "num_hidden_layers": (self.config.target_num_hidden_layers, target_config.num_hidden_layers),
-            "model_type": (draft.get("model_type"), target_config.model_type),
+            "model_type": (self.config.target_model_type, target_config.model_type),
         }
         mismatches = [f"{name}: head expects {want}, target has {got}" for name, (want, got) in checks.items() if want != got]
         if mismatches:
@@ -398,6 +429,11 @@ class JetSpecHead(JetSpecPreTrainedModel):
         return self._target_modules
 
     # ------------------------------------------------------------------ forward
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """The target's final-logit softcapping (Gemma 2/3) applied to logits through its `lm_head`; identity else."""
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
     def fuse_context(self, tap_hidden_states: torch.Tensor) -> torch.Tensor:
         """`(batch, n, K*H)` concatenated tap hidden states -> `(batch, n, H)` context rows."""
         return self.context_norm(self.fc(tap_hidden_states))
@@ -509,5 +545,5 @@ class JetSpecHead(JetSpecPreTrainedModel):
         logits = None
         if logits_to_keep:
             drafted = hidden_states.view(batch, num_blocks, block_rows, -1)[:, :, 1:]
-            logits = lm_head(drafted)
+            logits = self.softcap(lm_head(drafted))
         return JetSpecHeadOutput(logits=logits, last_hidden_state=hidden_states, past_key_values=cache)

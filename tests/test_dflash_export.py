@@ -136,8 +136,12 @@ def test_anchor_context_head_is_refused(qwen3_target, tmp_path):
 
 def test_other_differences_are_named(qwen3_target):
     llama = make_tiny_target("llama", num_hidden_layers=4)
-    reason = dflash_incompatibility(JetSpecHead.from_target(llama, num_hidden_layers=1, anchor_context=False))
+    legacy = JetSpecHead.from_target(llama, num_hidden_layers=1, anchor_context=False, layer_family="target")
+    reason = dflash_incompatibility(legacy)
     assert "'llama'" in reason and "q/k RMSNorm" in reason and "learned mask_embedding" in reason
+    # a head of a Llama target has Qwen3 layers by default: only its learned mask embedding stands in the way
+    reason = dflash_incompatibility(JetSpecHead.from_target(llama, num_hidden_layers=1, anchor_context=False))
+    assert "'llama'" not in reason and "learned mask_embedding" in reason
 
     free_mask = JetSpecHead.from_target(qwen3_target, num_hidden_layers=1, anchor_context=False)
     reason = dflash_incompatibility(free_mask)

@@ -90,13 +90,35 @@ def test_draft_mask_is_causal_inside_blocks_and_sees_only_earlier_context():
     assert ((mask2[0, 0, :, :6] == 0).sum(-1) == 2).all()  # anchor at 2 sees context positions 0, 1 only
 
 
-def test_head_layers_start_as_copies_of_the_target_last_layers():
-    target = make_tiny_target("llama")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_head_layers_start_as_copies_of_the_target_last_layers(family):
+    target = make_tiny_target(family)
     head = JetSpecHead.from_target(target, num_hidden_layers=2)
+    assert head.config.draft_model_type == "qwen3" and head.config.target_model_type == family
     for head_layer, target_layer in zip(head.layers, target.model.layers[-2:]):
-        for (name, a), (_, b) in zip(head_layer.state_dict().items(), target_layer.state_dict().items()):
-            assert torch.equal(a, b), name
+        target_state = target_layer.state_dict()
+        for name, tensor in head_layer.state_dict().items():
+            if name in target_state:
+                assert torch.equal(tensor, target_state[name]), name
+            else:  # Llama layers have no q/k norms: the head's start as Qwen3 initialises them (ones)
+                assert family == "llama" and name.endswith(("q_norm.weight", "k_norm.weight")), name
+                assert torch.equal(tensor, torch.ones_like(tensor))
     assert not any("embed_tokens" in name or "lm_head" in name for name in head.state_dict())
+
+
+def test_head_layers_are_qwen3_whatever_the_target_and_target_family_still_builds():
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    target = make_tiny_target("llama")
+    head = JetSpecHead.from_target(target)
+    assert all(type(layer) is Qwen3DecoderLayer for layer in head.layers)
+    assert "quantization_config" not in head.config.draft_config and "_name_or_path" not in head.config.draft_config
+    legacy = JetSpecHead.from_target(target, layer_family="target")
+    assert all(type(layer) is LlamaDecoderLayer for layer in legacy.layers)
+    assert legacy.config.draft_model_type == legacy.config.target_model_type == "llama"
+    with pytest.raises(ValueError, match="layer_family"):
+        JetSpecHead.from_target(target, layer_family="gemma")
 
 
 def test_default_taps_are_evenly_spaced():

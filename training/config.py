@@ -18,6 +18,17 @@ class JetSpecTrainingConfig(_BaseConfig):
         target_model (`str`, defaults to `"default"`): target name or path; `"default"` is the embedded
             SmolLM2-135M-Instruct (`hf_jetspec.load_default_target`).
         head_init (`str`, *optional*): an existing head to start from (fine-tuning, `--use_peft` domain adaptation).
+        continue_training (`bool`, defaults to `False`): with `head_init`, continue that head's training: its optimizer
+            and scheduler state and step count (`training_state/` in the head folder, written by every run) are
+            restored, `more_steps` are added to its step count, and the run is appended to its recipe's `runs`
+            (commands, steps, minutes, CPU-hours; `total_cpu_hours` adds them up). A head without `training_state/`
+            is a warm start (weights only).
+        more_steps (`int`, *optional*): with `continue_training`, train this many steps past the head's step count
+            (`max_steps` then counts from the first run).
+        layer_family (`str`, defaults to `"qwen3"`): a new head's layers: `"qwen3"` (any target family; the layout
+            vLLM's DFlash drafter runs) or `"target"` (the target's own family, as heads were built before).
+        corpus (`str`, *optional*): an on-policy corpus folder (`hf_jetspec_training.corpus`, parquet shards + card)
+            to train on instead of prompts and freshly generated responses.
         num_head_layers (`int`, defaults to 1): decoder layers in a new head.
         block_size (`int`, defaults to 16): anchor + drafted depths per block.
         num_taps (`int`, *optional*): tapped target layers of a new head (default: `max(num_head_layers, 3)`).
@@ -60,6 +71,10 @@ class JetSpecTrainingConfig(_BaseConfig):
 
     target_model: str = field(default="default", metadata={"help": "Target name/path, or 'default' (SmolLM2-135M)."})
     head_init: str | None = field(default=None, metadata={"help": "Start from this head (path)."})
+    continue_training: bool = field(default=False, metadata={"help": "Continue head_init's run (optimizer, steps)."})
+    more_steps: int | None = field(default=None, metadata={"help": "With continue_training: steps past the head's."})
+    layer_family: str = field(default="qwen3", metadata={"help": "A new head's layers: 'qwen3' or 'target'."})
+    corpus: str | None = field(default=None, metadata={"help": "On-policy corpus folder to train on."})
     num_head_layers: int = field(default=1, metadata={"help": "Decoder layers of a new head."})
     block_size: int = field(default=16, metadata={"help": "Anchor + drafted depths per block."})
     num_taps: int | None = field(default=None, metadata={"help": "Tapped target layers of a new head."})
@@ -115,6 +130,12 @@ class JetSpecTrainingConfig(_BaseConfig):
             raise ValueError(f"`block_size` must be >= 2, got {self.block_size}")
         if self.max_anchors < 1 or self.teacher_topk < 1 or self.num_head_layers < 1:
             raise ValueError("`max_anchors`, `teacher_topk` and `num_head_layers` must be >= 1")
+        if self.continue_training and not self.head_init:
+            raise ValueError("`continue_training` needs `head_init`: the head folder whose training to continue")
+        if self.more_steps is not None and (self.more_steps < 1 or not self.continue_training):
+            raise ValueError("`more_steps` must be >= 1 and goes with `continue_training`")
+        if self.layer_family not in ("qwen3", "target"):
+            raise ValueError(f"`layer_family` must be 'qwen3' or 'target', got {self.layer_family!r}")
         if self.loss_vocabulary not in ("full", "batch"):
             raise ValueError(f"`loss_vocabulary` must be 'full' or 'batch', got {self.loss_vocabulary!r}")
         if self.generation_temperature < 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hf_jetspec.chat import chat_input_ids
+from hf_jetspec.chat import chat_input_ids, chat_messages_ids
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ def generate_responses(
     Args:
         target: the causal LM (frozen).
         tokenizer: its tokenizer (with a chat template).
-        prompts (`list[dict]`): rows from [`load_prompts`].
+        prompts (`list[dict]`): rows from [`load_prompts`] (`id`, `prompt`), or rows with `id` and `messages` (a
+            conversation ending in a user turn; see `corpus.follow_up_rows`).
         cache_path (`str | Path`): JSONL file, appended to as batches finish.
         max_new_tokens (`int`), temperature (`float`, 0 = greedy), batch_size (`int`), max_prompt_tokens (`int`).
     """
@@ -154,7 +155,7 @@ def generate_responses(
     encoded = []
     too_long = 0
     for row in todo:
-        ids = chat_input_ids(tokenizer, row["prompt"])[0].tolist()
+        ids = (chat_messages_ids(tokenizer, row["messages"]) if "messages" in row else chat_input_ids(tokenizer, row["prompt"]))[0].tolist()
         if len(ids) > max_prompt_tokens:
             too_long += 1
             continue

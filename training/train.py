@@ -14,8 +14,12 @@ Usage:
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
+import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -30,7 +34,7 @@ from .config import JetSpecTrainingConfig
 from .curve import save_training_curve
 from .data import generate_responses, load_prompts
 from .features import TeacherFeatureDataset, compute_teacher_features
-from .trainer import JetSpecTrainer, TauCallback
+from .trainer import ContinuedSchedule, JetSpecTrainer, TauCallback
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ def build_head(config: JetSpecTrainingConfig, target) -> torch.nn.Module:
         head = JetSpecHead.from_target(
             target, num_hidden_layers=config.num_head_layers, block_size=config.block_size, target_layer_ids=taps,
             anchor_context=config.anchor_context, init_from_target=config.init_from_target,
+            layer_family=config.layer_family,
         )
     head = head.float()
     if config.use_peft:
@@ -66,30 +71,96 @@ def build_head(config: JetSpecTrainingConfig, target) -> torch.nn.Module:
 
 
 def prepare_data(config: JetSpecTrainingConfig, target, tokenizer, target_layer_ids, holdout: int):
-    """Responses and teacher features (main process first; the others then read the cache)."""
-    if not config.train_files:
-        raise ValueError("no `train_files` given: pass prompt JSON/JSONL files (e.g. --train_files a.jsonl b.jsonl)")
-    prompts = load_prompts(config.train_files, config.limit_per_file, seed=config.seed)
-    if not prompts.rows:
-        raise ValueError(f"no usable prompt rows in {config.train_files} (skipped: {dict(prompts.skipped)})")
-    rows = prompts.rows
-    random.Random(config.seed).shuffle(rows)
-    held_out, rows = rows[:holdout], rows[holdout:]
+    """Responses and teacher features (main process first; the others then read the cache).
+
+    Returns the feature dataset, the held-out prompt rows (`prompt` or `input_ids` of the prompt), the skipped-row
+    counts and the response rows.
+    """
     data_dir = Path(config.data_dir)
+    if config.corpus:
+        from .corpus import load_corpus
+
+        rows = [dict(row) for row in load_corpus(config.corpus)]
+        random.Random(config.seed).shuffle(rows)
+        first_turns = [row for row in rows if row["turn"] == 1][:holdout]
+        held_ids = {row["id"] for row in first_turns}
+        held_out = [{"id": row["id"], "input_ids": row["input_ids"][: row["prompt_length"]]} for row in first_turns]
+        responses = [row for row in rows if row["id"] not in held_ids]
+        skipped = {}
+    else:
+        if not config.train_files:
+            raise ValueError("no `train_files` given: pass prompt JSON/JSONL files (e.g. --train_files a.jsonl b.jsonl)")
+        prompts = load_prompts(config.train_files, config.limit_per_file, seed=config.seed)
+        if not prompts.rows:
+            raise ValueError(f"no usable prompt rows in {config.train_files} (skipped: {dict(prompts.skipped)})")
+        rows = prompts.rows
+        random.Random(config.seed).shuffle(rows)
+        held_out, rows = rows[:holdout], rows[holdout:]
+        skipped = dict(prompts.skipped)
     with config.main_process_first(desc="on-policy responses and teacher features"):
-        writer = target
-        if config.generation_dtype and getattr(torch, config.generation_dtype) != target.dtype:
-            writer = copy.deepcopy(target).to(getattr(torch, config.generation_dtype))
-        responses = generate_responses(
-            writer, tokenizer, rows, data_dir / "responses.jsonl", max_new_tokens=config.max_new_tokens,
-            temperature=config.generation_temperature, batch_size=config.generation_batch_size,
-        )
-        del writer
+        if not config.corpus:
+            writer = target
+            if config.generation_dtype and getattr(torch, config.generation_dtype) != target.dtype:
+                writer = copy.deepcopy(target).to(getattr(torch, config.generation_dtype))
+            responses = generate_responses(
+                writer, tokenizer, rows, data_dir / "responses.jsonl", max_new_tokens=config.max_new_tokens,
+                temperature=config.generation_temperature, batch_size=config.generation_batch_size,
+            )
+            del writer
         paths = compute_teacher_features(
             target, responses, data_dir / f"features-{'-'.join(map(str, target_layer_ids))}", target_layer_ids,
             topk=config.teacher_topk,
         )
-    return TeacherFeatureDataset(paths), held_out, dict(prompts.skipped), responses
+    return TeacherFeatureDataset(paths), held_out, skipped, responses
+
+
+def continue_from_head(config: JetSpecTrainingConfig) -> tuple[str | None, dict | None]:
+    """With `continue_training`: the checkpoint the trainer resumes from and the head's earlier recipe.
+
+    The head folder's `training_state/` (optimizer, scheduler, trainer state) and its weights become
+    `output_dir/checkpoint-<step>` unless the output folder already holds a checkpoint (a continuation run that was
+    itself stopped resumes from its own latest one). `max_steps` becomes the head's step count + `more_steps`.
+    """
+    if not config.continue_training:
+        return None, None
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_callback import TrainerState
+
+    head_dir = Path(config.head_init)
+    previous = json.loads((head_dir / "config.json").read_text()).get("training_recipe")
+    state_dir = head_dir / "training_state"
+    if not (state_dir / TRAINER_STATE_NAME).is_file():
+        logger.warning("%s has no training_state/: warm start from its weights only", head_dir)
+        if config.more_steps:
+            config.max_steps = config.more_steps
+        return None, previous
+    step = TrainerState.load_from_json(str(state_dir / TRAINER_STATE_NAME)).global_step
+    if config.more_steps:
+        config.max_steps = step + config.more_steps
+    if config.max_steps <= step:
+        raise ValueError(f"{head_dir} was trained for {step} steps; `max_steps` {config.max_steps} adds none: set "
+                         "`more_steps`")
+    config.ignore_data_skip = True  # the data may have grown: start the new run's epoch from its beginning
+    output_dir = Path(config.output_dir)
+    if output_dir.is_dir() and get_last_checkpoint(str(output_dir)):
+        return get_last_checkpoint(str(output_dir)), previous
+    checkpoint = output_dir / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    for path in [*state_dir.iterdir(), head_dir / "config.json", head_dir / "model.safetensors"]:
+        shutil.copy2(path, checkpoint / path.name)
+    return str(checkpoint), previous
+
+
+def save_training_state(trainer: JetSpecTrainer, head_dir: Path) -> None:
+    """Writes the optimizer, scheduler and trainer state next to the saved head (`training_state/`), so that a later
+    run continues this one (`continue_training`)."""
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+
+    state_dir = head_dir / "training_state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(trainer.optimizer.state_dict(), state_dir / OPTIMIZER_NAME)
+    torch.save(trainer.lr_scheduler.state_dict(), state_dir / SCHEDULER_NAME)
+    trainer.state.save_to_json(str(state_dir / TRAINER_STATE_NAME))
 
 
 def set_draft_vocab_from_responses(head, responses: list[dict], size: int, eos_token_id=None) -> float:
@@ -122,12 +193,16 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         logger.info("prepare_only: %d sequences cached in %s", len(dataset), config.data_dir)
         return None, Path(config.data_dir)
 
+    resume, previous = continue_from_head(config)  # before the trainer: it may set max_steps
     trainer = JetSpecTrainer(model=head, args=config, train_dataset=dataset)
+    if resume and config.continue_training:
+        trainer.add_callback(ContinuedSchedule())
     if config.tau_eval_steps:
-        prompt_ids = [chat_input_ids(tokenizer, row["prompt"]) for row in held_out]
+        prompt_ids = [torch.tensor([row["input_ids"]]) if "input_ids" in row else chat_input_ids(tokenizer, row["prompt"])
+                      for row in held_out]
         trainer.add_callback(TauCallback(trainer, target, prompt_ids, config.tau_eval_steps,
                                          config.tau_eval_max_new_tokens, config.tau_eval_tree_budget))
-    last = get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    last = resume or (get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None)
     if last:
         logger.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
@@ -138,9 +213,29 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
             core, responses, config.draft_vocab_size, target.generation_config.eos_token_id
         )
     core.config.target_tokenizer = hf_jetspec.tokenizer_fingerprint(tokenizer)
+    minutes = next((float(log["train_minutes"]) for log in reversed(trainer.state.log_history)
+                    if "train_minutes" in log), None)
+    # this run's share: a continued head's cumulative minutes and steps are where its recipe left off
+    continued = bool(config.continue_training and resume and previous)
+    start_step = previous.get("global_steps", 0) if continued else 0
+    run_minutes = None if minutes is None else round(minutes - ((previous.get("train_minutes") or 0.0) if continued else 0.0), 3)
+    runs = list(previous.get("runs", [])) if config.continue_training and previous else []
+    if config.continue_training and previous and not runs:  # a head trained before runs were recorded
+        runs.append({"command": None, "steps": [0, previous.get("global_steps")],
+                     "train_minutes": previous.get("train_minutes"), "cpu_hours": _cpu_hours(previous.get("train_minutes"), None)})
+    runs.append({
+        "command": " ".join(shlex.quote(arg) for arg in sys.argv),
+        "steps": [start_step, trainer.state.global_step],
+        "sequences": len(dataset),
+        "train_minutes": run_minutes,
+        "torch_threads": torch.get_num_threads(),
+        "world_size": config.world_size,
+        "cpu_hours": _cpu_hours(run_minutes, torch.get_num_threads() * config.world_size),
+    })
     core.config.training_recipe = {
         "objective": "on-policy distillation, KL(target||head) per depth over random anchors",
         "train_files": [Path(f).name for f in config.train_files],
+        "corpus": Path(config.corpus).name if config.corpus else None,
         "limit_per_file": config.limit_per_file,
         "skipped_prompt_rows": skipped,
         "sequences": len(dataset),
@@ -156,8 +251,9 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         "max_steps": config.max_steps,
         "learning_rate": config.learning_rate,
         "global_steps": trainer.state.global_step,
-        "train_minutes": next((float(log["train_minutes"]) for log in reversed(trainer.state.log_history)
-                               if "train_minutes" in log), None),
+        "train_minutes": minutes,
+        "runs": runs,
+        "total_cpu_hours": round(sum(run["cpu_hours"] or 0.0 for run in runs), 3),
         "world_size": config.world_size,
         "total_train_batch_size": config.per_device_train_batch_size * config.world_size
         * config.gradient_accumulation_steps,
@@ -168,8 +264,16 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     final_dir = Path(config.output_dir) / "final"
     trainer.save_model(str(final_dir))
     if trainer.is_world_process_zero():
+        save_training_state(trainer, final_dir)
+    if trainer.is_world_process_zero():
         save_training_curve(trainer.state.log_history, config.output_dir)
     return trainer, final_dir
+
+
+def _cpu_hours(minutes: float | None, threads: int | None) -> float | None:
+    """CPU-hours of a run: wall minutes x threads (x processes); a run of unknown threads counts 2 (the CPU recipe's
+    box)."""
+    return None if minutes is None else round(minutes / 60 * (threads or 2), 3)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -84,7 +84,7 @@ class JetSpecTrainer(_BaseTrainer):
                 teacher_ids, valid, lm_head.weight.shape[0], self.args.num_negative_tokens
             )
             drafted = outputs.last_hidden_state.view(*inputs["anchor_ids"].shape, self.block_size, -1)[:, :, 1:]
-            logits = drafted @ lm_head.weight[vocabulary].to(drafted.dtype).T
+            logits = unwrap_head(model).softcap(drafted @ lm_head.weight[vocabulary].to(drafted.dtype).T)
         loss, metrics = distillation_loss(logits, teacher_ids, inputs["teacher_probs"], valid, self.depth_weights)
         mode = "train" if model.training else "eval"
         self._depth_metrics[f"{mode}_accuracy"].append(metrics["accuracy"].detach().cpu())
@@ -128,6 +128,21 @@ class _TrainClock(TrainerCallback):
             logger.warning("max_train_minutes=%s reached at step %d: stopping", limit, state.global_step)
             control.should_training_stop = True
             control.should_save = True
+
+
+class ContinuedSchedule(TrainerCallback):
+    """On a continued run (`continue_training`), sets the learning rate of the first step from the restored scheduler
+    under the new, longer schedule: the optimizer's saved rate is the old schedule's last one (0 at the end of a
+    linear or cosine decay), which the scheduler would otherwise only replace after one step."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+        if optimizer is None or lambdas is None or not state.global_step:
+            return
+        rates = [base * fn(lr_scheduler.last_epoch) for base, fn in zip(lr_scheduler.base_lrs, lambdas)]
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        lr_scheduler._last_lr = rates
 
 
 class TauCallback(TrainerCallback):

@@ -1,0 +1,100 @@
+"""Training that accumulates: a run continues a saved head (optimizer, schedule, steps, CPU-hours), on the committed
+on-policy corpus (parquet, loaded with `datasets`), whose prompts never come near an eval prompt."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_target, tiny_tokenizer
+from test_training import short_run_config, write_prompts
+
+from hf_jetspec import JetSpecHead
+from hf_jetspec_training.corpus import NgramOverlap, eval_prompts, follow_up_rows, load_corpus, write_corpus
+from hf_jetspec_training.train import train
+
+
+def test_continuing_a_saved_head_picks_up_its_steps_schedule_and_optimizer(tmp_path):
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=13, vocab_size=len(tokenizer))
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, 8)
+    first = short_run_config(tmp_path, prompts, output_dir=str(tmp_path / "run1"), max_steps=6, logging_steps=1,
+                             lr_scheduler_type="linear", warmup_steps=0)
+    trainer, head_dir = train(first, target=target, tokenizer=tokenizer)
+    state = json.loads((head_dir / "training_state" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    saved_optimizer = torch.load(head_dir / "training_state" / "optimizer.pt", weights_only=False)
+
+    more = short_run_config(tmp_path, prompts, output_dir=str(tmp_path / "run2"), head_init=str(head_dir),
+                            continue_training=True, more_steps=4, logging_steps=1, lr_scheduler_type="linear",
+                            warmup_steps=0)
+    trainer, final_dir = train(more, target=target, tokenizer=tokenizer)
+    assert trainer.state.global_step == 10
+    optimizer = trainer.optimizer.state_dict()
+    first_param = next(iter(optimizer["state"]))
+    # AdamW's per-parameter step counts carried on: 6 saved + 4 more
+    assert float(saved_optimizer["state"][first_param]["step"]) == 6
+    assert float(optimizer["state"][first_param]["step"]) == 10
+    # the linear schedule continued over 10 steps: the step-7 learning rate is 3e-3 x (10 - 6) / 10
+    # (not the old schedule's final 0, and not a restart at 3e-3)
+    lrs = {log["step"]: log["learning_rate"] for log in trainer.state.log_history if "learning_rate" in log}
+    assert lrs[7] == pytest.approx(3e-3 * (10 - 6) / 10, rel=1e-6)
+    recipe = JetSpecHead.from_pretrained(final_dir).config.training_recipe
+    assert [run["steps"] for run in recipe["runs"]] == [[0, 6], [6, 10]]
+    assert recipe["total_cpu_hours"] == pytest.approx(sum(run["cpu_hours"] for run in recipe["runs"]))
+    assert all(run["train_minutes"] >= 0 for run in recipe["runs"])
+
+    with pytest.raises(ValueError, match="more_steps"):
+        train(short_run_config(tmp_path, prompts, output_dir=str(tmp_path / "run3"), head_init=str(final_dir),
+                               continue_training=True, max_steps=5), target=target, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="head_init"):
+        short_run_config(tmp_path, prompts, continue_training=True)
+
+
+def test_corpus_round_trips_through_datasets_and_trains(tmp_path):
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=14, vocab_size=len(tokenizer))
+    rows = [{"id": f"r{i}", "source": "gsm8k_train" if i % 2 else "chat_self_instruct", "turn": 1,
+             "input_ids": list(range(3, 3 + 8 + i)), "prompt_length": 5} for i in range(10)]
+    folder = write_corpus(rows, tmp_path / "corpus", {"target": "tiny", "target_lines": "- tiny", "max_new_tokens": 8,
+                                                      "near_eval": 0, "self_instruct_dropped": "none", "how": "test"},
+                          shard_rows=4)
+    assert len(list((folder / "data").glob("train-*.parquet"))) == 3
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "data/train-*.parquet" in card and "| gsm8k_train (turn 1) | 5 |" in card
+    corpus = load_corpus(folder)
+    assert len(corpus) == 10 and corpus[0]["input_ids"] == list(range(3, 11)) and corpus[0]["prompt_length"] == 5
+    with pytest.raises(FileNotFoundError, match="no corpus shards"):
+        load_corpus(tmp_path / "empty")
+
+    config = short_run_config(tmp_path, tmp_path / "unused.jsonl", train_files=[], corpus=str(folder), max_steps=2,
+                              tau_eval_steps=2, tau_eval_prompts=2, tau_eval_max_new_tokens=4)
+    trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
+    assert len(trainer.train_dataset) == 8  # 2 first turns held out for tau
+    assert JetSpecHead.from_pretrained(final_dir).config.training_recipe["corpus"] == "corpus"
+
+
+def test_overlap_check_rejects_a_planted_near_duplicate_of_an_eval_prompt(tmp_path):
+    (tmp_path / "gsm8k_test.jsonl").write_text(json.dumps({
+        "id": "g1", "prompt": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
+                              "in May. How many clips did Natalia sell altogether in April and May?"}) + "\n")
+    (tmp_path / "mt_bench.jsonl").write_text(json.dumps({"id": "m1", "prompt": "Hi", "turns": [
+        "Compose an engaging travel blog post about a recent trip to Hawaii.", "Rewrite it starting every sentence with A."]}) + "\n")
+    check = NgramOverlap(eval_prompts(tmp_path))
+    # reworded names and numbers, most of the text kept
+    assert check.near("Maria sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                      "How many clips did she sell?")
+    assert check.near("compose an engaging travel blog post about a recent trip to hawaii")  # a second-turn source
+    assert check.near("Hi")  # a short eval prompt, word for word
+    assert not check.near("Write a short poem about autumn leaves falling in a quiet park.")
+    assert not check.near("How many clips are in a box?")
+
+
+def test_follow_up_rows_continue_the_targets_own_answer():
+    tokenizer = tiny_tokenizer()
+    first = [{"id": "c1", "prompt": "tell me", "input_ids": [5, 6, 7, 8, 9], "prompt_length": 3, "source": "chat"}]
+    (row,) = follow_up_rows(first, tokenizer)
+    assert row["id"] == "c1#turn2" and row["turn"] == 2
+    roles = [message["role"] for message in row["messages"]]
+    assert roles == ["user", "assistant", "user"]
+    assert row["messages"][1]["content"] == tokenizer.decode([8, 9], skip_special_tokens=True).strip()

