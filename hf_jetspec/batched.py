@@ -40,7 +40,9 @@ from .modeling_jetspec import JetSpecHead
 from .exact_argmax import exact_argmax_for
 from .packed_linear import packed_linears_for
 from .projection import ProjectionCost, measure_projection
+from .target_logits import target_logits_for
 from .tree import DraftTree, additive_mask, build_tree, merge_chain
+from .verify_mask import sliding_window, verify_attention_mask
 
 BATCH_MASK_ATTENTION = ("sdpa", "eager")
 # Logits processors that index the batch (or keep per-call state across steps): a row's tokens are processed alone,
@@ -219,7 +221,8 @@ def batch_tree_inputs(
     key_valid: torch.BoolTensor,
     pad_token_id: int,
     dtype: torch.dtype,
-) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor]:
+    config=None,
+) -> tuple[torch.LongTensor, torch.LongTensor, torch.Tensor | dict[str, torch.Tensor]]:
     """Inputs of one batched verify forward, trees padded to the largest.
 
     Args:
@@ -228,6 +231,8 @@ def batch_tree_inputs(
         key_valid (`torch.BoolTensor` of shape `(batch, cache_length)`): cache slots each row may attend to.
         pad_token_id (`int`): token of padding nodes.
         dtype (`torch.dtype`): dtype of the additive mask.
+        config (`PretrainedConfig`, *optional*): the target's config; with sliding-window layers the mask is a dict
+            per layer type, the window applied (see `verify_mask.py`; a row's valid slots hold its positions in order).
 
     Returns:
         `(input_ids (batch, n), position_ids (batch, n), attention_mask (batch, 1, n, cache_length + n))`: a node sees
@@ -244,7 +249,11 @@ def batch_tree_inputs(
         depths[row, :size] = tree.depths
         ancestors[row, :size, :size] = tree.ancestor_mask
     allowed = torch.cat([key_valid[:, None, :].expand(-1, width, -1), ancestors], dim=-1)
-    return tokens, root_position_ids[:, None] + depths, additive_mask(allowed, dtype)
+    positions = root_position_ids[:, None] + depths
+    if config is None or sliding_window(config) is None:
+        return tokens, positions, additive_mask(allowed, dtype)
+    key_positions = torch.cat([key_valid.long().cumsum(-1) - 1, positions], dim=-1)
+    return tokens, positions, verify_attention_mask(config, allowed, positions, key_positions, dtype)
 
 
 def keep_tree_slots(cache: DynamicCache, past_length: int, index: torch.LongTensor) -> None:
@@ -338,7 +347,7 @@ def batched_jetspec_decoding(
 
     decoder = getattr(model, model.base_model_prefix)
     packed = packed_linears_for(decoder)  # verify forwards on packed weights where measured faster
-    lm_head = model.get_output_embeddings()
+    lm_head = target_logits_for(model)  # the lm_head + the family's own logit transform, if any
     projection = measure_projection(model)
     target_layer_ids = head.config.target_layer_ids
     hidden_state_ids = [i + 1 for i in target_layer_ids]
@@ -355,7 +364,7 @@ def batched_jetspec_decoding(
     finished_at: list[int | None] = [None] * batch
     processors = row_logits_processors(logits_processor, batch)
     # greedy rows without logits processors need only the argmax: a bf16 pass + an fp32 recheck where it is faster
-    argmax = None if do_sample or len(logits_processor) else exact_argmax_for(model)
+    argmax = None if do_sample or len(logits_processor) or not lm_head.plain else exact_argmax_for(model)
     # Per row: prompt-lookup proposals over its own tokens (padding left out), scored in the head's shared profile.
     lookup_tokens = prompt_lookup_tokens(getattr(head.generation_config, "prompt_lookup_num_tokens", None), budget)
     left_padding = (prompt_length - prompt_mask.sum(-1)).tolist()
@@ -474,7 +483,7 @@ def batched_jetspec_decoding(
         t1 = time.perf_counter()
         past_length = cache.get_seq_length()
         tree_ids, tree_positions, tree_mask = batch_tree_inputs(
-            trees, root_positions, key_valid, pad_token_id or 0, model.dtype
+            trees, root_positions, key_valid, pad_token_id or 0, model.dtype, model.config
         )
         outputs = decoding.verify_forward(decoder, packed, input_ids=tree_ids, position_ids=tree_positions,
                                           attention_mask=tree_mask, past_key_values=cache,

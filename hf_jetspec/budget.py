@@ -133,7 +133,7 @@ def measure_verify_cost(
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     prefix = torch.randint(vocab, (1, context_length), generator=generator).to(device)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # plain layers, as the loops use (a sliding window lives in the verify mask)
     decoder = getattr(model, model.base_model_prefix)
     with torch.no_grad():
         decoder(input_ids=prefix, past_key_values=cache, use_cache=True)

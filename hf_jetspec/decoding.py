@@ -16,6 +16,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .attention import TREE_ATTENTION, packed_tree_mask, verification_attention
+from .target_logits import target_logits_for
+from .verify_mask import sliding_window, verify_attention_mask
 from .budget import AutoBudget, acceptance_profile, measure_verify_cost
 from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget, tap_features
 from .exact_argmax import exact_argmax_for
@@ -151,8 +153,15 @@ def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_sta
     `packed`: the decoder's [`PackedLinears`] (see `packed_linear.py`), if any."""
     if decoder.config._attn_implementation == TREE_ATTENTION:
         attention_mask = packed_tree_mask(tree.packed_ancestor_bits())
-    else:
+    elif sliding_window(decoder.config) is None:
         attention_mask = tree.attention_mask(past_length, dtype)
+    else:  # the window on top of the ancestor mask, for the sliding-window layers (see verify_mask.py)
+        device = tree.tokens.device
+        allowed = torch.cat([torch.ones(tree.num_nodes, past_length, dtype=torch.bool, device=device),
+                             tree.ancestor_mask], dim=1)[None]
+        query_positions = tree.position_ids(past_length)
+        key_positions = torch.cat([torch.arange(past_length, device=device)[None], query_positions], dim=1)
+        attention_mask = verify_attention_mask(decoder.config, allowed, query_positions, key_positions, dtype)
     return verify_forward(decoder, packed, input_ids=tree.tokens[None], position_ids=tree.position_ids(past_length),
                           attention_mask=attention_mask, past_key_values=cache, output_hidden_states=hidden_state_ids)
 
@@ -166,10 +175,18 @@ def verify_forward(decoder, packed: PackedLinears | None, input_ids: torch.LongT
 
 
 def validated_cache(model_kwargs: dict) -> DynamicCache:
-    """The empty plain `DynamicCache` generate() prepared for this call (the batch-1 and batched loops both need one)."""
+    """The empty plain `DynamicCache` generate() prepared for this call (the batch-1 and batched loops both need one).
+
+    For a target with sliding-window layers generate() prepares a `DynamicCache` whose sliding layers keep only the
+    window; tree compaction needs every position, so that (still empty) cache is replaced by a plain one, in
+    `model_kwargs` too, and the window goes into the verify masks (`verify_mask.py`).
+    """
     if not model_kwargs.get("use_cache", True):
         raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")
     cache = model_kwargs.get("past_key_values")
+    if (type(cache) is DynamicCache and cache.get_seq_length() == 0
+            and all(isinstance(layer, DynamicLayer) for layer in cache.layers)):
+        cache = model_kwargs["past_key_values"] = DynamicCache()
     if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
         raise ValueError(
             f"JetSpec tree decoding needs a plain DynamicCache (no static, sliding-window or quantized cache), got "
@@ -189,6 +206,11 @@ def _validate(model, input_ids, generation_config, head, model_kwargs) -> Dynami
         raise ValueError(
             f"The target uses attn_implementation={attn!r}, which cannot take a tree attention mask. "
             f"Load it with attn_implementation='sdpa' (or one of {TREE_MASK_ATTENTION})."
+        )
+    if attn == TREE_ATTENTION and sliding_window(model.config) is not None:
+        raise ValueError(
+            f"attn_implementation={TREE_ATTENTION!r} cannot express the sliding window of this target's "
+            f"sliding-window layers (window {sliding_window(model.config)}): load it with attn_implementation='sdpa'."
         )
     cache = validated_cache(model_kwargs)
     head.bind(model)
@@ -225,7 +247,7 @@ def jetspec_decoding(
     budget = resolve_tree_budget(head.generation_config.tree_budget)
     decoder = getattr(model, model.base_model_prefix)
     packed = packed_linears_for(decoder)  # verify forwards on packed weights where measured faster
-    lm_head = model.get_output_embeddings()
+    lm_head = target_logits_for(model)  # the lm_head + the family's own logit transform, if any
     hidden_state_ids = [i + 1 for i in head.config.target_layer_ids]
     auto_budget = None
     if budget == "auto":  # the verify cost vs tree size on this machine, measured once per process and model
@@ -256,7 +278,7 @@ def jetspec_decoding(
     # greedy without logits processors or returned scores needs only each node's argmax: a bf16 pass + an fp32
     # recheck where that is faster (see `exact_argmax.py`), over every node likely to be reached, in one call
     argmax = None
-    if not do_sample and not len(logits_processor) and scores is None and raw_logits is None:
+    if not do_sample and not len(logits_processor) and scores is None and raw_logits is None and lm_head.plain:
         argmax = exact_argmax_for(model)
 
     def emit(token_logits: torch.Tensor | int, draft_tokens: list[int] = ()) -> tuple[int, bool]:
