@@ -21,9 +21,9 @@ tree (`key_length - num_nodes` of them) are the prefix every node sees. Then:
 
 Models loaded with `attn_implementation="sdpa"` verify trees with a dense mask. Transformers' SDPA function then
 repeats every key/value head for its query heads (`repeat_kv`: a copy of the whole cache per layer and forward) unless
-the forward has one query row (`pack_gqa`). [`verification_attention`] switches such a decoder, for the verify
-forward only, to `"jetspec_sdpa_gqa"` ([`gqa_sdpa_attention_forward`]): the query heads sharing a key/value head are
-folded into the query rows instead, the same computation without the copies.
+the forward has one query row (`pack_gqa`). Inside [`verification_attention`] (the verify forward only, on that
+thread only) `"sdpa"` runs [`gqa_sdpa_attention_forward`] instead: the query heads sharing a key/value head are
+folded into the query rows, the same computation without the copies.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 
 import torch
 from transformers import AttentionInterface
@@ -191,20 +192,33 @@ def gqa_sdpa_attention_forward(
     return out.reshape(batch, num_heads, q_length, head_dim).transpose(1, 2).contiguous(), None
 
 
+_VERIFYING = threading.local()  # per thread: inside a verify forward of an sdpa decoder
+
+
+def sdpa_or_folded_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """Transformers' `"sdpa"` attention, except inside [`verification_attention`] on this thread, where the query
+    heads sharing a key/value head are folded ([`gqa_sdpa_attention_forward`]). Registered as `"sdpa"` on
+    `import hf_jetspec`: every other forward, on any thread, runs Transformers' own `sdpa_attention_forward`."""
+    if getattr(_VERIFYING, "active", False):
+        return gqa_sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 @contextlib.contextmanager
 def verification_attention(decoder: torch.nn.Module):
-    """Within the block, a decoder loaded with `attn_implementation="sdpa"` runs [`gqa_sdpa_attention_forward`]
-    (same inputs and math, no key/value copies); other backends are left as they are. Wrap the verify forward only:
-    the decoder's config is switched for the duration (not thread-safe across concurrent forwards of one model)."""
+    """Within the block, on this thread only, a decoder loaded with `attn_implementation="sdpa"` runs
+    [`gqa_sdpa_attention_forward`] (same inputs and math, no key/value copies); other backends are left as they are.
+    Nothing shared is switched (the model's config keeps `"sdpa"`), so concurrent forwards on other threads, with
+    or without a JetSpec head, run as they would alone."""
     config = getattr(decoder, "config", None)
-    if getattr(config, "_attn_implementation_internal", None) != "sdpa":
+    if getattr(config, "_attn_implementation_internal", None) != "sdpa" or getattr(_VERIFYING, "active", False):
         yield
         return
-    config._attn_implementation_internal = GQA_ATTENTION
+    _VERIFYING.active = True
     try:
         yield
     finally:
-        config._attn_implementation_internal = "sdpa"
+        _VERIFYING.active = False
 
 
 def register_tree_attention() -> None:
@@ -214,3 +228,4 @@ def register_tree_attention() -> None:
     AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
     AttentionInterface.register(GQA_ATTENTION, gqa_sdpa_attention_forward)
     AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+    AttentionInterface.register("sdpa", sdpa_or_folded_attention_forward)

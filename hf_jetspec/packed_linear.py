@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import weakref
 
 import torch
@@ -79,11 +80,35 @@ def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, packed: tor
     return forward
 
 
+_ACTIVE = threading.local()  # per thread: {id(layer): packed forward} inside `PackedLinears.use`, else absent
+
+
+class _LinearDispatch:
+    """An `nn.Linear`'s forward that runs the packed product only inside [`PackedLinears.use`] on the calling thread,
+    and `nn.Linear`'s own product everywhere else (other threads, training, ordinary forwards)."""
+
+    def __init__(self, layer: torch.nn.Linear):
+        self.layer = layer
+
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:
+        table = getattr(_ACTIVE, "table", None)
+        forward = table.get(id(self.layer)) if table else None
+        if forward is not None:
+            return forward(input)
+        return torch.nn.functional.linear(input, self.layer.weight, self.layer.bias)
+
+
+def _is_plain_linear(module: torch.nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return type(module) is torch.nn.Linear and (forward is None or isinstance(forward, _LinearDispatch))
+
+
 class PackedLinears:
     """A decoder's float32 `nn.Linear` layers with weights packed for some row counts.
 
     Args:
-        linears (`list[nn.Linear]`): the layers (their `forward` is replaced inside [`use`] only).
+        linears (`list[nn.Linear]`): the layers (each gets a [`_LinearDispatch`] forward, which runs the packed
+            product only inside [`use`] on the calling thread).
         packed (`dict[int, list[Tensor]]`): row count -> packed weight per layer.
         min_rows (`dict[int, int]`): row count -> smallest row count a forward is padded up to it from.
     """
@@ -92,10 +117,14 @@ class PackedLinears:
         self.linears = linears
         self.min_rows = dict(sorted(min_rows.items()))
         self._stamp = self.stamp(linears)
-        self._forwards = {
-            size: [_packed_forward(layer.weight, layer.bias, weight, size) for layer, weight in zip(linears, packed[size])]
+        self._tables = {
+            size: {id(layer): _packed_forward(layer.weight, layer.bias, weight, size)
+                   for layer, weight in zip(linears, packed[size])}
             for size in self.min_rows
         }
+        for layer in linears:
+            if not isinstance(layer.__dict__.get("forward"), _LinearDispatch):
+                layer.__dict__["forward"] = _LinearDispatch(layer)
 
     @staticmethod
     def stamp(linears) -> tuple:
@@ -114,17 +143,16 @@ class PackedLinears:
 
     @contextlib.contextmanager
     def use(self, rows: int):
+        """Runs the block with the layers' packed products for `rows` rows, on this thread only."""
         size = self.rows_for(rows)
-        if size is None:
+        if size is None or getattr(_ACTIVE, "table", None) is not None:
             yield
             return
-        for layer, forward in zip(self.linears, self._forwards[size]):
-            layer.__dict__["forward"] = forward
+        _ACTIVE.table = self._tables[size]
         try:
             yield
         finally:
-            for layer in self.linears:
-                layer.__dict__.pop("forward", None)
+            _ACTIVE.table = None
 
     @classmethod
     def measure(cls, decoder: torch.nn.Module, sizes: tuple[int, ...] = PACK_ROWS, repeats: int = 3,
@@ -135,8 +163,7 @@ class PackedLinears:
             return None
         linears = [
             module for module in decoder.modules()
-            if type(module) is torch.nn.Linear and "forward" not in module.__dict__
-            and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
+            if _is_plain_linear(module) and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
         ]
         if not linears:
             return None

@@ -1,4 +1,4 @@
-"""MKL-packed float32 linears for verify forwards: same products, forwards restored, token-identical generate."""
+"""MKL-packed float32 linears for verify forwards: same products, on the calling thread only, token-identical generate."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import hf_jetspec.packed_linear as packed_linear
 from hf_jetspec.packed_linear import PackedLinears, mkl_packing_available, packed_linears, packed_linears_for
 
 pytestmark = pytest.mark.skipif(not mkl_packing_available(), reason="this PyTorch has no MKL weight packing")
+
+
+def packing_on() -> bool:
+    """Whether this thread runs packed products now (inside `PackedLinears.use`)."""
+    return getattr(packed_linear._ACTIVE, "table", None) is not None
 
 
 def forced(decoder, min_rows):
@@ -29,9 +34,9 @@ def test_packed_products_equal_unpacked_and_other_row_counts_stay_unpacked(rows,
     inputs = torch.randn(1, rows, 48)
     expected = layer(inputs)
     with torch.no_grad(), packed.use(rows):
-        assert ("forward" in layer.__dict__) == (rows in (3, 4, 5, 8))
+        assert packing_on() == (rows in (3, 4, 5, 8))
         out = layer(inputs)
-    assert "forward" not in layer.__dict__
+    assert not packing_on()
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert packed.rows_for(rows) == {3: 4, 4: 4, 5: 8, 8: 8}.get(rows)
@@ -43,7 +48,7 @@ def test_forwards_are_restored_after_an_error_and_changed_weights_are_measured_a
     packed = forced(decoder, {4: 4})
     with pytest.raises(RuntimeError), packed.use(4):
         raise RuntimeError("a failing forward")
-    assert all("forward" not in layer.__dict__ for layer in packed.linears)
+    assert not packing_on()
 
     measured = []
     monkeypatch.setattr(PackedLinears, "measure", classmethod(lambda cls, decoder: measured.append(1) or packed))
@@ -72,11 +77,36 @@ def test_packed_linears_leaves_training_forwards_alone():
     target = make_tiny_target("llama")
     packed = forced(target.model, {4: 1})
     with torch.enable_grad(), packed_linears(packed, 4):
-        assert all("forward" not in layer.__dict__ for layer in packed.linears)
+        assert not packing_on()
     with torch.no_grad(), packed_linears(packed, 4):
-        assert all("forward" in layer.__dict__ for layer in packed.linears)
+        assert packing_on()
     with torch.no_grad(), packed_linears(None, 4):
-        assert all("forward" not in layer.__dict__ for layer in packed.linears)
+        assert not packing_on()
+
+
+def test_other_threads_run_the_unpacked_product_while_one_thread_runs_packed():
+    """A forward on another thread during a packed verify forward (any row count) gets nn.Linear's own product,
+    bit for bit; the packed thread gets the packed one."""
+    import threading
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40)
+    packed = forced(torch.nn.Sequential(layer), {4: 3})
+    results = {}
+
+    def other():
+        for rows in (1, 4, 9):
+            inputs = torch.randn(rows, 48)
+            results[rows] = torch.equal(layer(inputs), torch.nn.functional.linear(inputs, layer.weight, layer.bias))
+
+    with torch.no_grad(), packed.use(4):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        mine = torch.randn(4, 48)
+        packed_out = layer(mine)
+    assert results == {1: True, 4: True, 9: True}
+    torch.testing.assert_close(packed_out, torch.nn.functional.linear(mine, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -107,4 +137,4 @@ def test_generate_with_packed_verify_forwards_equals_plain_generate(family, batc
                           assistant_model=head)
     assert out.tolist() == expected.tolist()
     assert any(size is not None for size in used)  # some verify forwards ran packed
-    assert all("forward" not in layer.__dict__ for layer in packed.linears)
+    assert not packing_on()

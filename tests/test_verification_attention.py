@@ -73,20 +73,40 @@ def test_other_calls_go_to_transformers_sdpa_unchanged(case, monkeypatch):
     assert torch.equal(out, expected)
 
 
-def test_verification_attention_switches_sdpa_only_and_always_restores():
+def test_verification_attention_folds_on_this_thread_only_and_always_restores(monkeypatch):
+    """Nothing shared is switched: the config keeps "sdpa", another thread's forward during a verify block runs
+    Transformers' own sdpa, and the block ends (also on an error) with plain sdpa again."""
+    import threading
+
+    import hf_jetspec.attention as attention
+
+    folded = []
+    real = attention.gqa_sdpa_attention_forward
+    monkeypatch.setattr(attention, "gqa_sdpa_attention_forward",
+                        lambda *args, **kwargs: folded.append(threading.get_ident()) or real(*args, **kwargs))
     target = make_tiny_target("llama")
     decoder = target.model
-    assert decoder.config._attn_implementation == "sdpa"
-    with verification_attention(decoder):
-        assert decoder.config._attn_implementation == GQA_ATTENTION
-    assert decoder.config._attn_implementation == "sdpa"
-    with pytest.raises(RuntimeError):
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
         with verification_attention(decoder):
-            raise RuntimeError("a failing forward")
-    assert decoder.config._attn_implementation == "sdpa"
-    target.set_attn_implementation("eager")
-    with verification_attention(decoder):
-        assert decoder.config._attn_implementation == "eager"
+            assert decoder.config._attn_implementation == "sdpa"
+            decoder(ids)
+            other = threading.Thread(target=lambda: decoder(ids))
+            other.start()
+            other.join()
+        assert set(folded) == {threading.get_ident()}  # the other thread's forward was not folded
+        folded.clear()
+        decoder(ids)
+        assert not folded
+        with pytest.raises(RuntimeError):
+            with verification_attention(decoder):
+                raise RuntimeError("a failing forward")
+        decoder(ids)
+        assert not folded
+        target.set_attn_implementation("eager")
+        with verification_attention(decoder):
+            decoder(ids)
+        assert not folded and decoder.config._attn_implementation == "eager"
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -100,13 +120,12 @@ def test_generate_verifies_with_folded_heads_and_equals_plain_generate(family, m
         calls.append(args[1].shape[2])
         return gqa_sdpa_attention_forward(*args, **kwargs)
 
-    AttentionInterface.register(GQA_ATTENTION, counting)
-    try:
-        head = oracle_for(target, expected, rank_of_truth=1)
-        head.generation_config.tree_budget = 12
-        out = target.generate(prompt, do_sample=False, max_new_tokens=30, assistant_model=head)
-    finally:
-        AttentionInterface.register(GQA_ATTENTION, gqa_sdpa_attention_forward)
+    import hf_jetspec.attention as attention
+
+    monkeypatch.setattr(attention, "gqa_sdpa_attention_forward", counting)
+    head = oracle_for(target, expected, rank_of_truth=1)
+    head.generation_config.tree_budget = 12
+    out = target.generate(prompt, do_sample=False, max_new_tokens=30, assistant_model=head)
     assert out.tolist() == expected.tolist()
     assert calls and max(calls) > 1  # tree forwards (several query rows) went through it
     assert target.config._attn_implementation == "sdpa"
