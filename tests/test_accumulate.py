@@ -66,6 +66,12 @@ def test_corpus_round_trips_through_datasets_and_trains(tmp_path):
     assert len(corpus) == 10 and corpus[0]["input_ids"] == list(range(3, 11)) and corpus[0]["prompt_length"] == 5
     with pytest.raises(FileNotFoundError, match="no corpus shards"):
         load_corpus(tmp_path / "empty")
+    # rewritten under the same shard names: the new rows, not datasets' cache of the old ones
+    write_corpus(rows + [{**rows[0], "id": "r10"}], folder, {"target": "tiny", "target_lines": "- tiny",
+                 "max_new_tokens": 8, "near_eval": 0, "self_instruct_dropped": "none", "how": "test"}, shard_rows=4)
+    assert len(load_corpus(folder)) == 11
+    write_corpus(rows, folder, {"target": "tiny", "target_lines": "- tiny", "max_new_tokens": 8, "near_eval": 0,
+                                "self_instruct_dropped": "none", "how": "test"}, shard_rows=4)
 
     config = short_run_config(tmp_path, tmp_path / "unused.jsonl", train_files=[], corpus=str(folder), max_steps=2,
                               tau_eval_steps=2, tau_eval_prompts=2, tau_eval_max_new_tokens=4)

@@ -283,14 +283,26 @@ def write_corpus(rows: list[dict], folder: str | Path, card: dict, shard_rows: i
 
 
 def load_corpus(folder: str | Path):
-    """The corpus as a `datasets.Dataset` (split `train`)."""
-    from datasets import load_dataset
+    """The corpus as a `datasets.Dataset` (split `train`), read afresh from its shards.
+
+    `datasets` caches what it prepared from a local folder and can hand back an earlier version of shards that were
+    rewritten under the same names (seen here: 3373 rows returned after the shards grew to 3413), so the cache is
+    bypassed and the row count checked against the shards' own metadata.
+    """
+    import pyarrow.parquet as pq
+    from datasets import DownloadMode, load_dataset
 
     folder = Path(folder)
-    if not any((folder / "data").glob("train-*.parquet")):
+    shards = sorted((folder / "data").glob("train-*.parquet"))
+    if not shards:
         raise FileNotFoundError(f"no corpus shards (data/train-*.parquet) in {folder}: build it with "
                                 f"`python -m hf_jetspec_training.corpus --out {folder}`")
-    return load_dataset(str(folder), split="train")
+    corpus = load_dataset(str(folder), split="train", download_mode=DownloadMode.FORCE_REDOWNLOAD,
+                          verification_mode="no_checks")  # the count is checked below, against the shards
+    expected = sum(pq.read_metadata(shard).num_rows for shard in shards)
+    if len(corpus) != expected:
+        raise RuntimeError(f"datasets returned {len(corpus)} rows for {folder}, its shards hold {expected}")
+    return corpus
 
 
 def _jsonl_rows(path: Path) -> list[dict]:
