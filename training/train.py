@@ -224,7 +224,7 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         runs.append({"command": None, "steps": [0, previous.get("global_steps")],
                      "train_minutes": previous.get("train_minutes"), "cpu_hours": _cpu_hours(previous.get("train_minutes"), None)})
     runs.append({
-        "command": " ".join(shlex.quote(arg) for arg in sys.argv),
+        "command": " ".join([Path(sys.argv[0]).name, *(shlex.quote(arg) for arg in sys.argv[1:])]),  # no local paths
         "steps": [start_step, trainer.state.global_step],
         "sequences": len(dataset),
         "train_minutes": run_minutes,
