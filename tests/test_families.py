@@ -31,6 +31,7 @@ FAMILIES = {
     "qwen2-sliding": ("Qwen2Config", "Qwen2ForCausalLM",
                       dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "llama-multi-query": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=1)),
     "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)),
     "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW)),
