@@ -176,10 +176,19 @@ class JetSpecConfig(PretrainedConfig):
         return config
 
 
-# Target-config fields that are the target's business (where it came from, how it was quantised, its labels), not the
-# head's: never copied into a head's `draft_config`.
-_NOT_COPIED = ("_name_or_path", "_model_name_or_path", "quantization_config", "architectures", "id2label", "label2id",
-               "transformers_version", "layer_types", "dtype", "torch_dtype")
+# Target-config fields about where the target came from and how it was stored: never in a head's `draft_config`.
+_TARGET_ONLY = ("_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version")
+# ... and, for Qwen3 layers built to the target's sizes, its labels, layer types and dtype too.
+_NOT_COPIED = _TARGET_ONLY + ("architectures", "id2label", "label2id", "layer_types", "dtype", "torch_dtype")
+
+
+def target_family_config(target_config: PretrainedConfig) -> dict[str, Any]:
+    """The target's own config as a head `draft_config` (`layer_family="target"`), without where it came from or how
+    it was quantised."""
+    draft_config = target_config.to_dict()
+    for key in _TARGET_ONLY:
+        draft_config.pop(key, None)
+    return draft_config
 
 
 def _rope_theta(target_config: PretrainedConfig) -> float:

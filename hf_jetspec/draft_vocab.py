@@ -20,6 +20,8 @@ from collections.abc import Iterable
 
 import torch
 
+from .target_logits import softcap
+
 
 def projection_dtype(device: torch.device, head_dtype: torch.dtype) -> torch.dtype:
     """bfloat16 on CPUs with AMX tiles and bf16 instructions (where it is the fast path); the head's dtype elsewhere."""
@@ -51,8 +53,7 @@ class DraftProjection:
         # one 2-D `linear`: a 3-D bf16 input (or a transposed `@ weight.T`) misses oneDNN's fast path on CPU (30x slower)
         rows = hidden_states.reshape(-1, hidden_states.shape[-1]).to(self.weight.dtype)
         logits = torch.nn.functional.linear(rows, self.weight).float()
-        if self.softcap is not None:  # the target's final-logit softcapping (Gemma 2/3)
-            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = softcap(logits, self.softcap)  # the target's final-logit softcapping (Gemma 2/3), if any
         return logits.log_softmax(dim=-1).view(*hidden_states.shape[:-1], -1)
 
 

@@ -22,7 +22,14 @@ from transformers import DynamicCache, GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, qwen3_draft_config, tokenizer_fingerprint
+from .configuration_jetspec import (
+    JetSpecConfig,
+    default_target_layer_ids,
+    qwen3_draft_config,
+    target_family_config,
+    tokenizer_fingerprint,
+)
+from .target_logits import softcap
 from .tree import additive_mask
 
 
@@ -49,15 +56,6 @@ def family_classes(model_type: str) -> tuple[type, type, type, object]:
             f"{names} or `apply_rotary_pos_emb`. Llama- and Qwen-style decoders are supported."
         )
     return (*found, module)
-
-
-def target_family_config(target_config) -> dict:
-    """The target's own config as a head `draft_config` (`layer_family="target"`), without where it came from or how
-    it was quantised."""
-    draft_config = target_config.to_dict()
-    for key in ("_name_or_path", "_model_name_or_path", "quantization_config", "transformers_version"):
-        draft_config.pop(key, None)
-    return draft_config
 
 
 def _load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -431,8 +429,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
     # ------------------------------------------------------------------ forward
     def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         """The target's final-logit softcapping (Gemma 2/3) applied to logits through its `lm_head`; identity else."""
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        return softcap(logits, self.config.final_logit_softcapping)
 
     def fuse_context(self, tap_hidden_states: torch.Tensor) -> torch.Tensor:
         """`(batch, n, K*H)` concatenated tap hidden states -> `(batch, n, H)` context rows."""

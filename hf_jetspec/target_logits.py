@@ -18,6 +18,11 @@ from torch import nn
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> None (agrees) or the error text
 
 
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Final-logit softcapping as Gemma 2/3 apply it, `cap * tanh(logits / cap)`; identity when `cap` is `None`."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 class TargetLogits(nn.Module):
     """`lm_head` followed by the target family's own logit transform.
 
@@ -49,9 +54,7 @@ class TargetLogits(nn.Module):
             logits = logits / self.divide
         if self.multiply not in (None, 1.0):
             logits = logits * self.multiply
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return softcap(logits, self.softcap)
 
 
 @torch.no_grad()
