@@ -13,7 +13,8 @@ Methods:
     jetspec          the head's own tree settings (`head.generation_config`)
     jetspec:B        tree budget B (nodes per tree, root included), or `jetspec:auto` (sized per round, see budget.py)
     jetspec:head     `"auto"` without prompt-lookup proposals in the tree (the head alone: the ablation of lookup.py)
-    chain            the same head drafting a single path (tree_topk=1, depth = block_size - 1): the tree ablation
+    chain            the same head drafting its single most likely path (tree_topk=1, depth = block_size - 1, no
+                     prompt lookup): the tree ablation, and what vLLM's DFlash drafter drafts (`chain_settings`)
     prompt_lookup    Transformers' prompt-lookup decoding (`prompt_lookup_num_tokens=10`)
     assisted         Transformers' assisted generation with a smaller draft model sharing the target's tokenizer
                      (`--draft-model`; the default target, SmolLM2-135M, has no smaller sibling installed here)
@@ -86,7 +87,9 @@ def method_kwargs(method: str, head, draft_model=None) -> dict:
     if method == "jetspec":
         return {"assistant_model": head}
     if method == "chain":
-        return {"assistant_model": head, "tree_budget": head.config.block_size, "tree_topk": 1}
+        from .vllm_export import chain_settings
+
+        return {"assistant_model": head, **chain_settings(head)}
     if method == "jetspec:head":
         return {"assistant_model": head, "tree_budget": "auto", "prompt_lookup_num_tokens": 0}
     if method.startswith("jetspec:"):

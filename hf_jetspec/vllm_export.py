@@ -178,13 +178,48 @@ def export_vllm(head: JetSpecHead, output_dir, mask_token_id: int | None = None,
         "chains, not trees: each step drafts the head's most likely path.\n\n"
         "```bash\n"
         f"vllm serve {target} --speculative-config "
-        f"'{{\"method\": \"dflash\", \"model\": \"{output_dir.resolve()}\", \"num_speculative_tokens\": {min(block - 1, 7)}}}'\n"
+        f"'{{\"method\": \"dflash\", \"model\": \"{output_dir.resolve()}\", \"num_speculative_tokens\": {block - 1}}}'\n"
         "```\n\n"
         f"`num_speculative_tokens` may be 1 to {block - 1} (the head's block holds {block - 1} drafted depths).\n"
     )
     if verify:
         _check_export(head, output_dir)
     return output_dir
+
+
+def export_vllm_target(model, tokenizer, output_dir) -> Path:
+    """Writes the target as vLLM reads it: a Transformers folder (weights in the model's dtype, tokenizer and chat
+    template), without the `quantization_config` a GGUF-loaded model keeps (the weights are already dequantised, and
+    vLLM would look for a quantization method). For the default target these are the dequantised Q4_1 weights the
+    shipped heads were trained and measured on, not the Hub's `HuggingFaceTB/SmolLM2-135M-Instruct`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    quantizer = getattr(model, "hf_quantizer", None)
+    quantization = model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None  # a GGUF "quantizer" only dequantised on load, and refuses to save
+    try:
+        model.save_pretrained(output_dir)
+    finally:
+        model.hf_quantizer = quantizer
+        if quantization is not None:
+            model.config.quantization_config = quantization
+    tokenizer.save_pretrained(output_dir)
+    path = output_dir / "config.json"
+    config = json.loads(path.read_text())
+    for key in ("quantization_config", "_model_name_or_path"):
+        config.pop(key, None)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return output_dir
+
+
+def chain_settings(head: JetSpecHead, num_speculative_tokens: int | None = None) -> dict:
+    """The tree settings under which `generate(assistant_model=head)` drafts what vLLM's DFlash drafter drafts with
+    `num_speculative_tokens` (default: the head's whole block): the head's most likely path, one candidate per depth,
+    no prompt-lookup proposals. Its `tau` then equals vLLM's mean acceptance length on the same prompts."""
+    depth = head.config.block_size - 1 if num_speculative_tokens is None else num_speculative_tokens
+    if not 1 <= depth <= head.config.block_size - 1:
+        raise ValueError(f"num_speculative_tokens must lie in [1, {head.config.block_size - 1}], got {depth}")
+    return {"tree_budget": depth + 1, "tree_topk": 1, "prompt_lookup_num_tokens": 0}
 
 
 # ---------------------------------------------------------------------------------------------- reference drafter

@@ -38,7 +38,8 @@ def test_eval_prompts_limit_and_spec_bench_categories(tmp_path):
 
 def test_method_names():
     head = type("Head", (), {"config": type("C", (), {"block_size": 6})()})()
-    assert method_kwargs("chain", head) == {"assistant_model": head, "tree_budget": 6, "tree_topk": 1}
+    assert method_kwargs("chain", head) == {"assistant_model": head, "tree_budget": 6, "tree_topk": 1,
+                                            "prompt_lookup_num_tokens": 0}  # what vLLM drafts
     assert method_kwargs("jetspec:12", head)["tree_budget"] == 12
     assert method_kwargs("jetspec:auto", head)["tree_budget"] == "auto"
     assert method_kwargs("jetspec:head", head) == {"assistant_model": head, "tree_budget": "auto",
