@@ -116,9 +116,11 @@ class BatchedDrafter:
             raise RuntimeError("every row needs its newly committed context rows before a draft (anchor_context)")
         context_valid = torch.cat([self.valid, new_valid], dim=1)
         rows = root_ids.shape[0]
-        block_rows = depth + 1  # the block is causal: the rows past the drafted depths change nothing
-        causal = torch.ones(block_rows, block_rows, dtype=torch.bool, device=root_ids.device).tril()
-        allowed = torch.cat([context_valid[:, None, :].expand(-1, block_rows, -1), causal.expand(rows, -1, -1)], dim=-1)
+        block_rows = head.rows_for_depth(depth)  # causal: the rows past the drafted depths change nothing
+        inside = torch.ones(block_rows, block_rows, dtype=torch.bool, device=root_ids.device)
+        if head.config.causal_block:
+            inside = inside.tril()
+        allowed = torch.cat([context_valid[:, None, :].expand(-1, block_rows, -1), inside.expand(rows, -1, -1)], dim=-1)
         output = head(
             anchor_ids=root_ids[:, None],
             anchor_position_ids=root_position_ids[:, None],

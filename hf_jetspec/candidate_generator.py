@@ -122,7 +122,7 @@ class JetSpecCandidateGenerator(CandidateGenerator):
             context_position_ids=positions,
             past_key_values=self.context_cache,
             logits_to_keep=False,
-            block_rows=depth + 1,  # the block is causal: the depths a tree of this budget can reach are enough
+            block_rows=self.head.rows_for_depth(depth),  # causal: the depths a tree of this budget reaches suffice
         )
         logprobs, token_ids = depth_logprobs(self.head, output, depth)  # (1, depth, draft vocab)
         tree = build_tree(root, logprobs[0], budget, self.tree_topk, token_ids)

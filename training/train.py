@@ -58,7 +58,7 @@ def build_head(config: JetSpecTrainingConfig, target) -> torch.nn.Module:
         head = JetSpecHead.from_target(
             target, num_hidden_layers=config.num_head_layers, block_size=config.block_size, target_layer_ids=taps,
             anchor_context=config.anchor_context, init_from_target=config.init_from_target,
-            layer_family=config.layer_family,
+            layer_family=config.layer_family, causal_block=config.causal_block,
         )
     head = head.float()
     if config.use_peft:

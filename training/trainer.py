@@ -65,7 +65,8 @@ class JetSpecTrainer(_BaseTrainer):
         features = inputs["context_features"]
         batch, length = features.shape[:2]
         context_positions = torch.arange(length, device=features.device).expand(batch, -1)
-        mask = draft_attention_mask(context_positions, inputs["anchor_position_ids"], self.block_size, features.dtype)
+        mask = draft_attention_mask(context_positions, inputs["anchor_position_ids"], self.block_size, features.dtype,
+                                    causal=unwrap_head(model).config.causal_block)
         full = self.args.loss_vocabulary == "full"
         outputs = model(
             anchor_ids=inputs["anchor_ids"],
