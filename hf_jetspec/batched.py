@@ -138,7 +138,7 @@ def left_padding_mask(attention_mask: torch.Tensor | None, input_ids: torch.Long
 def _validate_batch(
     model, input_ids, logits_processor, generation_config, head, model_kwargs
 ) -> tuple[DynamicCache, torch.LongTensor]:
-    cache = decoding.validated_cache(model_kwargs)
+    cache = decoding.validated_cache(model_kwargs, generation_config)
     if generation_config.return_dict_in_generate:
         for name in ("output_attentions", "output_hidden_states", "output_scores", "output_logits"):
             if getattr(generation_config, name, False):

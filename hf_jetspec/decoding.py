@@ -174,7 +174,7 @@ def verify_forward(decoder, packed: PackedLinears | None, input_ids: torch.LongT
         return decoder(input_ids=input_ids, use_cache=True, **kwargs)
 
 
-def validated_cache(model_kwargs: dict) -> DynamicCache:
+def validated_cache(model_kwargs: dict, generation_config=None) -> DynamicCache:
     """The empty plain `DynamicCache` generate() prepared for this call (the batch-1 and batched loops both need one).
 
     For a target with sliding-window layers generate() prepares a `DynamicCache` whose sliding layers keep only the
@@ -184,6 +184,12 @@ def validated_cache(model_kwargs: dict) -> DynamicCache:
     if not model_kwargs.get("use_cache", True):
         raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")
     cache = model_kwargs.get("past_key_values")
+    if cache is None:  # transformers >= 5.25 leaves the cache to the model's first forward
+        requested = getattr(generation_config, "cache_implementation", None)
+        if requested not in (None, "dynamic"):
+            raise ValueError(f"JetSpec tree decoding needs a plain DynamicCache, got cache_implementation={requested!r}: "
+                             "drop `cache_implementation`.")
+        cache = model_kwargs["past_key_values"] = DynamicCache()
     if (type(cache) is DynamicCache and cache.get_seq_length() == 0
             and all(isinstance(layer, DynamicLayer) for layer in cache.layers)):
         cache = model_kwargs["past_key_values"] = DynamicCache()
@@ -212,7 +218,7 @@ def _validate(model, input_ids, generation_config, head, model_kwargs) -> Dynami
             f"attn_implementation={TREE_ATTENTION!r} cannot express the sliding window of this target's "
             f"sliding-window layers (window {sliding_window(model.config)}): load it with attn_implementation='sdpa'."
         )
-    cache = validated_cache(model_kwargs)
+    cache = validated_cache(model_kwargs, generation_config)
     head.bind(model)
     return cache
 
