@@ -23,7 +23,7 @@ from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget,
 from .exact_argmax import exact_argmax_for
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
-from .packed_linear import PackedLinears, packed_linears, packed_linears_for
+from .packed_linear import PackedLinears, packed_linears, packed_linears_for, packed_memory_cap
 
 TREE_MASK_ATTENTION = ("sdpa", "eager", "jetspec_tree")
 
@@ -246,7 +246,8 @@ def jetspec_decoding(
     start = time.perf_counter()
     budget = resolve_tree_budget(head.generation_config.tree_budget)
     decoder = getattr(model, model.base_model_prefix)
-    packed = packed_linears_for(decoder)  # verify forwards on packed weights where measured faster
+    # verify forwards on packed weights where measured faster, within the head's memory cap for them
+    packed = packed_linears_for(decoder, packed_memory_cap(head.generation_config))
     lm_head = target_logits_for(model)  # the lm_head + the family's own logit transform, if any
     hidden_state_ids = [i + 1 for i in head.config.target_layer_ids]
     auto_budget = None

@@ -197,8 +197,11 @@ class JetSpecHead(JetSpecPreTrainedModel):
         self._checked_tokenizer: tuple[weakref.ref, tuple[int, str | None]] | None = None
         self.post_init()
         # tree_budget: nodes per tree (root included) or "auto" (sized per round from a measured cost model, capped
-        # at tree_max_budget, default: the largest size the calibration timed); tree_topk: candidates per depth.
-        self.generation_config = GenerationConfig(tree_budget="auto", tree_topk=7, tree_max_budget=None)
+        # at tree_max_budget, default: the largest size the calibration timed); tree_topk: candidates per depth;
+        # packed_weights_max_mb: cap on the target's packed weight copies (None: HF_JETSPEC_PACKED_MAX_MB, else a
+        # quarter of the available memory; 0: no packing; see packed_linear.py).
+        self.generation_config = GenerationConfig(tree_budget="auto", tree_topk=7, tree_max_budget=None,
+                                                  packed_weights_max_mb=None)
 
     # ------------------------------------------------------------------ files
     @classmethod
