@@ -193,8 +193,36 @@ def validated_cache(model_kwargs: dict) -> DynamicCache:
             f"{type(cache).__name__}: drop `cache_implementation` / `past_key_values`."
         )
     if cache.get_seq_length() > 0:
-        raise ValueError("JetSpec tree decoding starts from an empty cache: do not pass a pre-filled `past_key_values`.")
+        raise ValueError(
+            "JetSpec tree decoding starts from an empty cache (the head needs the target's hidden states of the whole "
+            "prompt): for a second turn, pass the whole conversation as `input_ids` without `past_key_values`."
+        )
     return cache
+
+
+def check_inputs(model, input_ids, head, model_kwargs) -> None:
+    """Refuses, before any forward, what a JetSpec call cannot run exactly: `inputs_embeds`, an empty prompt, a pre-
+    filled cache for a batch, a head whose dtype differs from the target's, and bad tree settings."""
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError(
+            "A JetSpec head drafts token ids and the target verifies them through its own embeddings, so "
+            "`inputs_embeds` cannot be used with `assistant_model=head`: pass `input_ids` (e.g. "
+            "tokenizer(text, return_tensors='pt').input_ids), or drop `assistant_model`."
+        )
+    if input_ids.shape[-1] == 0:
+        raise ValueError(
+            "The prompt is empty: JetSpec decoding (like the target itself) needs at least one prompt token. Start "
+            "from the tokenizer's BOS token or a chat template's generation prompt."
+        )
+    head_dtype, target_dtype = head.dtype, model.dtype
+    if head_dtype != target_dtype:
+        raise ValueError(
+            f"The JetSpec head is {head_dtype} and the target {target_dtype}; the head reads the target's hidden "
+            f"states and embeddings in its own dtype: cast it with `head.to({target_dtype})`."
+        )
+    from .candidate_generator import validate_tree_settings
+
+    validate_tree_settings(head.generation_config)
 
 
 def _validate(model, input_ids, generation_config, head, model_kwargs) -> DynamicCache:
@@ -233,6 +261,7 @@ def jetspec_decoding(
 
     A batch (or a padded prompt) goes to [`batched_jetspec_decoding`]; one unpadded prompt runs the loop below.
     """
+    check_inputs(model, input_ids, assistant_model, model_kwargs)
     attention_mask = model_kwargs.get("attention_mask")
     if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
         from .batched import batched_jetspec_decoding

@@ -239,8 +239,22 @@ class JetSpecHead(JetSpecPreTrainedModel):
             raise
         try:
             head.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        except OSError:
-            pass  # no generation_config.json: keep the defaults
+        except OSError as error:
+            if "valid JSON" in str(error):
+                raise ValueError(
+                    f"The JetSpec head at {pretrained_model_name_or_path} has a malformed generation_config.json "
+                    f"({error}). Fix or delete that file (the tree settings then take their defaults)."
+                ) from error
+            # no generation_config.json: keep the defaults
+        from .candidate_generator import validate_tree_settings
+
+        try:
+            validate_tree_settings(head.generation_config)
+        except ValueError as error:
+            raise ValueError(
+                f"The tree settings in the generation_config.json of the JetSpec head at "
+                f"{pretrained_model_name_or_path} are invalid: {error}. Fix that file."
+            ) from None
         if head.draft_vocab is not None:
             try:
                 head._check_draft_vocab(head.draft_vocab)
