@@ -100,6 +100,7 @@ def test_many_calls_keep_outputs_exact_stores_bounded_and_memory_flat():
         return sampled.tolist(), greedy.tolist()
 
     first = reference()
+    gc.collect()  # models of earlier tests that are already dropped leave the stores now, not during the loop
     baseline = store_sizes()
     calls, rss_after_warmup, peak_stores = 0, None, {}
     for generation in range(GENERATIONS):
@@ -117,7 +118,9 @@ def test_many_calls_keep_outputs_exact_stores_bounded_and_memory_flat():
         gc.collect()
         if generation == 0:
             rss_after_warmup = rss_bytes()
-        assert store_sizes() == baseline, f"stores kept entries of dropped targets/heads: {store_sizes()} vs {baseline}"
+        after = store_sizes()
+        assert all(after[name] <= baseline[name] for name in after), \
+            f"stores kept entries of dropped targets/heads: {after} vs {baseline}"
     growth = rss_bytes() - rss_after_warmup
     assert reference() == first  # no state left behind changes a later call's output
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
