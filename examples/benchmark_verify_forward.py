@@ -40,7 +40,7 @@ SETTINGS = ("repeat_kv", "folded", "folded+packed")
 
 def apply(setting: str, decoder, packed) -> None:
     AttentionInterface.register(GQA_ATTENTION, sdpa_attention_forward if setting == "repeat_kv" else gqa_sdpa_attention_forward)
-    packed_linear._PACKED[decoder] = packed if setting == "folded+packed" else None
+    packed_linear._PACKED[decoder] = (None, packed if setting == "folded+packed" else None)  # (cap, packed)
 
 
 def main() -> None:

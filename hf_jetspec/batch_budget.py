@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .budget import AcceptanceProfile, VerifyCost, median_seconds, monotone
-from .packed_linear import packed_linears_for
+from .packed_linear import packed_linears_for, packed_memory_cap
 from .tree import DraftTree, chain_path, merge_chain
 
 # Plain calls at a batch size, chosen because speculation measured slower there, before speculation is tried again.
@@ -127,7 +127,7 @@ def measure_batch_cost(
     config = model.config.get_text_config()
     generator = torch.Generator().manual_seed(0)
     decoder = getattr(model, model.base_model_prefix)
-    packed = packed_linears_for(decoder)
+    packed = packed_linears_for(decoder, packed_memory_cap(head.generation_config))
     lm_head = model.get_output_embeddings()
     prefix = torch.randint(config.vocab_size, (batch_size, context_length), generator=generator).to(device)
     cache = DynamicCache()  # plain layers, as the loops use (a sliding window lives in the verify mask)

@@ -38,7 +38,7 @@ from .decoding import JetSpecGenerateStats
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
 from .exact_argmax import exact_argmax_for
-from .packed_linear import packed_linears_for
+from .packed_linear import packed_linears_for, packed_memory_cap
 from .projection import ProjectionCost, measure_projection
 from .target_logits import target_logits_for
 from .tree import DraftTree, additive_mask, build_tree, merge_chain
@@ -346,7 +346,8 @@ def batched_jetspec_decoding(
                                streamer, head, stats, **model_kwargs)
 
     decoder = getattr(model, model.base_model_prefix)
-    packed = packed_linears_for(decoder)  # verify forwards on packed weights where measured faster
+    # verify forwards on packed weights where measured faster, within the head's memory cap for them
+    packed = packed_linears_for(decoder, packed_memory_cap(head.generation_config))
     lm_head = target_logits_for(model)  # the lm_head + the family's own logit transform, if any
     projection = measure_projection(model)
     target_layer_ids = head.config.target_layer_ids

@@ -30,6 +30,24 @@ def resolve_tree_budget(value) -> int | str:
     return value
 
 
+def validate_tree_settings(generation_config) -> None:
+    """Checks a head's tree settings (`tree_budget`, `tree_topk`, `tree_max_budget`, `prompt_lookup_num_tokens`,
+    `max_matching_ngram_size`, `packed_weights_max_mb`) at once; raises the `ValueError` of the first bad one."""
+    from .lookup import prompt_lookup_tokens
+    from .packed_linear import packed_memory_cap
+
+    budget = resolve_tree_budget(getattr(generation_config, "tree_budget", None))
+    topk = getattr(generation_config, "tree_topk", 7)
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"`tree_topk` must be an int >= 1 (candidates per depth), got {topk!r}")
+    for name in ("tree_max_budget", "max_matching_ngram_size"):
+        value = getattr(generation_config, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"`{name}` must be None or an int >= 1, got {value!r}")
+    prompt_lookup_tokens(getattr(generation_config, "prompt_lookup_num_tokens", None), budget)
+    packed_memory_cap(generation_config)
+
+
 def tap_features(hidden_states: tuple[torch.Tensor | None, ...], target_layer_ids: list[int]) -> torch.Tensor:
     """Concatenates the outputs of the tapped target layers: `(batch, seq, K * hidden)`.
 

@@ -23,7 +23,7 @@ from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget,
 from .exact_argmax import exact_argmax_for
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
-from .packed_linear import PackedLinears, packed_linears, packed_linears_for
+from .packed_linear import PackedLinears, packed_linears, packed_linears_for, packed_memory_cap
 
 TREE_MASK_ATTENTION = ("sdpa", "eager", "jetspec_tree")
 
@@ -199,8 +199,36 @@ def validated_cache(model_kwargs: dict, generation_config=None) -> DynamicCache:
             f"{type(cache).__name__}: drop `cache_implementation` / `past_key_values`."
         )
     if cache.get_seq_length() > 0:
-        raise ValueError("JetSpec tree decoding starts from an empty cache: do not pass a pre-filled `past_key_values`.")
+        raise ValueError(
+            "JetSpec tree decoding starts from an empty cache (the head needs the target's hidden states of the whole "
+            "prompt): for a second turn, pass the whole conversation as `input_ids` without `past_key_values`."
+        )
     return cache
+
+
+def check_inputs(model, input_ids, head, model_kwargs) -> None:
+    """Refuses, before any forward, what a JetSpec call cannot run exactly: `inputs_embeds`, an empty prompt, a pre-
+    filled cache for a batch, a head whose dtype differs from the target's, and bad tree settings."""
+    if model_kwargs.get("inputs_embeds") is not None:
+        raise ValueError(
+            "A JetSpec head drafts token ids and the target verifies them through its own embeddings, so "
+            "`inputs_embeds` cannot be used with `assistant_model=head`: pass `input_ids` (e.g. "
+            "tokenizer(text, return_tensors='pt').input_ids), or drop `assistant_model`."
+        )
+    if input_ids.shape[-1] == 0:
+        raise ValueError(
+            "The prompt is empty: JetSpec decoding (like the target itself) needs at least one prompt token. Start "
+            "from the tokenizer's BOS token or a chat template's generation prompt."
+        )
+    head_dtype, target_dtype = head.dtype, model.dtype
+    if head_dtype != target_dtype:
+        raise ValueError(
+            f"The JetSpec head is {head_dtype} and the target {target_dtype}; the head reads the target's hidden "
+            f"states and embeddings in its own dtype: cast it with `head.to({target_dtype})`."
+        )
+    from .candidate_generator import validate_tree_settings
+
+    validate_tree_settings(head.generation_config)
 
 
 def _validate(model, input_ids, generation_config, head, model_kwargs) -> DynamicCache:
@@ -239,6 +267,7 @@ def jetspec_decoding(
 
     A batch (or a padded prompt) goes to [`batched_jetspec_decoding`]; one unpadded prompt runs the loop below.
     """
+    check_inputs(model, input_ids, assistant_model, model_kwargs)
     attention_mask = model_kwargs.get("attention_mask")
     if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
         from .batched import batched_jetspec_decoding
@@ -252,7 +281,8 @@ def jetspec_decoding(
     start = time.perf_counter()
     budget = resolve_tree_budget(head.generation_config.tree_budget)
     decoder = getattr(model, model.base_model_prefix)
-    packed = packed_linears_for(decoder)  # verify forwards on packed weights where measured faster
+    # verify forwards on packed weights where measured faster, within the head's memory cap for them
+    packed = packed_linears_for(decoder, packed_memory_cap(head.generation_config))
     lm_head = target_logits_for(model)  # the lm_head + the family's own logit transform, if any
     hidden_state_ids = [i + 1 for i in head.config.target_layer_ids]
     auto_budget = None

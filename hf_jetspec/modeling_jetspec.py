@@ -200,8 +200,11 @@ class JetSpecHead(JetSpecPreTrainedModel):
         self._checked_tokenizer: tuple[weakref.ref, tuple[int, str | None]] | None = None
         self.post_init()
         # tree_budget: nodes per tree (root included) or "auto" (sized per round from a measured cost model, capped
-        # at tree_max_budget, default: the largest size the calibration timed); tree_topk: candidates per depth.
-        self.generation_config = GenerationConfig(tree_budget="auto", tree_topk=7, tree_max_budget=None)
+        # at tree_max_budget, default: the largest size the calibration timed); tree_topk: candidates per depth;
+        # packed_weights_max_mb: cap on the target's packed weight copies (None: HF_JETSPEC_PACKED_MAX_MB, else a
+        # quarter of the available memory; 0: no packing; see packed_linear.py).
+        self.generation_config = GenerationConfig(tree_budget="auto", tree_topk=7, tree_max_budget=None,
+                                                  packed_weights_max_mb=None)
 
     # ------------------------------------------------------------------ files
     @classmethod
@@ -239,8 +242,22 @@ class JetSpecHead(JetSpecPreTrainedModel):
             raise
         try:
             head.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        except OSError:
-            pass  # no generation_config.json: keep the defaults
+        except OSError as error:
+            if "valid JSON" in str(error):
+                raise ValueError(
+                    f"The JetSpec head at {pretrained_model_name_or_path} has a malformed generation_config.json "
+                    f"({error}). Fix or delete that file (the tree settings then take their defaults)."
+                ) from error
+            # no generation_config.json: keep the defaults
+        from .candidate_generator import validate_tree_settings
+
+        try:
+            validate_tree_settings(head.generation_config)
+        except ValueError as error:
+            raise ValueError(
+                f"The tree settings in the generation_config.json of the JetSpec head at "
+                f"{pretrained_model_name_or_path} are invalid: {error}. Fix that file."
+            ) from None
         if head.draft_vocab is not None:
             try:
                 head._check_draft_vocab(head.draft_vocab)

@@ -14,12 +14,14 @@ compared token for token).
 
 - [`PackedLinears.measure`] packs the decoder's `nn.Linear` weights for each row count of [`PACK_ROWS`] and keeps
   the counts where the packed product of all of them is faster than the unpacked one (timed here), together with the
-  smallest row count it is faster for, while the copies (one weight's size each) fit in [`MEMORY_SHARE`] of the
-  memory available.
+  smallest row count it is faster for, while the copies (one weight's size each) fit in the memory cap: the head's
+  `generation_config.packed_weights_max_mb`, else the environment variable `HF_JETSPEC_PACKED_MAX_MB`, else
+  [`MEMORY_SHARE`] of the memory available (see [`packed_memory_cap`]). A decoder whose linear weights do not fit the
+  cap once runs unpacked. What was allocated is logged once per decoder.
 - [`packed_linears_for`] returns them for a decoder (measured on first use, again when its weights changed; once per
   call), and [`packed_linears`] runs a block (the verify forward) with those linears switched to their packed copies.
 
-Only for float32 weights on CPU with PyTorch's MKL build; `HF_JETSPEC_PACKED_LINEARS=0` turns it off.
+Only for float32 weights on CPU with PyTorch's MKL build; `HF_JETSPEC_PACKED_LINEARS=0` (or a cap of 0) turns it off.
 """
 
 from __future__ import annotations
@@ -38,11 +40,37 @@ logger = logging.getLogger(__name__)
 
 # Row counts weights are packed for (a copy each, about the decoder's linear weights in size).
 PACK_ROWS = (4, 8, 16, 32)
-# Share of the available memory the packed copies may take.
+# Share of the available memory the packed copies may take when no cap is set.
 MEMORY_SHARE = 0.25
 ENV_SWITCH = "HF_JETSPEC_PACKED_LINEARS"
+ENV_MAX_MB = "HF_JETSPEC_PACKED_MAX_MB"
+CONFIG_MAX_MB = "packed_weights_max_mb"  # on the head's generation config
+MB = 2**20
 
-_PACKED: "weakref.WeakKeyDictionary[torch.nn.Module, PackedLinears | None]" = weakref.WeakKeyDictionary()
+# decoder -> (the cap it was measured under, in bytes or None for the default share; its PackedLinears or None)
+_PACKED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int | None, PackedLinears | None]]" = weakref.WeakKeyDictionary()
+
+
+def packed_memory_cap(generation_config=None) -> int | None:
+    """The cap in bytes on the packed weight copies: `generation_config.packed_weights_max_mb` (the head's), else the
+    environment variable `HF_JETSPEC_PACKED_MAX_MB`, else `None` ([`MEMORY_SHARE`] of the memory available).
+
+    Raises:
+        `ValueError`: for a cap that is not a number of megabytes >= 0.
+    """
+    value = getattr(generation_config, CONFIG_MAX_MB, None) if generation_config is not None else None
+    source = f"generation_config.{CONFIG_MAX_MB}"
+    if value is None:
+        value, source = os.environ.get(ENV_MAX_MB) or None, ENV_MAX_MB
+    if value is None:
+        return None
+    try:
+        megabytes = float(value)
+    except (TypeError, ValueError):
+        megabytes = -1.0
+    if not megabytes >= 0:
+        raise ValueError(f"{source} must be a number of megabytes >= 0 (0 turns weight packing off), got {value!r}.")
+    return int(megabytes * MB)
 
 
 def mkl_packing_available() -> bool:
@@ -199,17 +227,35 @@ class PackedLinears:
                 else:
                     continue
                 packed[size] = weights
+        how = (f"cap {memory_bytes / MB:.0f} MB: generation_config.{CONFIG_MAX_MB} or {ENV_MAX_MB} sets it, 0 turns "
+               f"packing off")
         if not packed:
+            if copy_bytes > memory_bytes:
+                logger.warning("hf_jetspec: the target's float32 linear weights (%.0f MB a copy) do not fit the memory "
+                               "cap for packed copies (%s): verify forwards run unpacked.", copy_bytes / MB, how)
             return None
-        logger.info("packed float32 linear weights for verify forwards of %s rows", sorted(min_rows.items()))
-        return cls(linears, packed, min_rows)
+        result = cls(linears, packed, min_rows)
+        logger.warning("hf_jetspec: packed the target's float32 linear weights for verify forwards of %s rows: %d "
+                       "copies, %.0f MB (%s).", "/".join(str(size) for size in result.min_rows), len(packed),
+                       result.nbytes / MB, how)
+        return result
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed copies (one per kept row count, each about the linear weights' size)."""
+        return len(self.min_rows) * sum(layer.weight.numel() * layer.weight.element_size() for layer in self.linears)
 
 
-def packed_linears_for(decoder: torch.nn.Module) -> PackedLinears | None:
-    """The [`PackedLinears`] of `decoder`, measured on first use (and again when its weights changed)."""
-    found = _PACKED.get(decoder, False)
-    if found is False or (found is not None and not found.current()):
-        found = _PACKED[decoder] = PackedLinears.measure(decoder)
+def packed_linears_for(decoder: torch.nn.Module, memory_bytes: int | None = None) -> PackedLinears | None:
+    """The [`PackedLinears`] of `decoder` under the cap `memory_bytes` (see [`packed_memory_cap`]; `None`: the
+    default share), measured on first use, again when its weights changed or under another cap."""
+    cap, found = _PACKED.get(decoder, (None, False))
+    if found is False or cap != memory_bytes or (found is not None and not found.current()):
+        if found:
+            _PACKED.pop(decoder)  # the old copies go before new ones are made
+            found = None
+        found = PackedLinears.measure(decoder, memory_bytes=memory_bytes)
+        _PACKED[decoder] = (memory_bytes, found)
     return found
 
 

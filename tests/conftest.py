@@ -128,3 +128,23 @@ def save_tiny_target(directory):
     target.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return target, tokenizer
+
+
+def distribution_check(counts, probs) -> tuple[float, float, float]:
+    """`(chi-square p-value, total variation, the 99.9% quantile of total variation under exact sampling)` of observed
+    `counts` of each outcome against its exact probabilities `probs` (cells with expected counts under 5 pooled)."""
+    import numpy as np
+    from scipy.stats import chisquare
+
+    total = counts.sum()
+    expected = probs * total
+    assert counts[expected == 0].sum() == 0, "an outcome the target cannot produce was sampled"
+    big = expected >= 5  # chi-square needs expected counts >= 5: pool the rare cells into one
+    observed = np.append(counts[big], counts[~big & (expected > 0)].sum())
+    wanted = np.append(expected[big], expected[~big & (expected > 0)].sum())
+    keep = wanted > 0
+    p_value = chisquare(observed[keep], wanted[keep] * observed[keep].sum() / wanted[keep].sum()).pvalue
+    tv = 0.5 * np.abs(counts / total - probs).sum()
+    rng = np.random.default_rng(0)
+    null_tv = 0.5 * np.abs(rng.multinomial(int(total), probs / probs.sum(), size=2000) / total - probs).sum(1)
+    return p_value, tv, float(np.quantile(null_tv, 0.999))

@@ -54,7 +54,7 @@ def test_threads_give_the_outputs_of_sequential_calls(monkeypatch):
     target = sharp_target("llama", seed=21)
     if packed_linear.mkl_packing_available():  # packed verify forwards whatever this machine measures
         packed = forced(target.model, {4: 2, 8: 5, 16: 9, 32: 17})
-        monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)({target.model: packed}))
+        monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)({target.model: (None, packed)}))
     jobs = make_jobs(target)
     expected = {name: call() for name, call in jobs}  # sequential, one at a time
     results, errors = [], []

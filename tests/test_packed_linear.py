@@ -51,7 +51,8 @@ def test_forwards_are_restored_after_an_error_and_changed_weights_are_measured_a
     assert not packing_on()
 
     measured = []
-    monkeypatch.setattr(PackedLinears, "measure", classmethod(lambda cls, decoder: measured.append(1) or packed))
+    monkeypatch.setattr(PackedLinears, "measure",
+                        classmethod(lambda cls, decoder, memory_bytes=None: measured.append(1) or packed))
     monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)())
     assert packed_linears_for(decoder) is packed and packed_linears_for(decoder) is packed
     assert measured == [1]
@@ -117,7 +118,7 @@ def test_generate_with_packed_verify_forwards_equals_plain_generate(family, batc
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])[:batch]
     expected = target.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0)
     packed = forced(target.model, {4: 3, 8: 5, 16: 9, 32: 17})
-    monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)({target.model: packed}))
+    monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)({target.model: (None, packed)}))
     used = []
     original = PackedLinears.use
 
@@ -138,3 +139,48 @@ def test_generate_with_packed_verify_forwards_equals_plain_generate(family, batc
     assert out.tolist() == expected.tolist()
     assert any(size is not None for size in used)  # some verify forwards ran packed
     assert not packing_on()
+
+
+def test_memory_cap_is_a_setting_a_target_that_does_not_fit_runs_unpacked_and_the_allocation_is_logged(
+        monkeypatch, caplog):
+    """The cap comes from the head's generation config, else `HF_JETSPEC_PACKED_MAX_MB`, else a share of the
+    available memory; a decoder whose weights do not fit runs unpacked (and says so), one that fits logs what it
+    allocated, within the cap. Checked on purpose: with `packed_linears_for` ignoring its cap (measuring under the
+    default share), the "does not fit" call packed and this test failed."""
+    from transformers import GenerationConfig
+
+    monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)())
+    monkeypatch.delenv(packed_linear.ENV_MAX_MB, raising=False)
+    assert packed_linear.packed_memory_cap(GenerationConfig()) is None  # default: the share of available memory
+    monkeypatch.setenv(packed_linear.ENV_MAX_MB, "64")
+    assert packed_linear.packed_memory_cap(None) == 64 * 2**20
+    assert packed_linear.packed_memory_cap(GenerationConfig(packed_weights_max_mb=0.5)) == 2**19  # config first
+    for bad in ("-1", "lots"):
+        with pytest.raises(ValueError, match="packed_weights_max_mb must be a number of megabytes"):
+            packed_linear.packed_memory_cap(GenerationConfig(packed_weights_max_mb=bad))
+    monkeypatch.setenv(packed_linear.ENV_MAX_MB, "many")
+    with pytest.raises(ValueError, match="HF_JETSPEC_PACKED_MAX_MB must be"):
+        packed_linear.packed_memory_cap(None)
+    monkeypatch.delenv(packed_linear.ENV_MAX_MB)
+
+    # Every packed product timed faster than the unpacked one, so the cap alone decides what is kept.
+    calls = iter([0.5, 1.0] * 100)
+    monkeypatch.setattr(packed_linear, "median_seconds", lambda fn, repeats, device: fn() or next(calls))
+    decoder = make_tiny_target("llama").model
+    copy = sum(m.weight.numel() * 4 for m in decoder.modules() if type(m) is torch.nn.Linear)
+    with caplog.at_level("WARNING", logger=packed_linear.__name__):
+        assert packed_linears_for(decoder, copy - 1) is None  # not one copy fits
+        assert "do not fit the memory cap" in caplog.text and "run unpacked" in caplog.text
+        caplog.clear()
+        found = packed_linears_for(decoder, 2 * copy)  # another cap: measured again, two copies fit
+        assert found is not None and found.nbytes == 2 * copy and len(found.min_rows) == 2
+        assert "2 copies" in caplog.text and "packed_weights_max_mb" in caplog.text
+        caplog.clear()
+        assert packed_linears_for(decoder, 2 * copy) is found and not caplog.text  # logged once
+
+    # generate() reads the cap from the head's generation config: 0 leaves the target unpacked.
+    target = make_tiny_target("llama")
+    head = oracle_for(target, torch.arange(40) % 90, rank_of_truth=0)
+    head.generation_config.tree_budget, head.generation_config.packed_weights_max_mb = 4, 0
+    target.generate(torch.tensor([[1, 2, 3]]), do_sample=False, max_new_tokens=4, assistant_model=head)
+    assert packed_linear._PACKED[target.model] == (0, None)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_target
+from conftest import distribution_check as compare, make_tiny_target
 
 import hf_jetspec.decoding
 from hf_jetspec import JetSpecHead
@@ -62,24 +62,6 @@ def sample_counts(target, head, settings: dict, runs: int, seed: int) -> tuple[n
         rounds += head.last_generate_stats.rounds
         accepted_lookup += head.last_generate_stats.accepted_lookup
     return counts, (accepted + rounds) / max(rounds, 1), accepted_lookup
-
-
-def compare(counts: np.ndarray, probs: np.ndarray) -> tuple[float, float, float]:
-    """(chi-square p-value, total variation, the 99.9% quantile of total variation under exact sampling)."""
-    from scipy.stats import chisquare
-
-    total = counts.sum()
-    expected = probs * total
-    assert counts[expected == 0].sum() == 0, "a token sequence the target cannot produce was sampled"
-    big = expected >= 5  # chi-square needs expected counts >= 5: pool the rare cells into one
-    observed = np.append(counts[big], counts[~big & (expected > 0)].sum())
-    wanted = np.append(expected[big], expected[~big & (expected > 0)].sum())
-    keep = wanted > 0
-    p_value = chisquare(observed[keep], wanted[keep]).pvalue
-    tv = 0.5 * np.abs(counts / total - probs).sum()
-    rng = np.random.default_rng(0)
-    null_tv = 0.5 * np.abs(rng.multinomial(int(total), probs / probs.sum(), size=2000) / total - probs).sum(1)
-    return p_value, tv, float(np.quantile(null_tv, 0.999))
 
 
 @pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())

@@ -15,6 +15,7 @@ import copy
 import logging
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -277,6 +278,16 @@ def test_kernel_cases_run_under_the_triton_interpreter(request):
         capture_output=True, text=True, timeout=900,
     )
     assert child.returncode == 0, f"interpreted kernel cases failed:\n{child.stdout[-8000:]}\n{child.stderr[-4000:]}"
+    assert interpreted_cases_passed(child.stdout) > 0, f"the interpreter child ran no kernel case:\n{child.stdout[-4000:]}"
+
+
+def interpreted_cases_passed(summary: str) -> int:
+    """Passed tests in a `pytest -q` summary (`"12 passed, 3 skipped in 4.1s"`); 0 when every case skipped.
+
+    Checked on purpose: with `in_interpreter`'s condition inverted (every case skipped in the child), the child exits
+    0 with "1 skipped"-style summaries and this count is 0, so the parent test fails."""
+    found = re.findall(r"(\d+) passed", summary.strip().splitlines()[-1] if summary.strip() else "")
+    return int(found[0]) if found else 0
 
 
 KERNEL_CASES = [
