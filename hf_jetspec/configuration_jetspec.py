@@ -130,6 +130,9 @@ class JetSpecConfig(PretrainedConfig):
         self.vocab_size = draft_config.get("vocab_size")
         self.hidden_size = draft_config.get("hidden_size")
         self.num_hidden_layers = draft_config.get("num_hidden_layers")
+        # The target's special tokens at the top level, where Transformers' pipelines and generate() read a model's.
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(self, name, kwargs.pop(name, draft_config.get(name)))
         super().__init__(**kwargs)
         self.validate()
 
