@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
@@ -46,6 +48,26 @@ def validate_tree_settings(generation_config) -> None:
             raise ValueError(f"`{name}` must be None or an int >= 1, got {value!r}")
     prompt_lookup_tokens(getattr(generation_config, "prompt_lookup_num_tokens", None), budget)
     packed_memory_cap(generation_config)
+
+
+# generate() arguments that set the head's tree settings for one call (Transformers' own assistant settings, e.g.
+# `prompt_lookup_num_tokens`, are taken per call the same way).
+CALL_SETTINGS = ("tree_budget", "tree_topk", "tree_max_budget", "prompt_lookup_num_tokens", "max_matching_ngram_size")
+
+
+def call_tree_settings(head, overrides: dict | None = None):
+    """The tree settings of one `generate()` call: `head.generation_config` with `overrides` (any of
+    [`CALL_SETTINGS`]) applied to a copy, validated; the head's own settings are left as they are."""
+    if not overrides:
+        return head.generation_config
+    unknown = sorted(set(overrides) - set(CALL_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown JetSpec tree settings {unknown}; per call you can set {list(CALL_SETTINGS)}")
+    settings = copy.deepcopy(head.generation_config)
+    for name, value in overrides.items():
+        setattr(settings, name, value)
+    validate_tree_settings(settings)
+    return settings
 
 
 def tap_features(hidden_states: tuple[torch.Tensor | None, ...], target_layer_ids: list[int]) -> torch.Tensor:

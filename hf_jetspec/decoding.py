@@ -206,7 +206,7 @@ def validated_cache(model_kwargs: dict, generation_config=None) -> DynamicCache:
     return cache
 
 
-def check_inputs(model, input_ids, head, model_kwargs) -> None:
+def check_inputs(model, input_ids, head, model_kwargs, settings=None) -> None:
     """Refuses, before any forward, what a JetSpec call cannot run exactly: `inputs_embeds`, an empty prompt, a pre-
     filled cache for a batch, a head whose dtype differs from the target's, and bad tree settings."""
     if model_kwargs.get("inputs_embeds") is not None:
@@ -228,7 +228,7 @@ def check_inputs(model, input_ids, head, model_kwargs) -> None:
         )
     from .candidate_generator import validate_tree_settings
 
-    validate_tree_settings(head.generation_config)
+    validate_tree_settings(settings if settings is not None else head.generation_config)
 
 
 def _validate(model, input_ids, generation_config, head, model_kwargs) -> DynamicCache:
@@ -261,28 +261,30 @@ def jetspec_decoding(
     synced_gpus: bool = False,
     streamer=None,
     assistant_model: JetSpecHead | None = None,
+    tree_settings=None,
     **model_kwargs,
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
     """Tree speculative decoding with a [`JetSpecHead`] (called by `generate()`; same arguments as `_assisted_decoding`).
 
     A batch (or a padded prompt) goes to [`batched_jetspec_decoding`]; one unpadded prompt runs the loop below.
     """
-    check_inputs(model, input_ids, assistant_model, model_kwargs)
+    settings = tree_settings if tree_settings is not None else assistant_model.generation_config  # this call's
+    check_inputs(model, input_ids, assistant_model, model_kwargs, settings)
     attention_mask = model_kwargs.get("attention_mask")
     if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
         from .batched import batched_jetspec_decoding
 
         return batched_jetspec_decoding(
             model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
-            assistant_model, **model_kwargs,
+            assistant_model, tree_settings=settings, **model_kwargs,
         )
     head = assistant_model
     cache = _validate(model, input_ids, generation_config, head, model_kwargs)
     start = time.perf_counter()
-    budget = resolve_tree_budget(head.generation_config.tree_budget)
+    budget = resolve_tree_budget(settings.tree_budget)
     decoder = getattr(model, model.base_model_prefix)
     # verify forwards on packed weights where measured faster, within the head's memory cap for them
-    packed = packed_linears_for(decoder, packed_memory_cap(head.generation_config))
+    packed = packed_linears_for(decoder, packed_memory_cap(settings))
     lm_head = target_logits_for(model)  # the lm_head + the family's own logit transform, if any
     hidden_state_ids = [i + 1 for i in head.config.target_layer_ids]
     auto_budget = None
@@ -290,18 +292,18 @@ def jetspec_decoding(
         cost = measure_verify_cost(
             model, lambda tree, past, kv: verify_tree(decoder, tree, past, kv, hidden_state_ids, model.dtype, packed)
         )
-        auto_budget = AutoBudget(cost, max_budget=getattr(head.generation_config, "tree_max_budget", None),
+        auto_budget = AutoBudget(cost, max_budget=getattr(settings, "tree_max_budget", None),
                                  profile=acceptance_profile(model, head))
-    lookup_tokens = prompt_lookup_tokens(getattr(head.generation_config, "prompt_lookup_num_tokens", None), budget)
+    lookup_tokens = prompt_lookup_tokens(getattr(settings, "prompt_lookup_num_tokens", None), budget)
     prompt_lookup = None
     if lookup_tokens:
         prompt_lookup = PromptLookupDraft(
-            lookup_tokens, getattr(head.generation_config, "max_matching_ngram_size", None) or 2,
+            lookup_tokens, getattr(settings, "max_matching_ngram_size", None) or 2,
             eos_token_id=getattr(generation_config, "_eos_token_tensor", None), max_length=generation_config.max_length,
             profile=None if auto_budget is None else auto_budget.profile.lookup,
         )
     generator = JetSpecCandidateGenerator(
-        head, tree_budget=budget, tree_topk=head.generation_config.tree_topk, auto_budget=auto_budget,
+        head, tree_budget=budget, tree_topk=settings.tree_topk, auto_budget=auto_budget,
         prompt_lookup=prompt_lookup,
     )
     stats = JetSpecGenerateStats(tree_budget=budget, tree_topk=generator.tree_topk)

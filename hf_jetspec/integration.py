@@ -16,6 +16,7 @@ import transformers
 from packaging.version import Version
 from transformers.generation.utils import GenerationMixin, GenerationMode
 
+from .candidate_generator import CALL_SETTINGS, call_tree_settings
 from .decoding import jetspec_decoding
 from .modeling_jetspec import JetSpecHead
 
@@ -26,6 +27,7 @@ _HOOKED = {
     "_assisted_decoding": ("input_ids", "logits_processor", "stopping_criteria", "generation_config"),
     "_validate_generation_mode": ("generation_mode", "generation_config", "generation_mode_kwargs"),
     "_sample": ("input_ids", "logits_processor", "stopping_criteria", "generation_config"),
+    "_extract_generation_mode_kwargs": ("kwargs", "assistant_model"),
 }
 
 
@@ -59,13 +61,25 @@ def as_jetspec_head(assistant_model):
 
 
 def install() -> None:
-    """Wraps `GenerationMixin._assisted_decoding` and `_validate_generation_mode` (idempotent)."""
+    """Wraps `GenerationMixin._assisted_decoding`, `_validate_generation_mode` and `_extract_generation_mode_kwargs`
+    (which takes this call's tree settings, e.g. `generate(..., tree_budget=8)`, out of generate()'s kwargs)
+    (idempotent)."""
     _check_transformers()
     if getattr(GenerationMixin._assisted_decoding, "_jetspec", False):
         return
 
     original_decoding = GenerationMixin._assisted_decoding
     original_validate = GenerationMixin._validate_generation_mode
+    original_extract = GenerationMixin._extract_generation_mode_kwargs
+
+    @functools.wraps(original_extract)
+    def _extract_generation_mode_kwargs(self, custom_generate, kwargs, synced_gpus, assistant_model, streamer):
+        mode_kwargs = original_extract(self, custom_generate, kwargs, synced_gpus, assistant_model, streamer)
+        if isinstance(as_jetspec_head(assistant_model), JetSpecHead):
+            overrides = {name: kwargs.pop(name) for name in CALL_SETTINGS if name in kwargs}
+            if overrides:
+                mode_kwargs["jetspec_settings"] = overrides
+        return mode_kwargs
 
     @functools.wraps(original_decoding)
     def _assisted_decoding(self, *args, assistant_model=None, **kwargs):
@@ -74,7 +88,8 @@ def install() -> None:
             kwargs.pop("inputs_tensor", None)
             kwargs.pop("assistant_tokenizer", None)
             kwargs.pop("tokenizer", None)
-            return jetspec_decoding(self, *args, assistant_model=assistant_model, **kwargs)
+            settings = call_tree_settings(assistant_model, kwargs.pop("jetspec_settings", None))
+            return jetspec_decoding(self, *args, assistant_model=assistant_model, tree_settings=settings, **kwargs)
         return original_decoding(self, *args, assistant_model=assistant_model, **kwargs)
 
     @functools.wraps(original_validate)
@@ -82,6 +97,7 @@ def install() -> None:
         head = as_jetspec_head(generation_mode_kwargs.get("assistant_model"))
         if isinstance(head, JetSpecHead):
             head.check_compatible(self)  # before transformers' own vocab check, which would ask for tokenizers
+            call_tree_settings(head, generation_mode_kwargs.get("jetspec_settings"))  # bad values: refused now
             if generation_mode_kwargs.get("tokenizer") is not None:
                 head.check_tokenizer(generation_mode_kwargs["tokenizer"])
             if generation_mode != GenerationMode.ASSISTED_GENERATION:
@@ -94,5 +110,6 @@ def install() -> None:
         return original_validate(self, generation_mode, generation_config, generation_mode_kwargs)
 
     _assisted_decoding._jetspec = True
+    GenerationMixin._extract_generation_mode_kwargs = _extract_generation_mode_kwargs
     GenerationMixin._assisted_decoding = _assisted_decoding
     GenerationMixin._validate_generation_mode = _validate_generation_mode

@@ -227,7 +227,7 @@ def chain_settings(head: JetSpecHead, num_speculative_tokens: int | None = None)
     depth = head.config.block_size - 1 if num_speculative_tokens is None else num_speculative_tokens
     if not 1 <= depth <= head.config.block_size - 1:
         raise ValueError(f"num_speculative_tokens must lie in [1, {head.config.block_size - 1}], got {depth}")
-    if not head.config.causal_block and depth != head.config.block_size - 1:
+    if not getattr(head.config, "causal_block", True) and depth != head.config.block_size - 1:
         raise ValueError(f"a bidirectional block drafts with all its rows: num_speculative_tokens must be "
                          f"{head.config.block_size - 1}, got {depth}")
     return {"tree_budget": depth + 1, "tree_topk": 1, "prompt_lookup_num_tokens": 0}

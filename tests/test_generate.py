@@ -161,3 +161,38 @@ def test_other_assistants_still_use_transformers_own_path():
     assert out.tolist() == expected.tolist()
     out = target.generate(PROMPT, do_sample=False, max_new_tokens=20, prompt_lookup_num_tokens=3)
     assert out.tolist() == expected.tolist()
+
+
+def test_tree_settings_per_call_override_the_head_for_that_call_only():
+    """`generate(..., tree_budget=, tree_topk=, prompt_lookup_num_tokens=)` set this call's trees, as Transformers takes
+    its own assistant settings per call; the head's `generation_config` is untouched and bad values are refused
+    before any forward. Checked by breaking it: without the `_extract_generation_mode_kwargs` hook, generate() refused
+    `tree_budget` as an unused model kwarg, and `prompt_lookup_num_tokens=5` was silently ignored (no lookup nodes)."""
+    target = make_tiny_target("qwen3", seed=1)
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
+    head.generation_config.tree_budget = 16
+    expected = target.generate(PROMPT, do_sample=False, max_new_tokens=24)
+    repeat = torch.cat([PROMPT, PROMPT, PROMPT], dim=1)  # prompt lookup finds proposals here by default
+    out = target.generate(repeat, do_sample=False, max_new_tokens=24, assistant_model=head, prompt_lookup_num_tokens=5)
+    assert head.last_generate_stats.lookup_nodes > 0  # a fixed budget drafts no lookup proposals unless asked
+    assert out.tolist() == target.generate(repeat, do_sample=False, max_new_tokens=24).tolist()
+    target.generate(repeat, do_sample=False, max_new_tokens=24, assistant_model=head)
+    assert head.last_generate_stats.lookup_nodes == 0  # the head's own setting again
+    out = target.generate(PROMPT, do_sample=False, max_new_tokens=24, assistant_model=head, tree_budget=4, tree_topk=2)
+    stats = head.last_generate_stats
+    assert out.tolist() == expected.tolist() and (stats.tree_budget, stats.tree_topk) == (4, 2)
+    assert stats.drafted_nodes <= stats.rounds * 3
+    assert (head.generation_config.tree_budget, head.generation_config.tree_topk) == (16, 7)
+    batch = torch.cat([PROMPT, PROMPT.flip(1)])
+    out = target.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False, max_new_tokens=12,
+                          assistant_model=head, tree_budget=3, tree_topk=1)
+    assert head.last_generate_stats.tree_budget == 3
+    assert out.tolist() == target.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False,
+                                           max_new_tokens=12).tolist()
+    head.last_generate_stats = None
+    for bad, message in [(dict(tree_budget=0), "tree_budget"), (dict(tree_topk="7"), "tree_topk"),
+                         (dict(prompt_lookup_num_tokens=-1), "prompt_lookup_num_tokens"),
+                         (dict(tree_budgt=4), "tree_budgt")]:
+        with pytest.raises(ValueError, match=message):
+            target.generate(PROMPT, max_new_tokens=4, assistant_model=head, **bad)
+    assert head.last_generate_stats is None  # refused before any decoding
