@@ -141,6 +141,9 @@ def jetspec_tree_attention_forward(
     tree_bits = tree_bits[0] if tree_bits.shape[0] == 1 else tree_bits
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     if kernel_available(query.device):
+        from .extras import require
+
+        require("kernels", "attn_implementation='jetspec_tree'")
         from hf_jetspec_kernels.tree_attention import tree_attention
 
         out = tree_attention(query, key, value, key.shape[2] - num_nodes, tree_bits, scale=scaling)

@@ -243,6 +243,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot_speedup(rows: list[dict], path: Path) -> None:
+    from .extras import require
+
+    require("bench", "Benchmark plots")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,6 +283,9 @@ AUTO_MARKERS = {"jetspec": "*", "jetspec:auto": "P", "jetspec:head": "D"}
 def plot_budget(rows: list[dict], path: Path) -> bool:
     """tau and tokens/s vs tree budget (`jetspec:B` methods), one line per dataset; `jetspec`, `jetspec:auto` and
     `jetspec:head` as markers at their mean tree size. Returns False (no file) when fewer than two budgets were run."""
+    from .extras import require
+
+    require("bench", "Benchmark plots")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,6 +324,9 @@ def plot_budget(rows: list[dict], path: Path) -> bool:
 
 def plot_rounds(rows: list[dict], path: Path) -> bool:
     """Stacked milliseconds per round by phase for every JetSpec method (all datasets pooled)."""
+    from .extras import require
+
+    require("bench", "Benchmark plots")
     import matplotlib
 
     matplotlib.use("Agg")

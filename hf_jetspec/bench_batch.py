@@ -130,6 +130,9 @@ def summarize(records: list[dict], batch_sizes: list[int]) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    from .extras import require
+
+    require("bench", "Benchmark plots")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -91,12 +91,13 @@ class JetSpecHeadOutput(ModelOutput):
             Logits for depths `1 .. block_size - 1` of every block (depth `d` is the token at `anchor_pos + d`).
         last_hidden_state (`torch.FloatTensor` of shape `(batch, num_blocks * block_size, hidden_size)`):
             Final-normed hidden states of all block rows.
-        past_key_values (`JetSpecContextCache`): the context cache, grown by the context rows of this call.
+        context_cache (`JetSpecContextCache`): the context cache, grown by the context rows of this call (not named
+            `past_key_values`: transformers 5.24 renames that field of every `ModelOutput` to `cache`).
     """
 
     logits: torch.FloatTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: JetSpecContextCache | None = None
+    context_cache: JetSpecContextCache | None = None
 
 
 def draft_attention_mask(
@@ -576,4 +577,4 @@ class JetSpecHead(JetSpecPreTrainedModel):
         if logits_to_keep:
             drafted = hidden_states.view(batch, num_blocks, block_rows, -1)[:, :, 1:]
             logits = self.softcap(lm_head(drafted))
-        return JetSpecHeadOutput(logits=logits, last_hidden_state=hidden_states, past_key_values=cache)
+        return JetSpecHeadOutput(logits=logits, last_hidden_state=hidden_states, context_cache=cache)

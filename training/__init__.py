@@ -1,5 +1,9 @@
 """hf_jetspec_training: train JetSpec heads with TRL (on-policy distillation from a frozen target)."""
 
+from hf_jetspec.extras import require
+
+require("train", "Training JetSpec heads (hf_jetspec_training, jetspec-train, jetspec-corpus)")
+
 from .collator import AnchorCollator
 from .config import JetSpecTrainingConfig
 from .data import generate_responses, load_prompts
