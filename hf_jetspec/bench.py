@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-DEFAULT_EVAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+DEFAULT_EVAL_DIR = Path(__file__).resolve().parent / "data" / "eval"  # shipped with the package (README there)
 
 
 # ----------------------------------------------------------------------------------------------------------- data

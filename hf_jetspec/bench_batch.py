@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .bench import bootstrap_ci, throughput_ratio
 
-DEFAULT_EVAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+DEFAULT_EVAL_DIR = Path(__file__).resolve().parent / "data" / "eval"  # shipped with the package (README there)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 # Used when no eval set is found (e.g. outside the project's checkout): varied lengths, so batches are padded.
 FALLBACK_PROMPTS = (

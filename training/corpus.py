@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from hf_jetspec.bench import DEFAULT_EVAL_DIR
+
 logger = logging.getLogger(__name__)
 
 SELF_INSTRUCT_HEADER = "Requests people sent to a helpful assistant:\n"
@@ -321,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="corpus folder (data/ shards + README.md)")
     parser.add_argument("--work", default="outputs/corpus-work", help="resumable JSONL caches")
     parser.add_argument("--train-dir", default="../shared/data/train")
-    parser.add_argument("--eval-dir", default="../shared/data/eval")
+    parser.add_argument("--eval-dir", default=str(DEFAULT_EVAL_DIR), help="eval sets nothing may overlap (default: "
+                        "the ones shipped with hf_jetspec)")
     parser.add_argument("--limits", type=int, nargs=4, default=[800, 427, 500, 251], metavar=("GSM8K", "CHAT", "MATH", "MBPP"))
     parser.add_argument("--self-instruct", type=int, default=1500, help="chat prompts the target writes itself")
     parser.add_argument("--second-turns", type=int, default=700, help="chat rows that get a follow-up turn")
