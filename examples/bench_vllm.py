@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
             taus = [r["tau"] for r in records[("hf jetspec", row["concurrency"])] if r.get("tau")]
             if taus:
                 acceptance[f"hf jetspec@{row['concurrency']}"] = f"{sum(taus) / len(taus):.3f} (tree)"
-    environment = {"machine": platform.machine(), "cpu_flags": cpu_flags(), "threads": threads,
+    from hf_jetspec.cpu import cpu_description
+
+    environment = {"machine": platform.machine(), "cpu_flags": cpu_flags(), **cpu_description(), "threads": threads,
                    "torch": torch.__version__, "vllm": VLLM_REQUIREMENT, "python": platform.python_version()}
     settings = {"head": args.head, "datasets": args.datasets, "limit": args.limit, "prompts": len(prompts),
                 "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency, "ngram": args.ngram,
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
                "records": {f"{m}@{c}": r for (m, c), r in records.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     title = (f"SmolLM2-135M fp32, {len(prompts)} prompts ({', '.join(args.datasets)}), {args.max_new_tokens} tokens, "
-             f"greedy, {threads} threads, {platform.machine()} {'+'.join(environment['cpu_flags'])}")
+             f"greedy, {threads} threads, {environment['cpu_class']} CPU class ({platform.machine()})")
     plot(rows, out / "vllm_bench.png", title)
     table = markdown(rows, acceptance)
     (out / "table.md").write_text(table + "\n")

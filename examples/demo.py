@@ -66,7 +66,10 @@ def main() -> None:
     print(f"tau (mean accepted length per round): {stats.mean_accepted_length:.2f} over {stats.rounds} rounds; "
           f"{stats.drafted_tau:.2f} over the {stats.draft_rounds} rounds the head drafted in "
           f"(tree budget 'auto' decodes plain steps where drafting does not pay)")
-    print(f"[{torch.get_num_threads()} CPU threads, torch {torch.__version__}, fp32, {new_tokens} new tokens]")
+    from hf_jetspec.cpu import cpu_class
+
+    print(f"[{cpu_class()} CPU class, {torch.get_num_threads()} CPU threads, torch {torch.__version__}, fp32, "
+          f"{new_tokens} new tokens]")
 
 
 if __name__ == "__main__":

@@ -353,12 +353,15 @@ def plot_rounds(rows: list[dict], path: Path) -> bool:
 def environment(model, threads: int) -> dict:
     import transformers
 
+    from .cpu import cpu_description
+
     return {
         "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
         "cpu_count": __import__("os").cpu_count(), "torch_threads": threads,
         "device": str(model.device), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "dtype": str(model.dtype), "attn_implementation": model.config._attn_implementation,
+        **cpu_description(),
     }
 
 

@@ -26,7 +26,9 @@ from .target_logits import softcap
 def projection_dtype(device: torch.device, head_dtype: torch.dtype) -> torch.dtype:
     """bfloat16 on CPUs with AMX tiles and bf16 instructions (where it is the fast path); the head's dtype elsewhere."""
     if device.type == "cpu" and head_dtype == torch.float32:
-        if torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported():
+        from .cpu import cpu_class
+
+        if cpu_class() == "AMX":  # the hardware's, under the process's ISA caps (an emulated AVX2 box has none)
             return torch.bfloat16
     return head_dtype
 

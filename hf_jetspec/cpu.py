@@ -1,0 +1,50 @@
+"""The CPU class this process runs on, as the fast paths see it: `"AMX"`, `"AVX-512"`, `"AVX2"` or `"other"`.
+
+The bf16 draft projection and `ExactArgmax` pay only with AMX tiles; the other paths are fp32. The class is the
+hardware's, capped the way a process can cap it to emulate a smaller CPU on a bigger one (what `avx2_emulation_env`
+sets): PyTorch's kernel dispatch (`ATEN_CPU_CAPABILITY`) and oneDNN's instruction set (`ONEDNN_MAX_CPU_ISA`, which
+also keeps oneDNN off AMX). Benchmarks record it next to their numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+
+# oneDNN ISA caps below AMX (https://oneapi-src.github.io/oneDNN/dev_guide_cpu_dispatcher_control.html)
+_ONEDNN_BELOW_AMX = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                     "AVX512_CORE_BF16", "AVX512_CORE_FP16")
+_ONEDNN_BELOW_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
+
+
+def avx2_emulation_env() -> dict[str, str]:
+    """Environment that makes a process on an AVX-512/AMX CPU run the paths of an AVX2-class CPU (set it before
+    Python starts): PyTorch's AVX2 kernels, oneDNN and MKL capped at AVX2."""
+    return {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+@functools.cache
+def cpu_class() -> str:
+    """`"AMX"`, `"AVX-512"`, `"AVX2"` (x86 classes, the process's caps applied) or `"other"` (ARM, older x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "other"
+    capability = torch.backends.cpu.get_cpu_capability().upper()  # "AVX512", "AVX2", "DEFAULT", ...
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    if capability == "AVX512" and onednn not in _ONEDNN_BELOW_AVX512:
+        amx = torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
+        return "AMX" if amx and onednn not in _ONEDNN_BELOW_AMX else "AVX-512"
+    if capability in ("AVX512", "AVX2"):
+        return "AVX2"
+    return "other"
+
+
+def cpu_description() -> dict:
+    """What benchmarks record: the class, PyTorch's kernel level, the oneDNN cap, and which fast paths are on."""
+    from .draft_vocab import projection_dtype
+
+    return {"cpu_class": cpu_class(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "processor": platform.processor() or platform.machine(),
+            "bf16_draft_projection_and_exact_argmax": projection_dtype(torch.device("cpu"), torch.float32) == torch.bfloat16}

@@ -1,0 +1,73 @@
+"""The CPU class the fast paths see (`hf_jetspec.cpu`): the hardware's, capped by the process's ISA settings, so an
+AVX2-class CPU can be emulated on a bigger one; greedy output stays exact under the emulation."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_jetspec.cpu import avx2_emulation_env, cpu_class
+
+ROOT = Path(__file__).resolve().parents[1]
+x86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 CPU classes")
+
+
+def cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def run(code: str, env: dict) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+@x86
+def test_class_matches_the_cpu_flags():
+    flags = cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags")
+    expected = ("AMX" if {"amx_tile", "avx512_bf16"} <= flags else "AVX-512" if "avx512f" in flags
+                else "AVX2" if "avx2" in flags else "other")
+    assert cpu_class() == expected
+
+
+@x86
+def test_avx2_emulation_caps_the_class_and_turns_the_bf16_paths_off_with_exact_output():
+    """Checked by breaking it: with `cpu_class` ignoring PyTorch's capped kernel level the class stays "AVX-512" and
+    the test fails. (The bf16 assertion can only fail on an AMX box, which this was not checked on.)"""
+    if "avx2" not in cpu_flags():
+        pytest.skip("needs an AVX2 CPU")
+    out = run("""
+import json, torch, sys
+sys.path.insert(0, "tests")
+from conftest import make_tiny_target
+from hf_jetspec import JetSpecHead
+from hf_jetspec.cpu import cpu_description
+target = make_tiny_target("qwen3", seed=1)
+head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
+prompt = torch.tensor([[5, 17, 42, 8, 61, 3, 29]])
+same = target.generate(prompt, do_sample=False, max_new_tokens=24, assistant_model=head).tolist() == \\
+    target.generate(prompt, do_sample=False, max_new_tokens=24).tolist()
+print(json.dumps({**cpu_description(), "same": same}))
+""", avx2_emulation_env())
+    result = json.loads(out)
+    assert result["cpu_class"] == "AVX2" and result["aten_capability"] == "AVX2"
+    assert result["bf16_draft_projection_and_exact_argmax"] is False and result["same"] is True
+
+
+@x86
+def test_onednn_cap_below_amx_hides_amx():
+    if not {"amx_tile", "avx512_bf16"} <= cpu_flags():
+        pytest.skip("needs an AMX CPU")
+    out = run("from hf_jetspec.cpu import cpu_class; print(cpu_class())", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})
+    assert out == "AVX-512"
