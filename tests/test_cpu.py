@@ -43,8 +43,8 @@ def test_class_matches_the_cpu_flags():
 
 @x86
 def test_avx2_emulation_caps_the_class_and_turns_the_bf16_paths_off_with_exact_output():
-    """Checked by breaking it: with `cpu_class` ignoring PyTorch's capped kernel level the class stays "AVX-512" and
-    the test fails. (The bf16 assertion can only fail on an AMX box, which this was not checked on.)"""
+    """Checked by breaking it: with `cpu_class` ignoring both caps (PyTorch's kernel level and oneDNN's ISA) the class
+    stays "AVX-512" and the test fails. (The bf16 assertion can only fail on an AMX box, not checked here.)"""
     if "avx2" not in cpu_flags():
         pytest.skip("needs an AVX2 CPU")
     out = run("""
