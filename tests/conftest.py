@@ -11,7 +11,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-import hf_jetspec  # noqa: F401  (hooks generate())
+import hf_jetspec  # hooks generate()
+import hf_jetspec.decoding
 from hf_jetspec import JetSpecHead
 from hf_jetspec.modeling_jetspec import JetSpecHeadOutput
 
@@ -128,6 +129,19 @@ def save_tiny_target(directory):
     target.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return target, tokenizer
+
+
+def patch_typical_acceptance(monkeypatch) -> None:
+    """Replaces the exact acceptance rule with 'typical acceptance' (take the head's first child whenever the target
+    gives it >= 10%), a common lossy shortcut that the distribution tests must reject."""
+    exact = hf_jetspec.decoding.choose_token
+
+    def broken(scores, do_sample, draft_tokens):
+        if draft_tokens and torch.softmax(scores, -1)[0, draft_tokens[0]] >= 0.1:
+            return torch.tensor([draft_tokens[0]], device=scores.device)
+        return exact(scores, do_sample, draft_tokens)
+
+    monkeypatch.setattr(hf_jetspec.decoding, "choose_token", broken)
 
 
 def distribution_check(counts, probs) -> tuple[float, float, float]:

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_target
-from transformers import DynamicCache
 
 from hf_jetspec import JetSpecHead
 

@@ -4,7 +4,7 @@ the cost model shrinks trees as the batch grows and turns speculation off where 
 import numpy as np
 import pytest
 import torch
-from conftest import distribution_check, make_tiny_target
+from conftest import distribution_check, make_tiny_target, patch_typical_acceptance
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -281,14 +281,7 @@ def test_batched_sampling_test_fails_for_a_broken_acceptance_rule(monkeypatch):
     """'Typical acceptance' (take the head's first child whenever the target gives it >= 10%) in the batched loop:
     the test above must reject it."""
     target, head = sampling_pair()
-    exact = hf_jetspec.decoding.choose_token
-
-    def broken(scores, do_sample, draft_tokens):
-        if draft_tokens and torch.softmax(scores, -1)[0, draft_tokens[0]] >= 0.1:
-            return torch.tensor([draft_tokens[0]], device=scores.device)
-        return exact(scores, do_sample, draft_tokens)
-
-    monkeypatch.setattr(hf_jetspec.decoding, "choose_token", broken)
+    patch_typical_acceptance(monkeypatch)
     counts, _ = batched_sample_counts(target, head, 400, seed=1)
     for row in range(2):
         probs = exact_distribution(target, SAMPLING_PROMPTS[row : row + 1], SAMPLING_MASK[row : row + 1])

@@ -8,9 +8,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import distribution_check as compare, make_tiny_target
+from conftest import distribution_check as compare, make_tiny_target, patch_typical_acceptance
 
-import hf_jetspec.decoding
 from hf_jetspec import JetSpecHead
 
 VOCAB = 8
@@ -95,14 +94,7 @@ def test_the_same_test_fails_for_a_broken_acceptance_rule(pair, monkeypatch):
     """'Typical acceptance': take the head's first child whenever the target gives it >= 10% -- a common lossy
     shortcut. The distribution test must catch it."""
     target, head = pair
-    exact = hf_jetspec.decoding.choose_token
-
-    def broken(scores, do_sample, draft_tokens):
-        if draft_tokens and torch.softmax(scores, -1)[0, draft_tokens[0]] >= 0.1:
-            return torch.tensor([draft_tokens[0]], device=scores.device)
-        return exact(scores, do_sample, draft_tokens)
-
-    monkeypatch.setattr(hf_jetspec.decoding, "choose_token", broken)
+    patch_typical_acceptance(monkeypatch)
     settings = SETTINGS["t1.0-topp0.8"]
     counts, _, _ = sample_counts(target, head, settings, min(RUNS, 5000), seed=2)
     p_value, tv, tv_noise = compare(counts, exact_distribution(target, settings))

@@ -14,7 +14,6 @@ import gc
 import os
 import resource
 
-import pytest
 import torch
 from conftest import make_tiny_target
 

@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from hf_jetspec import JetSpecHead, export_vllm
 from hf_jetspec.vllm_export import chain_settings, export_vllm_target
