@@ -33,14 +33,6 @@ from hf_jetspec.vllm_server import VLLM_REQUIREMENT, VLLMServer, build_venv
 METHODS = ["vllm plain", "vllm ngram", "vllm jetspec-head", "hf plain", "hf jetspec"]
 
 
-def cpu_flags() -> list[str]:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
-    except (OSError, IndexError):
-        return []
-    return [flag for flag in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if flag in flags]
-
-
 def run_hf(model, tokenizer, head, groups: list[list[str]], max_new_tokens: int, use_head: bool) -> list[dict]:
     stop = {tokenizer.eos_token_id}
     records = []
@@ -185,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
                 acceptance[f"hf jetspec@{row['concurrency']}"] = f"{sum(taus) / len(taus):.3f} (tree)"
     from hf_jetspec.cpu import cpu_description
 
-    environment = {"machine": platform.machine(), "cpu_flags": cpu_flags(), **cpu_description(), "threads": threads,
+    environment = {"machine": platform.machine(), **cpu_description(), "threads": threads,
                    "torch": torch.__version__, "vllm": VLLM_REQUIREMENT, "python": platform.python_version()}
     settings = {"head": args.head, "datasets": args.datasets, "limit": args.limit, "prompts": len(prompts),
                 "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency, "ngram": args.ngram,
