@@ -258,7 +258,7 @@ def _check_export(head: JetSpecHead, model: MuseGlimmerAssistantModel, embedding
         anchor = torch.tensor([[anchors[round_]]], device=head.device)
         ours = head(anchor, torch.tensor([[high]], device=head.device), features[:, low:high], positions,
                     past_key_values=ours_cache, logits_to_keep=False)
-        ours_cache = ours.past_key_values
+        ours_cache = ours.context_cache
         their_cache.set_previous_accepted_tokens(high - low)
         if round_:
             their_cache.crop(-block)
