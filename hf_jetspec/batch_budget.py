@@ -114,7 +114,7 @@ def measure_batch_cost(
 
     from .decoding import verify_forward
     from .modeling_jetspec import JetSpecContextCache
-    from .tree import additive_mask
+    from .masks import additive_mask
 
     device = model.device
     max_total_rows = max_total_rows or MAX_TOTAL_ROWS.get(device.type, MAX_TOTAL_ROWS["cpu"])

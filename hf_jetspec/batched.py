@@ -41,8 +41,8 @@ from .exact_argmax import exact_argmax_for
 from .packed_linear import packed_linears_for, packed_memory_cap
 from .projection import ProjectionCost, measure_projection
 from .target_logits import target_logits_for
-from .tree import DraftTree, additive_mask, build_tree, merge_chain
-from .verify_mask import sliding_window, verify_attention_mask
+from .tree import DraftTree, build_tree, merge_chain
+from .masks import additive_mask, sliding_window, verify_attention_mask
 
 BATCH_MASK_ATTENTION = ("sdpa", "eager")
 # Logits processors that index the batch (or keep per-call state across steps): a row's tokens are processed alone,
@@ -232,7 +232,7 @@ def batch_tree_inputs(
         pad_token_id (`int`): token of padding nodes.
         dtype (`torch.dtype`): dtype of the additive mask.
         config (`PretrainedConfig`, *optional*): the target's config; with sliding-window layers the mask is a dict
-            per layer type, the window applied (see `verify_mask.py`; a row's valid slots hold its positions in order).
+            per layer type, the window applied (see `masks.py`; a row's valid slots hold its positions in order).
 
     Returns:
         `(input_ids (batch, n), position_ids (batch, n), attention_mask (batch, 1, n, cache_length + n))`: a node sees

@@ -11,7 +11,8 @@ import torch
 
 from .draft_vocab import depth_logprobs
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead
-from .tree import DraftTree, additive_mask, build_tree
+from .masks import additive_mask
+from .tree import DraftTree, build_tree
 
 
 def left_align(valid: torch.BoolTensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -4,9 +4,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+
+
+def hub_name(name_or_path: str | None) -> str | None:
+    """`name_or_path` when it can name a Hub repo, `None` for a path on this machine (absolute, relative with `./` or
+    `../`, `~`, or an existing directory): a saved head must not carry the machine it was made on."""
+    if not name_or_path:
+        return None
+    name = str(name_or_path)
+    if name.startswith(("/", "./", "../", "~", "\\")) or (len(name) > 1 and name[1] == ":") or os.path.isdir(name):
+        return None
+    return name
+
+
+def target_weights(target_config: PretrainedConfig) -> dict[str, Any] | None:
+    """Which weights a target runs when they are not its `_name_or_path` checkpoint: a GGUF file (dequantised by
+    Transformers), with the Hub repo and revision it came from when the loader recorded them in
+    `config.gguf_source` (as [`load_default_target`] does). `None` for an ordinary checkpoint."""
+    quantization = getattr(target_config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    source = getattr(target_config, "gguf_source", None)
+    if not source and not (quantization or {}).get("gguf_file"):
+        return None
+    weights = {"gguf_file": (quantization or {}).get("gguf_file"), **(source or {}), "dequantized": True}
+    return {k: v for k, v in weights.items() if v is not None}
 
 
 def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
@@ -18,7 +44,7 @@ def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
     vocabulary = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
     digest = hashlib.sha256(json.dumps(vocabulary, ensure_ascii=False).encode("utf-8")).hexdigest()
     return {
-        "name_or_path": getattr(tokenizer, "name_or_path", None) or None,
+        "name_or_path": hub_name(getattr(tokenizer, "name_or_path", None)),
         "vocab_size": len(tokenizer),
         "vocab_sha256": digest,
         "bos_token_id": tokenizer.bos_token_id,
@@ -87,6 +113,10 @@ class JetSpecConfig(PretrainedConfig):
             Rows of a block attend to earlier rows of the block only (JetSpec). `False`: every row of the block sees
             every other (DFlash's bidirectional block, per-depth marginals); drafting then runs all `block_size` rows
             whatever the depth needed, and a vLLM export writes `dflash_config.causal: false`.
+        target_weights (`dict`, *optional*):
+            The exact weights the head was trained on when they are not `target_name_or_path`'s own checkpoint, e.g.
+            `{"repo_id": ..., "revision": ..., "gguf_file": ..., "dequantized": true}` for a GGUF target (recorded
+            by [`JetSpecHead.from_target`]; the card names them as `base_model`).
         draft_vocab_size (`int`, *optional*):
             Size of the head's draft vocabulary (the token ids, stored with the weights as `draft_vocab`, that the
             head scores when drafting; see `hf_jetspec/draft_vocab.py`). `None`: the whole vocabulary.
@@ -110,9 +140,15 @@ class JetSpecConfig(PretrainedConfig):
         target_model_type: str | None = None,
         final_logit_softcapping: float | None = None,
         causal_block: bool = True,
+        target_weights: dict[str, Any] | None = None,
         **kwargs,
     ):
-        draft_config = dict(draft_config or {})
+        # where the target came from and how it was stored (e.g. a GGUF's `quantization_config`) never belongs in a
+        # head's config: heads saved before this was stripped at creation lose it on load
+        draft_config = {k: v for k, v in (draft_config or {}).items() if k not in _TARGET_ONLY}
+        if target_tokenizer is not None:
+            target_tokenizer = {**target_tokenizer, "name_or_path": hub_name(target_tokenizer.get("name_or_path"))}
+        target_name_or_path = hub_name(target_name_or_path)
         self.draft_config = draft_config
         self.target_model_type = target_model_type or draft_config.get("model_type")
         self.final_logit_softcapping = None if final_logit_softcapping is None else float(final_logit_softcapping)
@@ -121,6 +157,7 @@ class JetSpecConfig(PretrainedConfig):
         self.target_num_hidden_layers = target_num_hidden_layers
         self.target_name_or_path = target_name_or_path
         self.target_revision = target_revision
+        self.target_weights = dict(target_weights) if target_weights else None
         self.training_recipe = training_recipe
         self.target_tokenizer = target_tokenizer
         self.anchor_context = bool(anchor_context)
@@ -145,6 +182,16 @@ class JetSpecConfig(PretrainedConfig):
                 "Load it with its own class (e.g. AutoModelForCausalLM for a target model)."
             )
         return super().from_dict(config_dict, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """`PretrainedConfig.to_dict`, without local paths or the target's storage (also when set after creation)."""
+        output = super().to_dict()
+        output["draft_config"] = {k: v for k, v in output["draft_config"].items() if k not in _TARGET_ONLY}
+        output["target_name_or_path"] = hub_name(output.get("target_name_or_path"))
+        if output.get("target_tokenizer"):
+            output["target_tokenizer"] = {**output["target_tokenizer"],
+                                          "name_or_path": hub_name(output["target_tokenizer"].get("name_or_path"))}
+        return output
 
     @property
     def draft_model_type(self) -> str | None:
@@ -251,3 +298,8 @@ def qwen3_draft_config(target_config: PretrainedConfig, num_hidden_layers: int, 
 
 def _int_or_none(value) -> int | None:
     return value if isinstance(value, int) else None
+
+
+# Saved heads carry this file and `auto_map`, so `AutoConfig.from_pretrained(head, trust_remote_code=True)` works
+# without hf_jetspec installed.
+JetSpecConfig.register_for_auto_class()

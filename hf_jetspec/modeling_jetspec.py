@@ -27,10 +27,11 @@ from .configuration_jetspec import (
     default_target_layer_ids,
     qwen3_draft_config,
     target_family_config,
+    target_weights,
     tokenizer_fingerprint,
 )
+from .masks import additive_mask
 from .target_logits import softcap
-from .tree import additive_mask
 
 
 def family_classes(model_type: str) -> tuple[type, type, type, object]:
@@ -62,6 +63,10 @@ def _load_matching(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copies the tensors of `state` whose names and shapes match `module`'s; leaves the rest as initialised."""
     own = module.state_dict()
     module.load_state_dict({k: v for k, v in state.items() if k in own and own[k].shape == v.shape}, strict=False)
+
+
+# what `save_pretrained(push_to_hub=True, ...)` hands to `push_to_hub` (Transformers' own save_pretrained passes these)
+_PUSH_ARGS = ("private", "revision", "commit_message", "commit_description", "create_pr", "token", "tags")
 
 
 class JetSpecContextCache(DynamicCache):
@@ -250,10 +255,13 @@ class JetSpecHead(JetSpecPreTrainedModel):
                     f"({error}). Fix or delete that file (the tree settings then take their defaults)."
                 ) from error
             # no generation_config.json: keep the defaults
-        from .candidate_generator import validate_tree_settings
-
+        try:  # absolute, so a head repo's copy of this file (trust_remote_code, no hf_jetspec) loads without it
+            from hf_jetspec.candidate_generator import validate_tree_settings
+        except ImportError:  # no hf_jetspec: nothing here drafts with the tree settings, so nothing to validate
+            validate_tree_settings = None
         try:
-            validate_tree_settings(head.generation_config)
+            if validate_tree_settings is not None:
+                validate_tree_settings(head.generation_config)
         except ValueError as error:
             raise ValueError(
                 f"The tree settings in the generation_config.json of the JetSpec head at "
@@ -302,13 +310,17 @@ class JetSpecHead(JetSpecPreTrainedModel):
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs) -> None:
         """`PreTrainedModel.save_pretrained` plus the tree settings (`generation_config.json`).
 
-        Only the head's own weights are written (the target's embeddings and lm_head are bound, not owned).
+        Only the head's own weights are written (the target's embeddings and lm_head are bound, not owned), with the
+        modeling code and `auto_map` (so `trust_remote_code=True` loads the head without hf_jetspec). With
+        `push_to_hub=True` the folder then goes to `repo_id` (default: the folder's name) through `push_to_hub`, which
+        takes `private`, `revision`, `commit_message`, `commit_description`, `create_pr`, `token` and `tags`.
         """
         repo_id = kwargs.pop("repo_id", None)
+        hub_kwargs = {name: kwargs.pop(name) for name in _PUSH_ARGS if name in kwargs} if push_to_hub else {}
         super().save_pretrained(save_directory, *args, **kwargs)
         self.generation_config.save_pretrained(save_directory)
         if push_to_hub:
-            self.push_to_hub(repo_id or str(save_directory).rstrip("/").split("/")[-1], token=kwargs.get("token"))
+            self.push_to_hub(repo_id or Path(save_directory).name, **hub_kwargs)
 
     # ------------------------------------------------------------------ binding to a target
     @classmethod
@@ -370,6 +382,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
             causal_block=causal_block,
             target_model_type=target_config.model_type,
             final_logit_softcapping=getattr(target_config, "final_logit_softcapping", None),
+            target_weights=target_weights(target_config),
         )
         head = cls(config).to(device=target_model.device, dtype=target_model.dtype)
         if init_from_target and not draft_overrides:
@@ -578,3 +591,8 @@ class JetSpecHead(JetSpecPreTrainedModel):
             drafted = hidden_states.view(batch, num_blocks, block_rows, -1)[:, :, 1:]
             logits = self.softcap(lm_head(drafted))
         return JetSpecHeadOutput(logits=logits, last_hidden_state=hidden_states, context_cache=cache)
+
+
+# Saved heads carry this file (and the ones it imports relatively) plus `auto_map`: without hf_jetspec installed,
+# `AutoModel.from_pretrained(head, trust_remote_code=True)` gives a working head (bind it to its target to draft).
+JetSpecHead.register_for_auto_class("AutoModel")

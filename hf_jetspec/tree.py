@@ -11,13 +11,7 @@ import torch
 
 from hf_jetspec_kernels.reference import pack_ancestor_mask
 
-
-def additive_mask(allowed: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
-    """0 where `allowed`, the dtype's minimum elsewhere (what both sdpa and eager attention take), with a head
-    dimension inserted at 1."""
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask.unsqueeze(-3)
+from .masks import additive_mask
 
 
 @dataclass(frozen=True)

@@ -95,16 +95,27 @@ def render_card(head, repo_id: str, results: list[dict] | None = None, license: 
         if missing:
             raise ValueError(f"result row {row} lacks {missing}: every number needs its dataset, hardware and settings")
     config = head.config
-    base_model = config.target_name_or_path or "unknown"
+    weights = config.target_weights or {}
+    # the exact weights the head was trained and measured on: a GGUF's own repo when the target was one
+    base_model = weights.get("repo_id") or config.target_name_or_path or "unknown"
     model_name = repo_id.split("/")[-1]
     card_data = ModelCardData(
-        base_model=base_model, library_name="transformers", license=license, datasets=datasets or None,
-        tags=["hf_jetspec", "jetspec", "speculative-decoding", "draft-model"], model_name=model_name,
-        eval_results=_eval_results(results, model_name) or None,
+        base_model=base_model, library_name="transformers", pipeline_tag="text-generation", license=license,
+        datasets=datasets or None, model_name=model_name, eval_results=_eval_results(results, model_name) or None,
+        # custom_code: the repo carries its modeling code (`trust_remote_code=True` loads it without hf_jetspec);
+        # no hosted inference: a draft head generates only beside its target
+        tags=["hf_jetspec", "jetspec", "speculative-decoding", "draft-model", "custom_code"], inference=False,
     )
+    target_note = None
+    if weights:
+        target_note = (f"the {'dequantised ' if weights.get('dequantized') else ''}GGUF file `{weights.get('gguf_file')}`"
+                       + (f" of `{weights['repo_id']}`" if weights.get("repo_id") else "")
+                       + (f" (revision `{weights['revision']}`)" if weights.get("revision") else "")
+                       + (f", a quantisation of `{config.target_name_or_path}`" if config.target_name_or_path else ""))
     recipe = config.training_recipe
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATE), model_name=model_name, repo_id=repo_id, base_model=base_model,
+        target_name=config.target_name_or_path or base_model, target_note=target_note,
         target_model_type=config.target_model_type, target_num_hidden_layers=config.target_num_hidden_layers,
         vocab_size=config.vocab_size, num_head_layers=config.num_hidden_layers, block_size=config.block_size,
         target_layer_ids=config.target_layer_ids, num_parameters=f"{head.num_parameters():,}",

@@ -2,7 +2,11 @@
 
 Usage:
     jetspec-publish HEAD_DIR --repo-id org/name [--results results.json] --dry-run OUT_DIR   # write what would go up
-    jetspec-publish HEAD_DIR --repo-id org/name [--results results.json]                    # create repo + upload
+    jetspec-publish HEAD_DIR --repo-id org/name [--results results.json] [--private] [--revision BRANCH]
+                    [--commit-message MSG] [--create-pr] [--token TOKEN]                    # create repo + upload
+
+The repo holds the weights, config (with `auto_map`), tree settings, card and the head's modeling code, so
+`AutoModel.from_pretrained(repo, trust_remote_code=True)` loads the head where hf_jetspec is not installed.
 
 `--results` is a `jetspec-bench` results.json (its JetSpec rows go on the card), or a list of rows
 {"dataset", "prompts", "max_new_tokens", "tau", "speedup", "hardware", "settings"}.
@@ -18,7 +22,9 @@ from pathlib import Path
 
 from .card import render_card, rows_from_benchmark, validate_card_metadata
 
-REPO_FILES = ("config.json", "generation_config.json", "model.safetensors")
+# the modeling code `save_pretrained` copies for `trust_remote_code` (modeling_jetspec.py and its relative imports)
+CODE_FILES = ("configuration_jetspec.py", "masks.py", "modeling_jetspec.py", "target_logits.py")
+REPO_FILES = ("config.json", "generation_config.json", "model.safetensors") + CODE_FILES
 
 
 def prepare_repo_folder(head_dir: str | Path, repo_id: str, out_dir: str | Path, results: list[dict] | None = None,
@@ -51,14 +57,18 @@ def prepare_repo_folder(head_dir: str | Path, repo_id: str, out_dir: str | Path,
     return out_dir
 
 
-def publish(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Creates `repo_id` (if needed) and uploads `folder` with `huggingface_hub`; returns the commit URL."""
+def publish(folder: str | Path, repo_id: str, private: bool | None = None, token: str | bool | None = None,
+            revision: str | None = None, commit_message: str | None = None, create_pr: bool = False) -> str:
+    """Creates `repo_id` (if needed; `private` applies to a new repo) and uploads `folder` with `huggingface_hub`
+    to `revision` (a branch, created if missing), as a pull request when `create_pr`; returns the commit URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                             commit_message="Upload JetSpec head (hf_jetspec)")
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
+                             commit_message=commit_message or "Upload JetSpec head (hf_jetspec)", create_pr=create_pr)
     return str(info)
 
 
@@ -72,7 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--license", default="apache-2.0")
     parser.add_argument("--datasets", nargs="*", default=None)
     parser.add_argument("--dry-run", metavar="OUT_DIR", help="write the repo folder here and upload nothing")
-    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--private", action="store_true", help="make a new repo private")
+    parser.add_argument("--revision", help="branch to upload to (created if missing)")
+    parser.add_argument("--commit-message")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument("--token", help="Hub token (default: the one `hf auth login` stored)")
     args = parser.parse_args(argv)
     results = json.loads(Path(args.results).read_text()) if args.results else None
     if isinstance(results, dict):  # a jetspec-bench results.json
@@ -86,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = prepare_repo_folder(args.head_dir, args.repo_id, Path(tmp) / "repo", results, args.license,
                                      args.datasets)
-        print(publish(folder, args.repo_id, private=args.private))
+        print(publish(folder, args.repo_id, private=args.private or None, token=args.token, revision=args.revision,
+                      commit_message=args.commit_message, create_pr=args.create_pr))
 
 
 if __name__ == "__main__":

