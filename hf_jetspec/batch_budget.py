@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compat import cache_kwarg
 from .budget import AcceptanceProfile, VerifyCost, median_seconds, monotone
 from .packed_linear import packed_linears_for, packed_memory_cap
 from .tree import DraftTree, chain_path, merge_chain
@@ -132,7 +133,7 @@ def measure_batch_cost(
     prefix = torch.randint(config.vocab_size, (batch_size, context_length), generator=generator).to(device)
     cache = DynamicCache()  # plain layers, as the loops use (a sliding window lives in the verify mask)
     with torch.no_grad():
-        decoder(input_ids=prefix, past_key_values=cache, use_cache=True)
+        decoder(input_ids=prefix, use_cache=True, **{cache_kwarg(decoder.forward): cache})
         seconds = []
         for nodes in sizes:
             tokens = torch.randint(config.vocab_size, (batch_size, nodes), generator=generator).to(device)
@@ -142,7 +143,7 @@ def measure_batch_cost(
 
             def verify():
                 verify_forward(decoder, packed, input_ids=tokens, position_ids=positions, attention_mask=mask,
-                               past_key_values=cache)
+                               **{cache_kwarg(decoder.forward): cache})
                 cache.crop(-nodes)
 
             seconds.append(median_seconds(verify, repeats, device))

@@ -31,6 +31,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import decoding
 from .batch_budget import BatchPlan, BatchRoundBudget, acceptance_history, measure_batch_cost, plan_batch, round_seconds
+from .compat import cache_kwarg
 from .budget import acceptance_profile
 from .batched_draft import BatchedDrafter, compact_cache_rows
 from .candidate_generator import resolve_tree_budget, tap_features
@@ -414,9 +415,9 @@ def batched_jetspec_decoding(
         input_ids=input_ids,
         attention_mask=None if bool(prompt_mask.all()) else prompt_mask,
         position_ids=positions,
-        past_key_values=cache,
         use_cache=True,
         output_hidden_states=hidden_state_ids,
+        **{cache_kwarg(decoder.forward): cache},
     )
     first_logits = lm_head(outputs.last_hidden_state[:, -1])
     for row in range(batch):
@@ -489,8 +490,8 @@ def batched_jetspec_decoding(
             trees, root_positions, key_valid, pad_token_id or 0, model.dtype, model.config
         )
         outputs = decoding.verify_forward(decoder, packed, input_ids=tree_ids, position_ids=tree_positions,
-                                          attention_mask=tree_mask, past_key_values=cache,
-                                          output_hidden_states=hidden_state_ids)
+                                          attention_mask=tree_mask, output_hidden_states=hidden_state_ids,
+                                          **{cache_kwarg(decoder.forward): cache})
         node_hidden = outputs.last_hidden_state
 
         # 3. Accept, row by row: follow the target's own token while a child carries it. Greedy without processors:

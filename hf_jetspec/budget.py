@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from .compat import cache_kwarg
 from .lookup import LookupProfile
 from .tree import DraftTree, chain_path, merge_chain
 
@@ -136,7 +137,7 @@ def measure_verify_cost(
     cache = DynamicCache()  # plain layers, as the loops use (a sliding window lives in the verify mask)
     decoder = getattr(model, model.base_model_prefix)
     with torch.no_grad():
-        decoder(input_ids=prefix, past_key_values=cache, use_cache=True)
+        decoder(input_ids=prefix, use_cache=True, **{cache_kwarg(decoder.forward): cache})
         seconds = []
         for size in sizes:
             tokens = torch.randint(vocab, (size,), generator=generator).tolist()

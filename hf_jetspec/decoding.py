@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .attention import TREE_ATTENTION, packed_tree_mask, verification_attention
+from .compat import GENERATE_CACHE_KEY, OUTPUT_CACHE_FIELD, cache_kwarg
 from .target_logits import target_logits_for
 from .masks import sliding_window, verify_attention_mask
 from .budget import AutoBudget, acceptance_profile, measure_verify_cost
@@ -163,7 +164,8 @@ def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_sta
         key_positions = torch.cat([torch.arange(past_length, device=device)[None], query_positions], dim=1)
         attention_mask = verify_attention_mask(decoder.config, allowed, query_positions, key_positions, dtype)
     return verify_forward(decoder, packed, input_ids=tree.tokens[None], position_ids=tree.position_ids(past_length),
-                          attention_mask=attention_mask, past_key_values=cache, output_hidden_states=hidden_state_ids)
+                          attention_mask=attention_mask, output_hidden_states=hidden_state_ids,
+                          **{cache_kwarg(decoder.forward): cache})
 
 
 def verify_forward(decoder, packed: PackedLinears | None, input_ids: torch.LongTensor, **kwargs):
@@ -183,16 +185,16 @@ def validated_cache(model_kwargs: dict, generation_config=None) -> DynamicCache:
     """
     if not model_kwargs.get("use_cache", True):
         raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")
-    cache = model_kwargs.get("past_key_values")
+    cache = model_kwargs.get(GENERATE_CACHE_KEY)
     if cache is None:  # transformers >= 5.25 leaves the cache to the model's first forward
         requested = getattr(generation_config, "cache_implementation", None)
         if requested not in (None, "dynamic"):
             raise ValueError(f"JetSpec tree decoding needs a plain DynamicCache, got cache_implementation={requested!r}: "
                              "drop `cache_implementation`.")
-        cache = model_kwargs["past_key_values"] = DynamicCache()
+        cache = model_kwargs[GENERATE_CACHE_KEY] = DynamicCache()
     if (type(cache) is DynamicCache and cache.get_seq_length() == 0
             and all(isinstance(layer, DynamicLayer) for layer in cache.layers)):
-        cache = model_kwargs["past_key_values"] = DynamicCache()
+        cache = model_kwargs[GENERATE_CACHE_KEY] = DynamicCache()
     if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
         raise ValueError(
             f"JetSpec tree decoding needs a plain DynamicCache (no static, sliding-window or quantized cache), got "
@@ -344,8 +346,8 @@ def jetspec_decoding(
     outputs = decoder(
         input_ids=input_ids,
         position_ids=torch.arange(prompt_length, device=input_ids.device)[None],
-        past_key_values=cache,
         use_cache=True,
+        **{cache_kwarg(decoder.forward): cache},
         output_hidden_states=hidden_state_ids,
     )
     generator.add_context(tap_features(outputs.hidden_states, generator.target_layer_ids), torch.arange(prompt_length, device=input_ids.device)[None])
@@ -417,5 +419,6 @@ def jetspec_decoding(
     stats.time_total = time.perf_counter() - start
     head.last_generate_stats = stats
     if return_dict:
-        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits, past_key_values=cache)
+        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits,
+                                         **{OUTPUT_CACHE_FIELD: cache})
     return input_ids

@@ -11,6 +11,7 @@ their target's own layer family (before this) still load and run.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import weakref
 from dataclasses import dataclass
@@ -193,6 +194,10 @@ class JetSpecHead(JetSpecPreTrainedModel):
         self.layers = nn.ModuleList(
             [decoder_layer_cls(family_config, layer_idx) for layer_idx in range(family_config.num_hidden_layers)]
         )
+        # the layers' KV-cache argument: `cache` from transformers 5.24 (where `past_key_values` warns), before that
+        # `past_key_values`
+        self._layer_cache_kwarg = "cache" if "cache" in inspect.signature(decoder_layer_cls.forward).parameters \
+            else "past_key_values"
         self.norm = norm_cls(hidden, eps=family_config.rms_norm_eps)
         self.rotary_emb = rotary_cls(config=family_config)
         # the draft vocabulary (increasing token ids; see draft_vocab.py), saved with the weights; -1 until loaded/set
@@ -581,8 +586,8 @@ class JetSpecHead(JetSpecPreTrainedModel):
                 hidden_states,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 position_embeddings=position_embeddings,
+                **{self._layer_cache_kwarg: cache},
             )
         hidden_states = self.norm(hidden_states)
 
