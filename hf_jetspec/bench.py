@@ -365,22 +365,45 @@ def environment(model, threads: int) -> dict:
     }
 
 
-def load_target(target: str):
-    """`(model, tokenizer)`: the embedded default target for `"default"`, else a causal LM path or repo id (sdpa)."""
+def add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--target`, `--device`, `--dtype` and `--attn-implementation`, as every CLI that loads a target takes them."""
+    parser.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct GGUF) or a model path")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cpu, or what --device-map gives)")
+    parser.add_argument("--device-map", default=None, help="Transformers' device_map for the target, e.g. auto")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="the target's dtype (default: float32 for the default target, the checkpoint's otherwise)")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager", "jetspec_tree"])
+
+
+def load_target(target: str, device: str | None = None, dtype: str | torch.dtype | None = None,
+                attn_implementation: str = "sdpa", device_map: str | None = None):
+    """`(model, tokenizer)`: the embedded default target for `"default"`, else a causal LM path or repo id, in eval
+    mode, on `device` (or spread by `device_map`), in `dtype`, with `attn_implementation`."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if target == "default":
         import hf_jetspec
 
-        return hf_jetspec.load_default_target()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        model, tokenizer = hf_jetspec.load_default_target(dtype=dtype, attn_implementation=attn_implementation)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(target, attn_implementation="sdpa").eval()
-    return model, AutoTokenizer.from_pretrained(target)
+        model = AutoModelForCausalLM.from_pretrained(target, attn_implementation=attn_implementation,
+                                                     dtype=dtype or "auto", device_map=device_map).eval()
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    if device is not None and device_map is None:
+        model.to(device)
+    return model, tokenizer
+
+
+def target_arguments(args: argparse.Namespace) -> dict:
+    return {"device": args.device, "dtype": args.dtype, "attn_implementation": args.attn_implementation,
+            "device_map": args.device_map}
 
 
 # ------------------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct) or a model path")
+    add_target_arguments(parser)
     parser.add_argument("--head", default=None, help="JetSpec head directory or repo id")
     parser.add_argument("--draft-model", default=None,
                         help="a smaller causal LM with the target's tokenizer, for the 'assisted' method")
@@ -401,8 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
     methods = list(dict.fromkeys(["plain"] + args.methods))
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_target(args.target)
-    head = JetSpecHead.from_pretrained(args.head).to(model.device).bind(model) if args.head else None
+    model, tokenizer = load_target(args.target, **target_arguments(args))
+    head = JetSpecHead.from_pretrained(args.head).bind(model) if args.head else None  # follows the target
     draft_model = None
     if args.draft_model:
         from transformers import AutoModelForCausalLM

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .bench import bootstrap_ci, throughput_ratio
+from .bench import add_target_arguments, bootstrap_ci, throughput_ratio
 
 DEFAULT_EVAL_DIR = Path(__file__).resolve().parent / "data" / "eval"  # shipped with the package (README there)
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -164,7 +164,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", default="default", help="'default' (SmolLM2-135M-Instruct GGUF) or a model path")
+    add_target_arguments(parser)
     parser.add_argument("--head", default=None,
                         help="JetSpec head directory or repo id (default: an untrained head, for a smoke test only)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES))
@@ -182,13 +182,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     from hf_jetspec import JetSpecHead, chat_input_ids
 
-    from .bench import environment, load_target
+    from .bench import environment, load_target, target_arguments
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_target(args.target)
+    model, tokenizer = load_target(args.target, **target_arguments(args))
     if args.head:
-        head = JetSpecHead.from_pretrained(args.head).to(model.device).bind(model)
+        head = JetSpecHead.from_pretrained(args.head).bind(model)  # follows the target
     else:
         tqdm.write("no --head: using an untrained head (its drafts are rarely accepted; a smoke test, not a benchmark)")
         head = JetSpecHead.from_target(model)

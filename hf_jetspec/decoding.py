@@ -223,10 +223,11 @@ def check_inputs(model, input_ids, head, model_kwargs, settings=None) -> None:
             "from the tokenizer's BOS token or a chat template's generation prompt."
         )
     head_dtype, target_dtype = head.dtype, model.dtype
-    if head_dtype != target_dtype:
+    if head_dtype != target_dtype and head.training:  # in eval mode, bind() casts the head to the target's dtype
         raise ValueError(
-            f"The JetSpec head is {head_dtype} and the target {target_dtype}; the head reads the target's hidden "
-            f"states and embeddings in its own dtype: cast it with `head.to({target_dtype})`."
+            f"The JetSpec head is {head_dtype} and the target {target_dtype}, and the head is in training mode, so "
+            f"generate() does not cast it: call `head.eval()` (generate() then casts it in place) or "
+            f"`head.to({target_dtype})`."
         )
     from .candidate_generator import validate_tree_settings
 

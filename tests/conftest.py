@@ -123,9 +123,9 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def save_tiny_target(directory):
+def save_tiny_target(directory, family: str = "llama"):
     tokenizer = tiny_tokenizer()
-    target = make_tiny_target("llama", seed=11, vocab_size=len(tokenizer))
+    target = make_tiny_target(family, seed=11, vocab_size=len(tokenizer))
     target.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return target, tokenizer

@@ -173,3 +173,28 @@ def test_bidirectional_block_sees_later_rows_and_runs_whole():
     assert both.rows_for_depth(1) == 5 and causal.rows_for_depth(1) == 2
     with pytest.raises(ValueError, match="bidirectional"):
         both(*args, block_rows=2)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    """The layers only read the context cache, so checkpointing keeps it (`_can_checkpoint_with_cache`); dropping it
+    (Transformers' default for cache-writing layers) would change the keys and fail here."""
+    target = make_tiny_target("qwen3", seed=5)
+    head = JetSpecHead.from_target(target, num_hidden_layers=2, block_size=4).train()
+    taps = len(head.config.target_layer_ids) * 32
+    torch.manual_seed(0)
+    features = torch.randn(2, 9, taps)
+    inputs = (torch.tensor([[3, 7], [4, 1]]), torch.tensor([[5, 8], [6, 9]]), features, torch.arange(9).expand(2, -1))
+
+    def loss_and_grads():
+        head.zero_grad()
+        loss = head(*inputs).logits.float().logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = loss_and_grads()
+    head.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in head.layers)
+    loss, grads = loss_and_grads()
+    assert torch.allclose(loss, plain_loss) and grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grad, plain_grads[name], atol=1e-6), name

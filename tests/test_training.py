@@ -211,6 +211,33 @@ def test_accelerate_launch_with_two_cpu_processes(tmp_path):
     assert (tmp_path / "run" / "checkpoint-4").is_dir()
 
 
+def test_the_gpu_recipe_runs_end_to_end_on_cpu_with_a_tiny_qwen3_target(tmp_path):
+    """training/recipes/qwen3-8b-gpu.yaml's own code path (bf16, gradient checkpointing, tau checks, target and head
+    on the trainer's device), with only the sizes overridden and `--use_cpu`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    save_tiny_target(tmp_path / "target", family="qwen3")
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, 8)
+    recipe = Path(__file__).resolve().parents[1] / "training" / "recipes" / "qwen3-8b-gpu.yaml"
+    command = [
+        sys.executable, "-m", "hf_jetspec_training.train", "--config", str(recipe), "--use_cpu", "true",
+        "--target_model", str(tmp_path / "target"), "--train_files", str(prompts), "--data_dir", str(tmp_path / "data"),
+        "--output_dir", str(tmp_path / "run"), "--num_head_layers", "1", "--num_taps", "2", "--block_size", "4",
+        "--max_new_tokens", "12", "--generation_batch_size", "4", "--max_anchors", "8", "--teacher_topk", "4",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_steps", "2",
+        "--save_steps", "2", "--tau_eval_steps", "2", "--tau_eval_prompts", "2", "--tau_eval_max_new_tokens", "8",
+        "--tau_eval_tree_budget", "8", "--disable_tqdm", "true",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["draft_config"]["model_type"] == "qwen3" and config["block_size"] == 4
+    assert config["training_recipe"]["max_steps"] == 2
+
+
 def test_lora_adapter_on_a_head_and_a_peft_wrapped_target(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 

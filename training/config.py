@@ -16,7 +16,11 @@ class JetSpecTrainingConfig(_BaseConfig):
 
     Parameters:
         target_model (`str`, defaults to `"default"`): target name or path; `"default"` is the embedded
-            SmolLM2-135M-Instruct (`hf_jetspec.load_default_target`).
+            SmolLM2-135M-Instruct (`hf_jetspec.load_default_target`). It runs on the trainer's device (a GPU unless
+            `use_cpu`; each process's own under `accelerate launch`).
+        target_dtype (`str`, *optional*): the target's dtype; default bfloat16 with `bf16` on a GPU, else float32 (on
+            a CPU `bf16` autocasts the head only).
+        attn_implementation (`str`, defaults to `"sdpa"`): the target's attention (`"sdpa"` or `"eager"`).
         head_init (`str`, *optional*): an existing head to start from (fine-tuning, `--use_peft` domain adaptation).
         continue_training (`bool`, defaults to `False`): with `head_init`, continue that head's training: its optimizer
             and scheduler state and step count (`training_state/` in the head folder, written by every run) are
@@ -72,6 +76,10 @@ class JetSpecTrainingConfig(_BaseConfig):
     """
 
     target_model: str = field(default="default", metadata={"help": "Target name/path, or 'default' (SmolLM2-135M)."})
+    target_dtype: str | None = field(
+        default=None, metadata={"help": "The target's dtype (default: bfloat16 with bf16 on a GPU, else float32)."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "The target's attention: sdpa or eager."})
     head_init: str | None = field(default=None, metadata={"help": "Start from this head (path)."})
     continue_training: bool = field(default=False, metadata={"help": "Continue head_init's run (optimizer, steps)."})
     more_steps: int | None = field(default=None, metadata={"help": "With continue_training: steps past the head's."})
@@ -143,8 +151,12 @@ class JetSpecTrainingConfig(_BaseConfig):
             raise ValueError(f"`loss_vocabulary` must be 'full' or 'batch', got {self.loss_vocabulary!r}")
         if self.generation_temperature < 0:
             raise ValueError(f"`generation_temperature` must be >= 0, got {self.generation_temperature}")
-        if self.generation_dtype is not None and not isinstance(getattr(torch, self.generation_dtype, None), torch.dtype):
-            raise ValueError(f"`generation_dtype` must name a torch dtype (e.g. 'bfloat16'), got {self.generation_dtype!r}")
+        for name in ("target_dtype", "generation_dtype"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(getattr(torch, value, None), torch.dtype):
+                raise ValueError(f"`{name}` must name a torch dtype (e.g. 'bfloat16'), got {value!r}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"`attn_implementation` must be 'sdpa' or 'eager' (tree masks), got {self.attn_implementation!r}")
         if self.tau_eval_tree_budget < 1:
             raise ValueError(f"`tau_eval_tree_budget` must be >= 1, got {self.tau_eval_tree_budget}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:

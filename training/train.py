@@ -39,18 +39,18 @@ from .trainer import ContinuedSchedule, JetSpecTrainer, TauCallback
 logger = logging.getLogger(__name__)
 
 
-def load_target(name_or_path: str, dtype: torch.dtype):
+def load_target(name_or_path: str, dtype: torch.dtype, attn_implementation: str = "sdpa"):
     if name_or_path == "default":
-        return hf_jetspec.load_default_target(dtype=dtype)
+        return hf_jetspec.load_default_target(dtype=dtype, attn_implementation=attn_implementation)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
 
 
 def build_head(config: JetSpecTrainingConfig, target) -> torch.nn.Module:
     if config.head_init:
-        head = JetSpecHead.from_pretrained(config.head_init).to(target.device).bind(target)
+        head = JetSpecHead.from_pretrained(config.head_init).bind(target)  # follows the target's device
     else:
         taps = hf_jetspec.default_target_layer_ids(
             target.config.get_text_config().num_hidden_layers, config.num_taps or max(config.num_head_layers, 3)
@@ -183,7 +183,12 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         # On CPU `bf16` is autocast for the head only: the teacher labels and the tau checks come from the fp32 target.
         on_gpu = torch.cuda.is_available() and not config.use_cpu
         dtype = torch.bfloat16 if config.bf16 and on_gpu else torch.float32
-        target, tokenizer = load_target(config.target_model, dtype)
+        if config.target_dtype is not None:
+            dtype = getattr(torch, config.target_dtype)
+        target, tokenizer = load_target(config.target_model, dtype, config.attn_implementation)
+        # the trainer puts the head on this process's device (a GPU unless use_cpu); the frozen target, whose
+        # embeddings and lm_head the head shares and whose features label the data, goes there too
+        target.to(config.device)
     target.requires_grad_(False)
     head = build_head(config, target)
     core = head.get_base_model() if config.use_peft else head

@@ -194,6 +194,10 @@ class JetSpecHead(JetSpecPreTrainedModel):
         self.layers = nn.ModuleList(
             [decoder_layer_cls(family_config, layer_idx) for layer_idx in range(family_config.num_hidden_layers)]
         )
+        for layer in self.layers:
+            # the layers only read the context cache (`JetSpecContextCache.update` stores nothing; context rows are
+            # appended before the layers run), so activation checkpointing's recompute sees the same keys: keep it
+            layer._can_checkpoint_with_cache = True
         # the layers' KV-cache argument: `cache` from transformers 5.24 (where `past_key_values` warns), before that
         # `past_key_values`
         self._layer_cache_kwarg = "cache" if "cache" in inspect.signature(decoder_layer_cls.forward).parameters \
@@ -454,10 +458,19 @@ class JetSpecHead(JetSpecPreTrainedModel):
 
     def bind(self, target_model: PreTrainedModel, tokenizer=None) -> JetSpecHead:
         """Shares the target's input embeddings and `lm_head` with the head (checked for compatibility first, and
-        `tokenizer` against the recorded one when given)."""
+        `tokenizer` against the recorded one when given).
+
+        A head in eval mode (as `from_pretrained` returns it) follows the target: it is moved, in place, to the
+        device of the target's `lm_head` and cast to the target's dtype. A head in training mode is left where it is
+        (its optimizer holds its parameters).
+        """
         self.check_compatible(target_model)
         if tokenizer is not None:
             self.check_tokenizer(tokenizer)
+        if not self.training:
+            device, dtype = target_model.get_output_embeddings().weight.device, target_model.dtype
+            if self.device != device or self.dtype != dtype:
+                self.to(device=device, dtype=dtype)
         self._target_modules = (target_model.get_input_embeddings(), target_model.get_output_embeddings())
         return self
 
