@@ -153,3 +153,17 @@ def test_jetspec_is_compared_with_prompt_lookup_prompt_by_prompt():
     assert all("vs_prompt_lookup" not in row for row in rows if row["method"] != "jetspec")
     table = markdown_table(rows)
     assert "vs prompt lookup (95% CI)" in table and "| 2.00x (2.00-2.00) |" in table
+
+
+def test_benchmark_loads_the_target_with_the_requested_device_dtype_and_attention(tmp_path):
+    target, _ = save_tiny_target(tmp_path / "target")
+    JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4).save_pretrained(tmp_path / "head")  # fp32
+    write_eval_sets(tmp_path / "eval", count=2)
+    argv = ["--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--data-dir",
+            str(tmp_path / "eval"), "--datasets", "alpha", "--limit", "2", "--max-new-tokens", "8",
+            "--methods", "jetspec:4", "--device", "cpu", "--dtype", "bfloat16", "--attn-implementation", "eager",
+            "--output-dir", str(tmp_path / "out")]
+    results = main(argv)
+    environment = results["environment"]
+    assert environment["dtype"] == "torch.bfloat16" and environment["attn_implementation"] == "eager"
+    assert environment["device"] == "cpu" and results["mismatches"] == 0
