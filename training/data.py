@@ -7,6 +7,7 @@ appends each finished row to a JSONL cache, so a killed run resumes where it sto
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from collections import Counter
@@ -17,6 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_jetspec.chat import chat_input_ids, chat_messages_ids
+
+from .resources import resolve_prompt_file
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +49,17 @@ def load_prompts(
     """
     from datasets import Dataset
 
-    paths = [Path(path) for path in paths]
+    paths = [resolve_prompt_file(path) for path in paths]  # a missing checkout path: the packaged copy
     limits = _per_file_limits(limit_per_file, len(paths))
     result = PromptSet()
     seen = set()
     for path, limit in zip(paths, limits):
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {path} does not exist")
         rows = []
-        text = path.read_text(encoding="utf-8")
+        if path.name.endswith(".gz"):
+            text = gzip.decompress(path.read_bytes()).decode("utf-8")
+            path = path.with_name(path.name.removesuffix(".gz"))  # ids and sources as for the plain file
+        else:
+            text = path.read_text(encoding="utf-8")
         records = _parse_records(text, path, result.skipped)
         for index, record in enumerate(records):
             prompt = record.get("prompt") if isinstance(record, dict) else None

@@ -34,6 +34,7 @@ from .config import JetSpecTrainingConfig
 from .curve import save_training_curve
 from .data import generate_responses, load_prompts
 from .features import TeacherFeatureDataset, compute_teacher_features
+from .resources import resolve_corpus, resolve_recipe
 from .trainer import ContinuedSchedule, JetSpecTrainer, TauCallback
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def prepare_data(config: JetSpecTrainingConfig, target, tokenizer, target_layer_
     if config.corpus:
         from .corpus import load_corpus
 
-        rows = [dict(row) for row in load_corpus(config.corpus)]
+        rows = [dict(row) for row in load_corpus(resolve_corpus(config.corpus))]  # or the packaged copy
         random.Random(config.seed).shuffle(rows)
         first_turns = [row for row in rows if row["turn"] == 1][:holdout]
         held_ids = {row["id"] for row in first_turns}
@@ -282,6 +283,10 @@ def _cpu_hours(minutes: float | None, threads: int | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv[:-1]:  # a checkout path or a packaged recipe's name, e.g. --config smollm2-135m-cpu-qwen3
+        index = argv.index("--config") + 1
+        argv[index] = str(resolve_recipe(argv[index]))
     parser = TrlParser((JetSpecTrainingConfig,))
     (config,) = parser.parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO)
