@@ -42,3 +42,4 @@ def test_a_head_in_training_mode_is_not_cast_and_says_what_to_do():
     with pytest.raises(ValueError, match=r"training mode.*head.eval\(\)"):
         target.generate(PROMPT, do_sample=False, max_new_tokens=4, assistant_model=head)
     assert head.dtype == torch.float32
+
