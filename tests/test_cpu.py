@@ -71,3 +71,25 @@ def test_onednn_cap_below_amx_hides_amx():
         pytest.skip("needs an AMX CPU")
     out = run("from hf_jetspec.cpu import cpu_class; print(cpu_class())", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})
     assert out == "AVX-512"
+
+
+def test_bf16_autocast_measurement_follows_the_instruction_set():
+    """bf16 autocast pays only with native bf16 instructions: capped at AVX2 it must measure slower than fp32."""
+    script = "from hf_jetspec.cpu import bf16_autocast_speedup as s, cpu_class as c; print(c(), s(rows=256))"
+    env = dict(os.environ, OMP_NUM_THREADS="1", **avx2_emulation_env())
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cls, speedup = result.stdout.split()
+    assert cls in ("AVX2", "other") and float(speedup) < 1.0
+
+
+@pytest.mark.parametrize("speedup, bf16, generation_dtype", [(0.2, False, None), (3.0, True, "bfloat16")])
+def test_training_dtype_auto_on_a_cpu_follows_the_measurement(monkeypatch, tmp_path, speedup, bf16, generation_dtype):
+    import hf_jetspec.cpu
+    from hf_jetspec_training import JetSpecTrainingConfig
+
+    monkeypatch.setattr(hf_jetspec.cpu, "bf16_autocast_speedup", lambda *a, **k: speedup)
+    config = JetSpecTrainingConfig(output_dir=str(tmp_path), use_cpu=True, generation_dtype="auto")
+    assert config.bf16 is bf16 and config.generation_dtype == generation_dtype
+    # set explicitly, it is kept whatever the measurement
+    assert JetSpecTrainingConfig(output_dir=str(tmp_path), use_cpu=True, bf16=not bf16).bf16 is (not bf16)
