@@ -176,7 +176,7 @@ def verify_forward(decoder, packed: PackedLinears | None, input_ids: torch.LongT
         return decoder(input_ids=input_ids, use_cache=True, **kwargs)
 
 
-def validated_cache(model_kwargs: dict, generation_config=None) -> DynamicCache:
+def validated_cache(model_kwargs: dict, generation_config=None, allow_prefilled: bool = False) -> DynamicCache:
     """The empty plain `DynamicCache` generate() prepared for this call (the batch-1 and batched loops both need one).
 
     For a target with sliding-window layers generate() prepares a `DynamicCache` whose sliding layers keep only the
@@ -200,10 +200,10 @@ def validated_cache(model_kwargs: dict, generation_config=None) -> DynamicCache:
             f"JetSpec tree decoding needs a plain DynamicCache (no static, sliding-window or quantized cache), got "
             f"{type(cache).__name__}: drop `cache_implementation` / `past_key_values`."
         )
-    if cache.get_seq_length() > 0:
+    if cache.get_seq_length() > 0 and not allow_prefilled:
         raise ValueError(
-            "JetSpec tree decoding starts from an empty cache (the head needs the target's hidden states of the whole "
-            "prompt): for a second turn, pass the whole conversation as `input_ids` without `past_key_values`."
+            "A batch starts from an empty cache (its rows are re-padded per round): for a second turn of a batch, pass "
+            "the whole conversations as `input_ids` without `past_key_values` (one prompt can continue a cache)."
         )
     return cache
 
@@ -249,7 +249,12 @@ def _validate(model, input_ids, generation_config, head, model_kwargs) -> Dynami
             f"attn_implementation={TREE_ATTENTION!r} cannot express the sliding window of this target's "
             f"sliding-window layers (window {sliding_window(model.config)}): load it with attn_implementation='sdpa'."
         )
-    cache = validated_cache(model_kwargs, generation_config)
+    cache = validated_cache(model_kwargs, generation_config, allow_prefilled=True)
+    if cache.get_seq_length() >= input_ids.shape[1]:
+        raise ValueError(
+            f"`past_key_values` already holds {cache.get_seq_length()} positions, but `input_ids` has only "
+            f"{input_ids.shape[1]}: pass the whole conversation so far (its cached part plus at least one new token)."
+        )
     head.bind(model)
     return cache
 
@@ -342,16 +347,25 @@ def jetspec_decoding(
         stats.new_tokens += 1
         return int(token), bool(stopping_criteria(input_ids, scores).all())
 
-    # 0. Prefill: the whole prompt, its tap features become the head's first context.
+    # 0. Prefill: the whole prompt, its tap features become the head's first context. A second turn passes the
+    # cache of the first (`past_key_values`): the target then reads only the new tokens, as plain generate() does,
+    # and the head's context for the cached part comes from a forward over it into a throwaway cache (drafts only:
+    # every emitted token still comes from the target's forward on the user's cache).
     prompt_length = input_ids.shape[1]
+    cached = cache.get_seq_length()
+    positions = torch.arange(prompt_length, device=input_ids.device)[None]
+    if cached:
+        earlier = decoder(input_ids=input_ids[:, :cached], position_ids=positions[:, :cached], use_cache=True,
+                          **{cache_kwarg(decoder.forward): DynamicCache()}, output_hidden_states=hidden_state_ids)
+        generator.add_context(tap_features(earlier.hidden_states, generator.target_layer_ids), positions[:, :cached])
     outputs = decoder(
-        input_ids=input_ids,
-        position_ids=torch.arange(prompt_length, device=input_ids.device)[None],
+        input_ids=input_ids[:, cached:],
+        position_ids=positions[:, cached:],
         use_cache=True,
         **{cache_kwarg(decoder.forward): cache},
         output_hidden_states=hidden_state_ids,
     )
-    generator.add_context(tap_features(outputs.hidden_states, generator.target_layer_ids), torch.arange(prompt_length, device=input_ids.device)[None])
+    generator.add_context(tap_features(outputs.hidden_states, generator.target_layer_ids), positions[:, cached:])
     _, done = emit(lm_head(outputs.last_hidden_state[0, -1]))
     stats.time_prefill = time.perf_counter() - start
 

@@ -33,7 +33,7 @@ GENERATE_CASES = {
                            pad_token_id=0), {}, "padding_side = 'left'"),
     "all-padding row": (dict(input_ids=torch.tensor([[5, 6, 7], [0, 0, 0]]), attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]]),
                              pad_token_id=0), {}, "at least one prompt token"),
-    "pre-filled past_key_values": (dict(past_key_values="prefilled"), {}, "whole conversation as `input_ids`"),
+    "past_key_values longer than the input": (dict(past_key_values="prefilled"), {}, "pass the whole conversation so far"),
     "static cache": (dict(cache_implementation="static"), {}, "plain DynamicCache"),
     "use_cache=False": (dict(use_cache=False), {}, "needs the KV cache"),
     "beam search": (dict(num_beams=2), {}, "num_beams=1"),
@@ -136,3 +136,12 @@ def test_a_head_for_another_target_is_refused():
     other = make_tiny_target("qwen3", seed=2, vocab_size=100)
     with pytest.raises(ValueError, match="Use a head trained for this target"):
         other.generate(PROMPT, max_new_tokens=4, assistant_model=head)
+
+
+def test_a_batch_with_a_prefilled_cache_is_refused_with_what_to_do(pair):
+    target, head = pair
+    batch = torch.cat([PROMPT, PROMPT.flip(-1)])
+    cache = target.generate(batch, max_new_tokens=2, do_sample=False, return_dict_in_generate=True).past_key_values
+    longer = torch.cat([batch, torch.tensor([[4, 9], [6, 2]])], dim=-1)
+    with pytest.raises(ValueError, match="second turn of a batch"):
+        target.generate(longer, past_key_values=cache, max_new_tokens=4, do_sample=False, assistant_model=head)

@@ -110,6 +110,60 @@ def test_scores_logits_streamer_and_cache_match_plain_generate():
         torch.testing.assert_close(layer_ours.values, layer_theirs.values, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_second_turn_continues_the_first_turns_cache_exactly(family):
+    """`past_key_values` from the first call passed back with the whole conversation: the target reads only the new
+    tokens (as plain generate() does), the head gets the cached part's context from a throwaway forward."""
+    import copy
+
+    target = make_tiny_target(family, seed=8)
+    first = target.generate(PROMPT, do_sample=False, max_new_tokens=10, return_dict_in_generate=True)
+    conversation = torch.cat([first.sequences, torch.tensor([[11, 23, 5, 40]])], dim=-1)  # + the user's next turn
+    cache = first.past_key_values
+    assert 0 < cache.get_seq_length() < conversation.shape[1]
+    expected = target.generate(conversation, past_key_values=copy.deepcopy(cache), do_sample=False,
+                               max_new_tokens=30, return_dict_in_generate=True)
+    head = oracle_for(target, expected.sequences, rank_of_truth=0, block_size=8)
+    out = target.generate(conversation, past_key_values=copy.deepcopy(cache), do_sample=False, max_new_tokens=30,
+                          return_dict_in_generate=True, assistant_model=head, tree_budget=8)
+    assert out.sequences.tolist() == expected.sequences.tolist()
+    assert head.last_generate_stats.mean_accepted_length > 2
+    ours, theirs = out.past_key_values, expected.past_key_values
+    assert ours.get_seq_length() == theirs.get_seq_length() == out.sequences.shape[1] - 1
+    for layer_ours, layer_theirs in zip(ours.layers, theirs.layers):
+        torch.testing.assert_close(layer_ours.keys, layer_theirs.keys, atol=1e-5, rtol=1e-4)
+
+
+def test_a_second_turn_gives_the_head_the_whole_conversations_context(monkeypatch):
+    """The head's first context after a cached prefill covers every position of the conversation, with the features
+    a prefill without the cache gives."""
+    import copy
+
+    from hf_jetspec.candidate_generator import JetSpecCandidateGenerator
+
+    target = make_tiny_target("qwen3", seed=8)
+    first = target.generate(PROMPT, do_sample=False, max_new_tokens=6, return_dict_in_generate=True)
+    conversation = torch.cat([first.sequences, torch.tensor([[11, 23, 5]])], dim=-1)
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4)
+    seen = []
+    original = JetSpecCandidateGenerator.add_context
+
+    def record(self, features, position_ids):
+        seen.append((features.clone(), position_ids.clone()))
+        return original(self, features, position_ids)
+
+    monkeypatch.setattr(JetSpecCandidateGenerator, "add_context", record)
+    contexts = []
+    for cache in (copy.deepcopy(first.past_key_values), None):
+        seen.clear()
+        target.generate(conversation, past_key_values=cache, do_sample=False, max_new_tokens=1, assistant_model=head,
+                        tree_budget=4)
+        contexts.append((torch.cat([f for f, _ in seen], dim=1), torch.cat([p for _, p in seen], dim=1)))
+    (features, positions), (full_features, full_positions) = contexts
+    assert positions.tolist() == full_positions.tolist() == [list(range(conversation.shape[1]))]
+    torch.testing.assert_close(features, full_features, atol=1e-5, rtol=1e-4)
+
+
 def test_stopping_criteria_are_checked_after_every_token():
     from transformers import StoppingCriteria, StoppingCriteriaList
 

@@ -143,6 +143,29 @@ def test_stop_strings_ending_inside_a_tree_and_a_repetition_penalty(shipped, mon
     assert model.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
 
 
+def test_a_second_turn_passing_back_the_first_turns_cache(shipped):
+    import copy
+
+    model, tokenizer, head = shipped
+    messages = [{"role": "user", "content": MATH}]
+    first_ids = chat_input_ids(tokenizer, MATH)
+    first = model.generate(first_ids, do_sample=False, max_new_tokens=48, return_dict_in_generate=True,
+                           assistant_model=head)
+    answer = tokenizer.decode(first.sequences[0, first_ids.shape[1]:], skip_special_tokens=True)
+    messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Now explain it to a child."}]
+    conversation = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"]
+    cache = first.past_key_values
+    prefix = first.sequences.shape[1] - 1  # what the cache holds
+    if conversation[0, :prefix].tolist() != first.sequences[0, :prefix].tolist():  # the template re-tokenised it
+        cache.crop(int((conversation[0, :prefix] == first.sequences[0, :prefix]).long().cumprod(0).sum()))
+    expected = model.generate(conversation, past_key_values=copy.deepcopy(cache), do_sample=False, max_new_tokens=64)
+    out = model.generate(conversation, past_key_values=copy.deepcopy(cache), do_sample=False, max_new_tokens=64,
+                         assistant_model=head, tree_budget=8, prompt_lookup_num_tokens=0)
+    assert out.tolist() == expected.tolist()
+    assert head.last_generate_stats.accepted_drafts > 0
+
+
 def test_seeded_sampling_equals_plain_sampling_token_for_token(shipped):
     """One prompt: the head draws no random numbers and the target samples once per emitted token, so the same seed
     gives the same tokens. (Batches sample row by row, not as one `(batch, vocab)` draw: their distribution is
