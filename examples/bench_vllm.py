@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import platform
 import tempfile
 import time
@@ -118,7 +119,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.bar(xs, ys, width, label=method)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(concurrency))], [f"{c} concurrent" for c in concurrency])
     ax.set_ylabel("tokens/s (higher is better)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
