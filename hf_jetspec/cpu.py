@@ -73,3 +73,29 @@ def bf16_autocast_speedup(hidden: int = 576, intermediate: int = 1536, rows: int
 
     fp32 = seconds(False)
     return fp32 / seconds(True)
+
+
+# a bf16 lm_head-sized matmul must measure at least this much faster than fp32 for the bf16 fast paths to run
+BF16_MIN_MATMUL_SPEEDUP = 1.3
+
+
+@functools.cache
+def bf16_matmul_speedup(rows: int = 16, vocab: int = 16384, hidden: int = 576, repeats: int = 5) -> float:
+    """fp32 time over bf16 time of an `lm_head`-sized matmul (`rows` x `hidden` @ `hidden` x `vocab`, the draft
+    projection's and `ExactArgmax`'s screening pass) on this CPU, best of `repeats` after a warm-up, measured once per
+    process (a few milliseconds). Native bf16 (AMX tiles, AVX-512 BF16) measures 3-4x; AVX2 emulates bf16 and loses."""
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(vocab, hidden, generator=generator), torch.randn(rows, hidden, generator=generator)
+
+    def seconds(w: torch.Tensor, h: torch.Tensor) -> float:
+        best = float("inf")
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            torch.nn.functional.linear(h, w)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    fp32 = seconds(weight, x)
+    return fp32 / seconds(weight.bfloat16(), x.bfloat16())

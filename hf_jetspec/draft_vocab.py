@@ -24,11 +24,12 @@ from .target_logits import softcap
 
 
 def projection_dtype(device: torch.device, head_dtype: torch.dtype) -> torch.dtype:
-    """bfloat16 on CPUs with AMX tiles and bf16 instructions (where it is the fast path); the head's dtype elsewhere."""
+    """bfloat16 on CPUs where a bf16 `lm_head`-sized matmul measures faster than fp32 (native bf16: AMX tiles or
+    AVX-512 BF16; see `cpu.bf16_matmul_speedup`, which the process's ISA caps also govern); the head's dtype elsewhere."""
     if device.type == "cpu" and head_dtype == torch.float32:
-        from .cpu import cpu_class
+        from .cpu import BF16_MIN_MATMUL_SPEEDUP, bf16_matmul_speedup
 
-        if cpu_class() == "AMX":  # the hardware's, under the process's ISA caps (an emulated AVX2 box has none)
+        if bf16_matmul_speedup() >= BF16_MIN_MATMUL_SPEEDUP:
             return torch.bfloat16
     return head_dtype
 

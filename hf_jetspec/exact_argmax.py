@@ -31,7 +31,7 @@ _BUILT: "weakref.WeakKeyDictionary[torch.nn.Module, ExactArgmax]" = weakref.Weak
 
 
 def bf16_matmul_is_fast(device: torch.device) -> bool:
-    """Whether a bf16 `lm_head` beats fp32 here: CPUs with AMX tiles and bf16 instructions (see `draft_vocab.py`)."""
+    """Whether a bf16 `lm_head` beats fp32 here: CPUs with native bf16 matmuls, measured (see `draft_vocab.py`)."""
     return projection_dtype(device, torch.float32) == torch.bfloat16
 
 

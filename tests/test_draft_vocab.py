@@ -36,9 +36,19 @@ def test_projection_is_the_lm_head_restricted_to_the_draft_vocabulary():
     torch.testing.assert_close(projection.logprobs(hidden), expected)
     full = DraftProjection(weight, None, torch.float32)
     torch.testing.assert_close(full.logprobs(hidden), (hidden @ weight.T).log_softmax(-1))
-    amx = torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
-    assert projection_dtype(torch.device("cpu"), torch.float32) == (torch.bfloat16 if amx else torch.float32)
+    from hf_jetspec.cpu import BF16_MIN_MATMUL_SPEEDUP, bf16_matmul_speedup
+
+    fast = bf16_matmul_speedup() >= BF16_MIN_MATMUL_SPEEDUP  # native bf16 (AMX, AVX-512 BF16): 3-4x; AVX2: < 1
+    assert projection_dtype(torch.device("cpu"), torch.float32) == (torch.bfloat16 if fast else torch.float32)
     assert projection_dtype(torch.device("cpu"), torch.float16) == torch.float16
+
+
+def test_bf16_fast_paths_follow_the_measured_matmul_speed(monkeypatch):
+    import hf_jetspec.cpu
+
+    for speedup, expected in ((3.5, torch.bfloat16), (0.4, torch.float32)):
+        monkeypatch.setattr(hf_jetspec.cpu, "bf16_matmul_speedup", lambda *a, s=speedup, **k: s)
+        assert projection_dtype(torch.device("cpu"), torch.float32) == expected
 
 
 def head_with_vocab(target, ids, block_size=6):
