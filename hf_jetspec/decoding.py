@@ -177,7 +177,8 @@ def verify_forward(decoder, packed: PackedLinears | None, input_ids: torch.LongT
 
 
 def validated_cache(model_kwargs: dict, generation_config=None, allow_prefilled: bool = False) -> DynamicCache:
-    """The empty plain `DynamicCache` generate() prepared for this call (the batch-1 and batched loops both need one).
+    """The plain `DynamicCache` generate() prepared for this call (the batch-1 and batched loops both need one): empty,
+    or with `allow_prefilled` (one prompt) the first turn's cache passed back as `past_key_values`.
 
     For a target with sliding-window layers generate() prepares a `DynamicCache` whose sliding layers keep only the
     window; tree compaction needs every position, so that (still empty) cache is replaced by a plain one, in
@@ -202,8 +203,8 @@ def validated_cache(model_kwargs: dict, generation_config=None, allow_prefilled:
         )
     if cache.get_seq_length() > 0 and not allow_prefilled:
         raise ValueError(
-            "A batch starts from an empty cache (its rows are re-padded per round): for a second turn of a batch, pass "
-            "the whole conversations as `input_ids` without `past_key_values` (one prompt can continue a cache)."
+            "Batched JetSpec decoding starts from an empty cache: for a second turn of a batch, pass the whole "
+            "conversations as `input_ids` without `past_key_values` (a single prompt can continue its cache)."
         )
     return cache
 
