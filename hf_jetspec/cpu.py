@@ -47,6 +47,7 @@ def cpu_description() -> dict:
 
     return {"cpu_class": cpu_class(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
             "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "processor": platform.processor() or platform.machine(),
+            "bf16_matmul_speedup": round(bf16_matmul_speedup(), 2),
             "bf16_draft_projection_and_exact_argmax": projection_dtype(torch.device("cpu"), torch.float32) == torch.bfloat16}
 
 
@@ -77,6 +78,12 @@ def bf16_autocast_speedup(hidden: int = 576, intermediate: int = 1536, rows: int
 
 # a bf16 lm_head-sized matmul must measure at least this much faster than fp32 for the bf16 fast paths to run
 BF16_MIN_MATMUL_SPEEDUP = 1.3
+
+
+def forced_bf16_paths() -> bool | None:
+    """`HF_JETSPEC_BF16_PATHS=1` / `0` forces the bf16 draft projection and `ExactArgmax` on / off (benchmarks, tests);
+    unset (or anything else): they follow the measurement."""
+    return {"1": True, "0": False}.get(os.environ.get("HF_JETSPEC_BF16_PATHS", ""))
 
 
 @functools.cache

@@ -27,9 +27,10 @@ def projection_dtype(device: torch.device, head_dtype: torch.dtype) -> torch.dty
     """bfloat16 on CPUs where a bf16 `lm_head`-sized matmul measures faster than fp32 (native bf16: AMX tiles or
     AVX-512 BF16; see `cpu.bf16_matmul_speedup`, which the process's ISA caps also govern); the head's dtype elsewhere."""
     if device.type == "cpu" and head_dtype == torch.float32:
-        from .cpu import BF16_MIN_MATMUL_SPEEDUP, bf16_matmul_speedup
+        from .cpu import BF16_MIN_MATMUL_SPEEDUP, bf16_matmul_speedup, forced_bf16_paths
 
-        if bf16_matmul_speedup() >= BF16_MIN_MATMUL_SPEEDUP:
+        forced = forced_bf16_paths()
+        if forced if forced is not None else bf16_matmul_speedup() >= BF16_MIN_MATMUL_SPEEDUP:
             return torch.bfloat16
     return head_dtype
 

@@ -94,3 +94,24 @@ def test_training_dtype_auto_on_a_cpu_follows_the_measurement(monkeypatch, tmp_p
     assert config.bf16 is bf16 and config.generation_dtype == generation_dtype
     # set explicitly, it is kept whatever the measurement
     assert JetSpecTrainingConfig(output_dir=str(tmp_path), use_cpu=True, bf16=not bf16).bf16 is (not bf16)
+
+
+@pytest.mark.parametrize("forced", ["1", "0"])
+def test_greedy_output_is_exact_with_the_bf16_paths_forced_on_and_off(forced):
+    out = run("""
+import json, torch, sys
+sys.path.insert(0, "tests")
+from conftest import make_tiny_target, oracle_for
+from hf_jetspec.cpu import cpu_description
+from hf_jetspec.exact_argmax import exact_argmax_for
+for family in ("llama", "qwen3"):
+    target = make_tiny_target(family, seed=3)
+    prompt = torch.tensor([[5, 17, 42, 8, 61, 3, 29]])
+    expected = target.generate(prompt, do_sample=False, max_new_tokens=40)
+    head = oracle_for(target, expected, rank_of_truth=1)
+    out = target.generate(prompt, do_sample=False, max_new_tokens=40, assistant_model=head, tree_budget=16)
+    assert out.tolist() == expected.tolist(), family
+print(json.dumps({**cpu_description(), "argmax": exact_argmax_for(target) is not None}))
+""", {"HF_JETSPEC_BF16_PATHS": forced})
+    result = json.loads(out)
+    assert result["bf16_draft_projection_and_exact_argmax"] is (forced == "1") and result["argmax"] is (forced == "1")
