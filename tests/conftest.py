@@ -11,7 +11,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-import hf_jetspec  # hooks generate()
+# Every test measures costs itself (some fake the timings): no measurements from earlier processes on this machine.
+# tests/test_measurements.py turns the store on where it tests it. Subprocesses inherit this.
+os.environ["HF_JETSPEC_MEASUREMENTS"] = "off"
+
+import hf_jetspec  # hooks generate()  # noqa: E402
 import hf_jetspec.decoding
 from hf_jetspec import JetSpecHead
 from hf_jetspec.modeling_jetspec import JetSpecHeadOutput
