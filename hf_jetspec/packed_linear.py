@@ -137,22 +137,43 @@ class PackedLinears:
     Args:
         linears (`list[nn.Linear]`): the layers (each gets a [`_LinearDispatch`] forward, which runs the packed
             product only inside [`use`] on the calling thread).
-        packed (`dict[int, list[Tensor]]`): row count -> packed weight per layer.
+        packed (`dict[int, list[Tensor]]`, *optional*): row count -> packed weight per layer; `None`: pack every
+            row count of `min_rows` in a background thread (forwards run unpacked until their row count is ready).
         min_rows (`dict[int, int]`): row count -> smallest row count a forward is padded up to it from.
     """
 
-    def __init__(self, linears: list[torch.nn.Linear], packed: dict[int, list[torch.Tensor]], min_rows: dict[int, int]):
+    def __init__(self, linears: list[torch.nn.Linear], packed: dict[int, list[torch.Tensor]] | None,
+                 min_rows: dict[int, int]):
         self.linears = linears
         self.min_rows = dict(sorted(min_rows.items()))
         self._stamp = self.stamp(linears)
-        self._tables = {
-            size: {id(layer): _packed_forward(layer.weight, layer.bias, weight, size)
-                   for layer, weight in zip(linears, packed[size])}
-            for size in self.min_rows
-        }
+        self._tables: dict[int, dict] = {}
+        self._thread = None
+        if packed is not None:
+            for size in self.min_rows:
+                self._tables[size] = self._table(size, packed[size])
+        else:
+            self._thread = threading.Thread(target=self._pack_all, name="hf_jetspec-packing", daemon=True)
+            self._thread.start()
         for layer in linears:
             if not isinstance(layer.__dict__.get("forward"), _LinearDispatch):
                 layer.__dict__["forward"] = _LinearDispatch(layer)
+
+    def _table(self, size: int, weights: list[torch.Tensor]) -> dict:
+        return {id(layer): _packed_forward(layer.weight, layer.bias, weight, size)
+                for layer, weight in zip(self.linears, weights)}
+
+    def _pack_all(self) -> None:
+        with torch.no_grad():
+            for size in self.min_rows:
+                weights = [torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, size) for layer in self.linears]
+                self._tables[size] = self._table(size, weights)  # one dict store: forwards see it whole or not
+
+    def wait(self) -> PackedLinears:
+        """Blocks until every row count is packed (a no-op when packed up front)."""
+        if self._thread is not None:
+            self._thread.join()
+        return self
 
     @staticmethod
     def stamp(linears) -> tuple:
@@ -173,10 +194,11 @@ class PackedLinears:
     def use(self, rows: int):
         """Runs the block with the layers' packed products for `rows` rows, on this thread only."""
         size = self.rows_for(rows)
-        if size is None or getattr(_ACTIVE, "table", None) is not None:
+        table = self._tables.get(size)
+        if table is None or getattr(_ACTIVE, "table", None) is not None:  # unpacked row count, or not packed yet
             yield
             return
-        _ACTIVE.table = self._tables[size]
+        _ACTIVE.table = table
         try:
             yield
         finally:
@@ -209,9 +231,10 @@ class PackedLinears:
             min_rows = dict(list(min_rows.items())[: max(0, memory_bytes // max(copy_bytes, 1))])  # under this cap
             if not min_rows:
                 return None
-            packed = {size: [torch.ops.mkl._mkl_reorder_linear_weight(layer.weight, size) for layer in linears]
-                      for size in min_rows}
-            return cls(linears, packed, min_rows)._logged(memory_bytes, "measured by an earlier process")
+            # packing itself (MKL's reorder, seconds for a 135M target) runs in the background: this call starts
+            # unpacked and picks up each row count's packed weights as they are ready
+            return cls(linears, None, min_rows)._logged(memory_bytes, "measured by an earlier process; packing in "
+                                                                        "the background")
         device = torch.device("cpu")
         generator = torch.Generator().manual_seed(0)
         inputs: dict[tuple[int, int], torch.Tensor] = {}

@@ -42,6 +42,34 @@ def test_packed_products_equal_unpacked_and_other_row_counts_stay_unpacked(rows,
     assert packed.rows_for(rows) == {3: 4, 4: 4, 5: 8, 8: 8}.get(rows)
 
 
+def test_background_packing_runs_unpacked_until_a_row_count_is_ready(monkeypatch):
+    """Packing measured by an earlier process happens in a thread: forwards before it finishes run unpacked (same
+    output), after it packed."""
+    import threading
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40)
+    release = threading.Event()
+    real = torch.ops.mkl._mkl_reorder_linear_weight
+
+    def held(weight, size):
+        release.wait(timeout=60)
+        return real(weight, size)
+
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_reorder_linear_weight", held)
+    packed = PackedLinears([layer], None, {4: 3})
+    inputs = torch.randn(1, 4, 48)
+    expected = layer(inputs)
+    with torch.no_grad(), packed.use(4):
+        assert not packing_on()  # not packed yet: unpacked
+        torch.testing.assert_close(layer(inputs), expected, rtol=1e-5, atol=1e-5)
+    release.set()
+    packed.wait()
+    with torch.no_grad(), packed.use(4):
+        assert packing_on()
+        torch.testing.assert_close(layer(inputs), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_forwards_are_restored_after_an_error_and_changed_weights_are_measured_again(monkeypatch):
     target = make_tiny_target("llama")
     decoder = target.model
