@@ -51,29 +51,33 @@ def cpu_description() -> dict:
             "bf16_draft_projection_and_exact_argmax": projection_dtype(torch.device("cpu"), torch.float32) == torch.bfloat16}
 
 
+def _best_seconds(run, repeats: int) -> float:
+    """Best wall time of `run()` over `repeats` calls after one warm-up call."""
+    import time
+
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @functools.cache
 def bf16_autocast_speedup(hidden: int = 576, intermediate: int = 1536, rows: int = 768, repeats: int = 3) -> float:
     """fp32 time over bf16-autocast time of one head-layer-sized MLP forward and backward (`rows` tokens) on this
-    CPU, the best of `repeats` each after a warm-up: above 1, bf16 autocast pays here (AMX tiles do; AVX2 and most
-    AVX-512 CPUs emulate bf16 and lose). Measured once per process and size, in about a second."""
-    import time
-
+    CPU, the best of `repeats` each after a warm-up: above 1, bf16 autocast pays here (native bf16, AMX tiles or
+    AVX-512 BF16, does; AVX2 emulates bf16 and loses). Measured once per process and size, in about a second."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, hidden, generator=generator, requires_grad=True)
     mlp = torch.nn.Sequential(torch.nn.Linear(hidden, intermediate), torch.nn.SiLU(), torch.nn.Linear(intermediate, hidden))
 
-    def seconds(bf16: bool) -> float:
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first is a warm-up
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = mlp(x)
-            out.float().square().mean().backward()
-            best = min(best, time.perf_counter() - start)
-        return best
+    def step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = mlp(x)
+        out.float().square().mean().backward()
 
-    fp32 = seconds(False)
-    return fp32 / seconds(True)
+    return _best_seconds(lambda: step(False), repeats) / _best_seconds(lambda: step(True), repeats)
 
 
 # a bf16 lm_head-sized matmul must measure at least this much faster than fp32 for the bf16 fast paths to run
@@ -91,18 +95,8 @@ def bf16_matmul_speedup(rows: int = 16, vocab: int = 16384, hidden: int = 576, r
     """fp32 time over bf16 time of an `lm_head`-sized matmul (`rows` x `hidden` @ `hidden` x `vocab`, the draft
     projection's and `ExactArgmax`'s screening pass) on this CPU, best of `repeats` after a warm-up, measured once per
     process (a few milliseconds). Native bf16 (AMX tiles, AVX-512 BF16) measures 3-4x; AVX2 emulates bf16 and loses."""
-    import time
-
     generator = torch.Generator().manual_seed(0)
     weight, x = torch.randn(vocab, hidden, generator=generator), torch.randn(rows, hidden, generator=generator)
-
-    def seconds(w: torch.Tensor, h: torch.Tensor) -> float:
-        best = float("inf")
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            torch.nn.functional.linear(h, w)
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    fp32 = seconds(weight, x)
-    return fp32 / seconds(weight.bfloat16(), x.bfloat16())
+    low, x_low = weight.bfloat16(), x.bfloat16()
+    fp32 = _best_seconds(lambda: torch.nn.functional.linear(x, weight), repeats)
+    return fp32 / _best_seconds(lambda: torch.nn.functional.linear(x_low, low), repeats)
