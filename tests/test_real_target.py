@@ -2,8 +2,8 @@
 budget + prompt lookup in the tree): what users run. Greedy output equals plain `generate()` token for token for one
 prompt (1 and 256 new tokens, an EOS inside an accepted chain), left-padded batches of 3 and 8 prompts of different
 lengths, `stop_strings` ending inside a tree and a repetition penalty; seeded sampling equals plain sampling token for
-token (one prompt). `JETSPEC_LONG_TESTS=1` adds the batch of 8 and a prompt near the context limit (8192 positions; a
-few minutes on a CPU).
+token (one prompt), a prompt 8 positions short of the context limit (8192) running 8 past it. `JETSPEC_LONG_TESTS=1`
+adds the batch of 8 and runs the long prompt 24 short and 24 past (a minute and a half on a 2-core CPU).
 
 Checked on purpose: with `choose_token` taking the head's first child whenever the target's best token is within 1.0
 logit of it (a lossy "near-greedy" acceptance, which greedy calls with logits processors go through), the stop-string
@@ -210,12 +210,14 @@ def test_seeded_sampling_equals_plain_sampling_token_for_token(shipped):
         assert model.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
 
 
-@pytest.mark.skipif(not LONG, reason="long form: JETSPEC_LONG_TESTS=1")
 def test_a_prompt_near_the_context_limit(shipped):
+    """8 positions short of the limit with 16 new tokens (the long form: 24 short, 48 new), running past the limit as
+    plain generate() does."""
     model, tokenizer, head = shipped
     limit = model.config.max_position_embeddings
+    short, new_tokens = (24, 48) if LONG else (8, 16)
     text = " ".join(PROMPTS) + " "
-    ids = tokenizer(text * (limit // len(tokenizer(text).input_ids) + 1), return_tensors="pt").input_ids[:, : limit - 24]
-    kwargs = dict(do_sample=False, max_new_tokens=48)  # runs past the limit, as plain generate() does
+    ids = tokenizer(text * (limit // len(tokenizer(text).input_ids) + 1), return_tensors="pt").input_ids[:, : limit - short]
+    kwargs = dict(do_sample=False, max_new_tokens=new_tokens)
     expected = model.generate(ids, **kwargs)
     assert model.generate(ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
