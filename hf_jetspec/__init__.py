@@ -10,7 +10,8 @@ from .attention import register_tree_attention
 from .chat import chat_input_ids
 from .candidate_generator import JetSpecCandidateGenerator, default_tree_budget
 from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, qwen3_draft_config, tokenizer_fingerprint
-from .decoding import JetSpecGenerateStats, jetspec_decoding
+from .decoding import jetspec_decoding
+from .stats import JetSpecGenerateStats
 from .dflash_export import DFLASH_ATTENTION, dflash_incompatibility, export_dflash  # registers "jetspec_block_causal"
 from .default_target import DEFAULT_TARGET_SHA256, default_target_path, load_default_target
 from .integration import install

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from .compat import cache_kwarg
-from .budget import AcceptanceProfile, VerifyCost, median_seconds, monotone
+from .acceptance import AcceptanceHistory, AcceptanceProfile
+from .cost import CPU_SIZES, VerifyCost, median_seconds, monotone
 from .packed_linear import packed_linears_for, packed_memory_cap
 from .tree import DraftTree, chain_path, merge_chain
+from .verify import verify_forward
 
 # Plain calls at a batch size, chosen because speculation measured slower there, before speculation is tried again.
 EXPLORE_EVERY = 4
@@ -40,9 +42,6 @@ MAX_TOTAL_ROWS = {"cpu": 256, "cuda": 4096}
 
 # model -> head -> settings -> cost (weak keys: dropping a model or head drops its measurements)
 _MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
-_HISTORIES: "weakref.WeakKeyDictionary[torch.nn.Module, AcceptanceHistory]" = weakref.WeakKeyDictionary()
-
-
 @dataclass(frozen=True)
 class BatchCost:
     """Measured seconds of the pieces of one round at one batch size.
@@ -83,7 +82,7 @@ class BatchCost:
         return self.verify(self.batch_size) + self.lm_head(self.batch_size)
 
 
-NODE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+NODE_SIZES = CPU_SIZES  # tree sizes per row timed by the batch calibration: the one-prompt calibration's CPU sizes
 
 
 def total_row_sizes(batch_size: int, max_total_rows: int) -> tuple[int, ...]:
@@ -113,7 +112,6 @@ def measure_batch_cost(
     """
     from transformers import DynamicCache
 
-    from .decoding import verify_forward
     from .modeling_jetspec import JetSpecContextCache
     from .masks import additive_mask
 
@@ -176,84 +174,6 @@ def measure_batch_cost(
     )
     cached[key] = cost
     return cost
-
-
-class AcceptanceHistory:
-    """What trees of each size actually gave a head, kept across `generate()` calls (one per head).
-
-    After a round that verified a best-first tree of `n` nodes and accepted the path `p_1 < p_2 < ...` (node indices),
-    the tree's prefix of `m <= n` nodes would have accepted exactly the path nodes with index `< m`: one round
-    measures every size up to `n`.
-
-    Args:
-        max_nodes (`int`): largest tree size tracked.
-        decay (`float`): weight kept by the old mean per observed row-round (an exponential moving average that
-            follows a change of prompts or head).
-    """
-
-    def __init__(self, max_nodes: int = 256, decay: float = 0.995):
-        self.max_nodes = max_nodes
-        self.decay = decay
-        self.tokens = [0.0] * (max_nodes + 1)  # index n: decayed sum of tokens per row-round with n nodes
-        self.weight = [0.0] * (max_nodes + 1)
-        self.host_seconds_per_row: float | None = None
-        self.plain_step_seconds: dict[int, float] = {}  # batch size -> measured step of Transformers' own decoding
-        self.spec_token_seconds: dict[int, float] = {}  # batch size -> measured seconds per token of speculative calls
-        self.plain_calls: dict[int, int] = {}  # batch size -> plain calls since the last speculative one
-
-    @property
-    def observed(self) -> bool:
-        return self.weight[2] > 0
-
-    def observe(self, num_nodes: int, accepted_nodes: list[int]) -> None:
-        """Adds one row-round: a tree of `num_nodes` nodes whose accepted path is `accepted_nodes` (node indices)."""
-        num_nodes = min(num_nodes, self.max_nodes)
-        for size in range(1, num_nodes + 1):
-            tokens = 1 + sum(1 for node in accepted_nodes if node < size)
-            self.tokens[size] = self.decay * self.tokens[size] + tokens
-            self.weight[size] = self.decay * self.weight[size] + 1.0
-
-    def observe_host(self, seconds_per_row: float) -> None:
-        previous = self.host_seconds_per_row
-        self.host_seconds_per_row = seconds_per_row if previous is None else 0.9 * previous + 0.1 * seconds_per_row
-
-    def observe_plain_step(self, batch_size: int, seconds: float) -> None:
-        """A measured step of plain decoding at `batch_size` (host work included; see `PlainStepTimer`)."""
-        previous = self.plain_step_seconds.get(batch_size)
-        self.plain_step_seconds[batch_size] = seconds if previous is None else 0.5 * previous + 0.5 * seconds
-        self.plain_calls[batch_size] = self.plain_calls.get(batch_size, 0) + 1
-
-    def observe_spec_call(self, batch_size: int, seconds_per_token: float) -> None:
-        """A speculative call at `batch_size` that took `seconds_per_token` per generated token (its prefill and
-        first token left out, like the plain step)."""
-        previous = self.spec_token_seconds.get(batch_size)
-        self.spec_token_seconds[batch_size] = (  # a slow average: one prompt the head cannot draft is not the rule
-            seconds_per_token if previous is None else 0.75 * previous + 0.25 * seconds_per_token
-        )
-        self.plain_calls[batch_size] = 0
-
-    def measured_speedup(self, batch_size: int) -> float | None:
-        """Speculative over plain tokens per second at `batch_size`, from the calls measured (`None` until both
-        were); plain's step makes `batch_size` tokens, rows that finished early included (a bias towards plain)."""
-        spec, plain = self.spec_token_seconds.get(batch_size), self.plain_step_seconds.get(batch_size)
-        if spec is None or plain is None:
-            return None
-        return plain / (batch_size * spec)
-
-    def expected_tokens(self, num_nodes: int) -> float:
-        """Mean tokens per row-round with `num_nodes` nodes; beyond the largest size seen, that size's mean (a tree
-        never gives less than its prefix, and an untried size is not assumed to give more)."""
-        size = min(num_nodes, self.max_nodes)
-        while size > 1 and self.weight[size] == 0:
-            size -= 1
-        return self.tokens[size] / self.weight[size] if self.weight[size] else 1.0
-
-
-def acceptance_history(head: torch.nn.Module) -> AcceptanceHistory:
-    """The [`AcceptanceHistory`] of `head` (created empty on first use)."""
-    if head not in _HISTORIES:
-        _HISTORIES[head] = AcceptanceHistory()
-    return _HISTORIES[head]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ import collections
 import copy
 import statistics
 import time
-from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList
@@ -29,13 +28,16 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from . import decoding
-from .batch_budget import BatchPlan, BatchRoundBudget, acceptance_history, measure_batch_cost, plan_batch, round_seconds
+from . import accept
+from .acceptance import acceptance_history, acceptance_profile
+from .batch_budget import BatchPlan, BatchRoundBudget, measure_batch_cost, plan_batch, round_seconds
+from .batched_draft import BatchedDrafter
+from .candidate_generator import resolve_tree_budget
 from .compat import cache_kwarg
-from .budget import acceptance_profile
-from .batched_draft import BatchedDrafter, compact_cache_rows
-from .candidate_generator import resolve_tree_budget, tap_features
-from .decoding import JetSpecGenerateStats
+from .inputs import validated_cache
+from .kv_cache import compact_cache_rows, keep_tree_slots
+from .stats import JetSpecBatchStats
+from .verify import tap_features, verify_forward
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
 from .exact_argmax import exact_argmax_for
@@ -75,48 +77,6 @@ ARGMAX_MIN_ROWS = 3
 ARGMAX_MAX_ROWS = 64
 
 
-@dataclass
-class JetSpecBatchStats(JetSpecGenerateStats):
-    """What the last batched `generate(assistant_model=head)` call did (fields of [`JetSpecGenerateStats`], where
-    `drafted_nodes` and `accepted_drafts` sum over rows), plus:
-
-    Args:
-        batch_size (`int`): rows in the call.
-        speculated (`bool`): `False` when the cost model (or `tree_budget=1`) ran Transformers' own decoding instead;
-            the round and token counts then stay 0.
-        row_rounds (`int`): rounds summed over the rows taking part in them.
-        tree_sizes (`list[int]`): nodes per row verified in each round (root included).
-        max_nodes (`int`): largest tree per row the call allowed.
-        drafting_stopped_at (`int`, *optional*): the round after which the head first paused because its drafts did
-            not pay (see `DRAFT_BACKOFF`).
-        undrafted_rounds (`int`): rounds in which the head did not draft (its trees were the root, plus proposals).
-        gave_up_at (`int`, *optional*): the round from which the call verified roots alone, its recent rounds having
-            made tokens slower than plain decoding's measured step (see `GUARD_ROUNDS`).
-            remaining rounds verified the root alone).
-        expected_speedup (`float`, *optional*): the cost model's throughput ratio vs plain decoding for this call.
-    """
-
-    batch_size: int = 0
-    speculated: bool = True
-    row_rounds: int = 0
-    tree_sizes: list[int] = field(default_factory=list)
-    max_nodes: int = 0
-    drafting_stopped_at: int | None = None
-    undrafted_rounds: int = 0
-    gave_up_at: int | None = None
-    expected_speedup: float | None = None
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """tau: tokens per row per round."""
-        return (self.accepted_drafts + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
-
-    @property
-    def mean_tree_size(self) -> float:
-        """Nodes per verified tree (root included), over rows and rounds."""
-        return (self.drafted_nodes + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
-
-
 def left_padding_mask(attention_mask: torch.Tensor | None, input_ids: torch.LongTensor) -> torch.LongTensor:
     """The `(batch, length)` 0/1 mask of a left-padded batch (all ones when `attention_mask` is `None`).
 
@@ -139,7 +99,7 @@ def left_padding_mask(attention_mask: torch.Tensor | None, input_ids: torch.Long
 def _validate_batch(
     model, input_ids, logits_processor, generation_config, head, model_kwargs
 ) -> tuple[DynamicCache, torch.LongTensor]:
-    cache = decoding.validated_cache(model_kwargs, generation_config)
+    cache = validated_cache(model_kwargs, generation_config)
     if generation_config.return_dict_in_generate:
         for name in ("output_attentions", "output_hidden_states", "output_scores", "output_logits"):
             if getattr(generation_config, name, False):
@@ -212,7 +172,7 @@ def _plain_decoding(model, input_ids, logits_processor, stopping_criteria, gener
                            generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
     step = timer.step_seconds()
     if step is not None:
-        acceptance_history(head).observe_plain_step(input_ids.shape[0], step)
+        acceptance_history(model, head).observe_plain_step(input_ids.shape[0], step)
     return output
 
 
@@ -255,22 +215,6 @@ def batch_tree_inputs(
         return tokens, positions, additive_mask(allowed, dtype)
     key_positions = torch.cat([key_valid.long().cumsum(-1) - 1, positions], dim=-1)
     return tokens, positions, verify_attention_mask(config, allowed, positions, key_positions, dtype)
-
-
-def keep_tree_slots(cache: DynamicCache, past_length: int, index: torch.LongTensor) -> None:
-    """After a verify forward that appended `n` tree slots per row, keeps `index.shape[1]` of them: row `i`'s slot
-    `j` becomes tree node `index[i, j]`. The kept slots are written in place and the rest cropped."""
-    width = index.shape[1]
-    tree_rows = cache.layers[0].keys.shape[-2] - past_length
-    # Every row keeping its first slots in order (e.g. roots alone: nothing accepted) needs no move, only the crop.
-    in_place = bool((index == torch.arange(width, device=index.device)).all())
-    if not in_place:
-        for layer in cache.layers:
-            gather = index[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-            layer.keys[:, :, past_length : past_length + width] = layer.keys[:, :, past_length:].gather(2, gather)
-            layer.values[:, :, past_length : past_length + width] = layer.values[:, :, past_length:].gather(2, gather)
-    if tree_rows > width:
-        cache.crop(-(tree_rows - width))
 
 
 def projection_rows(
@@ -328,7 +272,7 @@ def batched_jetspec_decoding(
     topk = settings.tree_topk
     block = head.config.block_size
     stats = JetSpecBatchStats(tree_budget=budget, tree_topk=topk, batch_size=batch)
-    history = acceptance_history(head)
+    history = acceptance_history(model, head)
 
     # Plan: fixed trees, or sized for this batch by the measured cost model -- or no speculation at all.
     round_budget = None
@@ -391,7 +335,7 @@ def batched_jetspec_decoding(
             scores = logits.to(dtype=torch.float32, device=device, copy=True)[None]
             if len(processors[row]):
                 scores = processors[row](sequences[row : row + 1, :length], scores)
-            token = int(decoding.choose_token(scores, do_sample, draft_tokens))
+            token = int(accept.choose_token(scores, do_sample, draft_tokens))
         sequences[row, length] = token
         lengths[row] = length + 1
         if finished_at[row] is None and bool(stopping_criteria(sequences[row : row + 1, : length + 1], None).any()):
@@ -489,7 +433,7 @@ def batched_jetspec_decoding(
         tree_ids, tree_positions, tree_mask = batch_tree_inputs(
             trees, root_positions, key_valid, pad_token_id or 0, model.dtype, model.config
         )
-        outputs = decoding.verify_forward(decoder, packed, input_ids=tree_ids, position_ids=tree_positions,
+        outputs = verify_forward(decoder, packed, input_ids=tree_ids, position_ids=tree_positions,
                                           attention_mask=tree_mask, output_hidden_states=hidden_state_ids,
                                           **{cache_kwarg(decoder.forward): cache})
         node_hidden = outputs.last_hidden_state

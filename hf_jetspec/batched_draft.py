@@ -12,6 +12,7 @@ import torch
 from .draft_vocab import depth_logprobs
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead
 from .masks import additive_mask
+from .kv_cache import compact_cache_rows
 from .tree import DraftTree, build_tree
 
 
@@ -23,21 +24,6 @@ def left_align(valid: torch.BoolTensor, *tensors: torch.Tensor) -> tuple[torch.T
     order = order[:, :width]
     gathered = [t.gather(1, order.view(*order.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])) for t in tensors]
     return (valid.gather(1, order), *gathered)
-
-
-def compact_cache_rows(cache, valid: torch.BoolTensor) -> torch.BoolTensor:
-    """Squeezes the invalid slots out of every layer of a batched cache (slot order does not matter to attention: the
-    positions are in the rotated keys, visibility in the mask). Returns the new validity mask `(batch, max_valid)`."""
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    width = int(valid.sum(1).max())
-    order = order[:, :width]
-    for layer in cache.layers:
-        if not layer.is_initialized:
-            continue
-        index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-        layer.keys = layer.keys.gather(2, index)
-        layer.values = layer.values.gather(2, index)
-    return valid.gather(1, order)
 
 
 class BatchedDrafter:

@@ -31,74 +31,17 @@ from __future__ import annotations
 
 import bisect
 import math
-import statistics
-import time
 import weakref
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from .compat import cache_kwarg
-from .lookup import LookupProfile
+from .acceptance import AcceptanceProfile
+from .cost import VerifyCost, default_sizes, median_seconds, monotone
 from .tree import DraftTree, chain_path, merge_chain
 
-# Tree sizes timed by the calibration (root included); sizes in between are interpolated.
-CPU_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-CUDA_SIZES = (1, 8, 16, 32, 64, 96, 128, 192, 256)
-
 _MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, VerifyCost]]" = weakref.WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class VerifyCost:
-    """Seconds of one verify forward vs tree size, measured on this machine, linearly interpolated in between.
-
-    Args:
-        sizes (`tuple[int, ...]`): tree sizes timed (increasing).
-        seconds (`tuple[float, ...]`): median seconds of a verify forward of each size.
-    """
-
-    sizes: tuple[int, ...]
-    seconds: tuple[float, ...]
-
-    def __call__(self, num_nodes: int) -> float:
-        if num_nodes <= self.sizes[0]:
-            return self.seconds[0]
-        if num_nodes >= self.sizes[-1]:  # extrapolate with the last slope
-            slope = (self.seconds[-1] - self.seconds[-2]) / max(self.sizes[-1] - self.sizes[-2], 1) if len(self.sizes) > 1 else 0.0
-            return self.seconds[-1] + slope * (num_nodes - self.sizes[-1])
-        right = bisect.bisect_left(self.sizes, num_nodes)
-        left = right - 1
-        weight = (num_nodes - self.sizes[left]) / (self.sizes[right] - self.sizes[left])
-        return self.seconds[left] + weight * (self.seconds[right] - self.seconds[left])
-
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
-
-
-def median_seconds(function, repeats: int, device: torch.device, before=None, after=None) -> float:
-    """Median seconds of `function()` over `repeats` runs after one warm-up run (which warms up its shapes); `before`
-    and `after` run around each timed call, untimed; the device is synchronised around it on CUDA."""
-    timings = []
-    for _ in range(repeats + 1):
-        if before is not None:
-            before()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - start)
-        if after is not None:
-            after()
-    return statistics.median(timings[1:])
-
-
-def default_sizes(device: torch.device) -> tuple[int, ...]:
-    return CUDA_SIZES if device.type == "cuda" else CPU_SIZES
 
 
 def measure_verify_cost(
@@ -155,90 +98,6 @@ def measure_verify_cost(
     cached[key] = cost
     measurements.save("verify_cost", stored_key, {"sizes": list(sizes), "seconds": list(cost.seconds)})
     return cost
-
-
-def monotone(values: list[float]) -> list[float]:
-    """Running maximum: a bigger tree never costs less (timing noise aside)."""
-    out, top = [], 0.0
-    for value in values:
-        top = max(top, value)
-        out.append(top)
-    return out
-
-
-class AcceptanceProfile:
-    """How often each node of a head's best-first trees was accepted against how likely the head found it, and what
-    the parts of a round cost: one per (target, head), kept across `generate()` calls.
-
-    Node `i` (in best-first order) of a round's tree is accepted with probability about `c_i * exp(score_i)`, where
-    `c_i` is the ratio, decayed over the rounds that verified a node `i`, of node `i`'s acceptances to its predicted
-    probabilities. One `c` for every node would over-credit the many unlikely siblings of a big tree (a head is
-    over-confident far more at deep or low-ranked nodes than at its first guess) and pick trees that are too big.
-    Indices never verified share the calibration of all nodes so far.
-
-    Costs: `fixed_seconds` (draft, cache and bookkeeping per round), `accept_seconds_per_token` (the target's lm_head
-    rows and the logits processors per emitted token: a round that gives more tokens costs more) and `draft_seconds`
-    (the head's share, which a plain step saves), running means.
-
-    Args:
-        max_nodes (`int`): largest node index tracked.
-        decay (`float`): weight kept by the old sums per observation of a node.
-        prior_weight (`float`): pseudo-count (in predicted tokens) pulling each `c_i` toward the overall calibration,
-            and the overall calibration toward 1.
-    """
-
-    def __init__(self, max_nodes: int = 256, decay: float = 0.995, prior_weight: float = 2.0):
-        self.max_nodes, self.decay, self.prior_weight = max_nodes, decay, prior_weight
-        self.predicted = [0.0] * max_nodes  # index i: decayed sum of exp(score_i) over rounds that verified node i
-        self.accepted = [0.0] * max_nodes  # index i: decayed count of rounds that accepted node i
-        self.total_predicted = prior_weight
-        self.total_accepted = prior_weight
-        self.fixed_seconds: float | None = None
-        self.draft_seconds: float | None = None
-        self.accept_seconds_per_token: float | None = None
-        self.lookup = LookupProfile()  # how far prompt-lookup proposals matched this target (see `lookup.py`)
-
-    @property
-    def calibration(self) -> float:
-        """Overall `c`: tokens accepted per token the head expected, over the verified nodes (decayed)."""
-        return self.total_accepted / self.total_predicted
-
-    def scales(self, num_nodes: int) -> list[float]:
-        """`c_i` for node indices `0 .. num_nodes - 1` (index 0, the root, is always accepted)."""
-        overall, weight = self.calibration, self.prior_weight
-        limit = min(num_nodes, self.max_nodes)
-        scales = [1.0] + [(self.accepted[i] + weight * overall) / (self.predicted[i] + weight) for i in range(1, limit)]
-        return scales + [overall] * (num_nodes - limit)
-
-    def observe_tree(self, scores: list[float], accepted_nodes: list[int]) -> None:
-        """Adds one verified best-first tree (`scores` of its nodes) whose accepted path is `accepted_nodes`."""
-        accepted = set(accepted_nodes)
-        probabilities = [math.exp(score) for score in scores[1:]]  # node index i at position i - 1
-        for index, probability in enumerate(probabilities[: self.max_nodes - 1], start=1):
-            self.predicted[index] = self.decay * self.predicted[index] + probability
-            self.accepted[index] = self.decay * self.accepted[index] + (index in accepted)
-        self.total_predicted = self.decay * self.total_predicted + sum(probabilities)
-        self.total_accepted = self.decay * self.total_accepted + len(accepted_nodes)
-
-    def observe_costs(self, fixed: float, accept_per_token: float, draft: float | None) -> None:
-        def mean(old, new):
-            return new if old is None else 0.8 * old + 0.2 * new
-
-        self.fixed_seconds = mean(self.fixed_seconds, fixed)
-        self.accept_seconds_per_token = mean(self.accept_seconds_per_token, accept_per_token)
-        if draft is not None:
-            self.draft_seconds = mean(self.draft_seconds, draft)
-
-
-_PROFILES: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
-
-
-def acceptance_profile(model: torch.nn.Module, head: torch.nn.Module) -> AcceptanceProfile:
-    """The [`AcceptanceProfile`] of `head` drafting for `model` (created on first use; dropped with either)."""
-    profiles = _PROFILES.setdefault(model, weakref.WeakKeyDictionary())
-    if head not in profiles:
-        profiles[head] = AcceptanceProfile()
-    return profiles[head]
 
 
 class AutoBudget:

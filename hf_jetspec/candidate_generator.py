@@ -70,17 +70,6 @@ def call_tree_settings(head, overrides: dict | None = None):
     return settings
 
 
-def tap_features(hidden_states: tuple[torch.Tensor | None, ...], target_layer_ids: list[int]) -> torch.Tensor:
-    """Concatenates the outputs of the tapped target layers: `(batch, seq, K * hidden)`.
-
-    `hidden_states` is a Transformers `hidden_states` tuple (index `i + 1` holds layer `i`'s output; entries not
-    asked for may be `None`). The taps go to the device of the deepest one, nearest the `lm_head` and the head when
-    the target is split over devices (`device_map`).
-    """
-    device = hidden_states[max(target_layer_ids) + 1].device
-    return torch.cat([hidden_states[i + 1].to(device) for i in target_layer_ids], dim=-1)
-
-
 class JetSpecCandidateGenerator(CandidateGenerator):
     """Drafts one [`DraftTree`] per round with a [`JetSpecHead`].
 

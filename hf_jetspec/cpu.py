@@ -41,14 +41,19 @@ def cpu_class() -> str:
     return "other"
 
 
+def bf16_paths_on() -> bool:
+    """Whether the bf16 draft projection and `ExactArgmax` run: `HF_JETSPEC_BF16_PATHS` where set, else whether a bf16
+    `lm_head`-sized matmul measures at least `BF16_MIN_MATMUL_SPEEDUP` times fp32 on this CPU."""
+    forced = forced_bf16_paths()
+    return forced if forced is not None else bf16_matmul_speedup() >= BF16_MIN_MATMUL_SPEEDUP
+
+
 def cpu_description() -> dict:
     """What benchmarks record: the class, PyTorch's kernel level, the oneDNN cap, and which fast paths are on."""
-    from .draft_vocab import projection_dtype
-
     return {"cpu_class": cpu_class(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
             "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), "processor": platform.processor() or platform.machine(),
             "bf16_matmul_speedup": round(bf16_matmul_speedup(), 2),
-            "bf16_draft_projection_and_exact_argmax": projection_dtype(torch.device("cpu"), torch.float32) == torch.bfloat16}
+            "bf16_draft_projection_and_exact_argmax": bf16_paths_on()}
 
 
 def _best_seconds(run, repeats: int) -> float:

@@ -8,257 +8,27 @@ last one, which is the next tree's root.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .attention import TREE_ATTENTION, packed_tree_mask, verification_attention
-from .compat import GENERATE_CACHE_KEY, OUTPUT_CACHE_FIELD, cache_kwarg
-from .target_logits import target_logits_for
-from .masks import sliding_window, verify_attention_mask
-from .budget import AutoBudget, acceptance_profile, measure_verify_cost
-from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget, tap_features
+from . import accept
+from .accept import ARGMAX_ROWS, lm_head_chunk, rows_to_project
+from .acceptance import acceptance_profile
+from .batched import batched_jetspec_decoding
+from .budget import AutoBudget, measure_verify_cost
+from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget
+from .compat import OUTPUT_CACHE_FIELD, cache_kwarg
 from .exact_argmax import exact_argmax_for
+from .inputs import check_inputs, validate_single
+from .kv_cache import compact_cache
 from .lookup import PromptLookupDraft, prompt_lookup_tokens
 from .modeling_jetspec import JetSpecHead
-from .packed_linear import PackedLinears, packed_linears, packed_linears_for, packed_memory_cap
-
-TREE_MASK_ATTENTION = ("sdpa", "eager", "jetspec_tree")
-
-
-@dataclass
-class JetSpecGenerateStats:
-    """What the last `generate(assistant_model=head)` call did.
-
-    Args:
-        rounds (`int`): draft-verify rounds (the prefill is not a round).
-        new_tokens (`int`): tokens emitted, the prefill's token included.
-        drafted_nodes (`int`): tree nodes drafted, roots excluded.
-        draft_rounds (`int`): rounds in which the head drafted (with `tree_budget="auto"`, rounds where drafting did
-            not pay run as plain steps; see `budget.py`).
-        accepted_drafts (`int`): drafted tokens accepted.
-        lookup_nodes (`int`), accepted_lookup (`int`): tree nodes on merged prompt-lookup proposals (shared with the
-            head's or not), and how many of them were accepted (see `lookup.py`).
-        tree_budget (`int` or `"auto"`), tree_topk (`int`): the tree settings used.
-        time_prefill, time_draft, time_verify, time_accept, time_cache, time_total (`float`): seconds.
-    """
-
-    rounds: int = 0
-    new_tokens: int = 0
-    drafted_nodes: int = 0
-    accepted_drafts: int = 0
-    draft_rounds: int = 0
-    lookup_nodes: int = 0
-    accepted_lookup: int = 0
-    tree_budget: int | str = 0
-    tree_topk: int = 0
-    time_prefill: float = 0.0
-    time_draft: float = 0.0
-    time_verify: float = 0.0
-    time_accept: float = 0.0
-    time_cache: float = 0.0
-    time_total: float = 0.0
-
-    def count_lookup(self, tree, accepted_nodes: list[int]) -> None:
-        """Adds a verified tree's merged prompt-lookup nodes and how many of them `accepted_nodes` holds."""
-        if tree.lookup_nodes:
-            self.lookup_nodes += len(tree.lookup_nodes)
-            self.accepted_lookup += len(set(accepted_nodes).intersection(tree.lookup_nodes))
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """tau: tokens emitted per round (accepted drafts + the target's own token)."""
-        return (self.accepted_drafts + self.rounds) / self.rounds if self.rounds else 0.0
-
-    @property
-    def drafted_tau(self) -> float:
-        """tau over the rounds in which the head drafted (the head's acceptance; equals tau unless `"auto"` backed
-        off drafting for some rounds)."""
-        return (self.accepted_drafts + self.draft_rounds) / self.draft_rounds if self.draft_rounds else 0.0
-
-    @property
-    def mean_tree_size(self) -> float:
-        """Nodes per verified tree, root included (the budget, or what `tree_budget="auto"` chose on average)."""
-        return (self.drafted_nodes + self.rounds) / self.rounds if self.rounds else 0.0
-
-    @property
-    def time_overhead(self) -> float:
-        """Host time outside the measured phases (Python bookkeeping, streamer, stopping criteria)."""
-        measured = self.time_prefill + self.time_draft + self.time_verify + self.time_accept + self.time_cache
-        return max(self.time_total - measured, 0.0)
-
-
-def choose_token(scores: torch.Tensor, do_sample: bool, draft_tokens: list[int]) -> torch.LongTensor:
-    """The target's token at a tree node: argmax (greedy) or one sample of `softmax(scores)` (sampling), `scores`
-    being the target's logits for this node's own path after every logits processor and warper.
-
-    `draft_tokens` (the node's children) play no part: the token is drawn from the target's distribution alone, and
-    the tree only decides how far one verify forward gets. That is why output is exactly the target's (token for
-    token under greedy, in distribution under sampling; with the same seed, the same tokens as plain sampling up to
-    floating-point ties) -- the rule a lossy "typical acceptance" would change.
-    """
-    if do_sample:
-        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-    return scores.argmax(dim=-1)
-
-
-def lm_head_chunk(device: torch.device) -> int | None:
-    """Rows of the target's lm_head computed at once while accepting (`None`: a whole main chain).
-
-    On a CPU more than three rows of a big-vocabulary lm_head cost far more than one (fp32 `linear` switches kernels
-    at four rows; SmolLM2's 49k x 576 lm_head read from memory on the 2-core x86 box: 4.5 ms for 1 row, 5.1 ms for 3,
-    8.4 ms for 4), so rows go three at a time. On a GPU the rows are nearly free: the whole chain goes at once.
-    """
-    return None if device.type == "cuda" else 3
-
-
-ARGMAX_ROWS = 32  # tree rows per `ExactArgmax` call: its bf16 pass costs about the same for 1 to 32 rows
-
-
-def rows_to_project(tree, node: int, done, rows: int | None) -> list[int]:
-    """The tree rows whose target logits one lm_head call computes when `node`'s are needed: `node`, then the nodes
-    below it most likely to be reached (highest `tree.scores`, else the first in the tree's order) whose logits are
-    not in `done`, `rows` in all; with `rows=None`, `node`'s main chain."""
-    if rows is None:
-        return tree.main_chain(node)
-    below = tree.ancestor_mask[node + 1 :, node].nonzero().flatten().add(node + 1).tolist() if rows > 1 else []
-    below = [other for other in below if other not in done]
-    if tree.scores is not None:
-        below.sort(key=lambda other: -tree.scores[other])  # stable: ties keep the tree's order
-    return [node, *below[: rows - 1]]
-
-
-def compact_cache(cache: DynamicCache, past_length: int, keep: torch.LongTensor) -> None:
-    """Keeps `past_length` prefix rows plus the tree rows `keep` (sorted, relative to the tree) in every layer.
-
-    The kept rows are moved down in place; the rest is dropped with the public `crop(-n)`.
-    """
-    for layer in cache.layers:
-        tree_rows = layer.keys.shape[-2] - past_length
-        if keep.numel() < tree_rows:
-            source = past_length + keep
-            target = slice(past_length, past_length + keep.numel())
-            layer.keys[:, :, target] = layer.keys[:, :, source]
-            layer.values[:, :, target] = layer.values[:, :, source]
-    cache.crop(-(cache.layers[0].keys.shape[-2] - past_length - keep.numel()))
-
-
-def verify_tree(decoder, tree, past_length: int, cache: DynamicCache, hidden_state_ids: list[int], dtype: torch.dtype,
-                packed: PackedLinears | None = None):
-    """Step 2 of a round: one target forward over every tree node (ancestor mask, tree positions), appending the
-    nodes' keys and values to `cache` and returning the decoder outputs with the tapped hidden states. Under
-    `attn_implementation="jetspec_tree"` the mask is the packed ancestor bits (no dense mask, see `attention.py`).
-    `packed`: the decoder's [`PackedLinears`] (see `packed_linear.py`), if any."""
-    if decoder.config._attn_implementation == TREE_ATTENTION:
-        attention_mask = packed_tree_mask(tree.packed_ancestor_bits())
-    elif sliding_window(decoder.config) is None:
-        attention_mask = tree.attention_mask(past_length, dtype)
-    else:  # the window on top of the ancestor mask, for the sliding-window layers (see masks.py)
-        device = tree.tokens.device
-        allowed = torch.cat([torch.ones(tree.num_nodes, past_length, dtype=torch.bool, device=device),
-                             tree.ancestor_mask], dim=1)[None]
-        query_positions = tree.position_ids(past_length)
-        key_positions = torch.cat([torch.arange(past_length, device=device)[None], query_positions], dim=1)
-        attention_mask = verify_attention_mask(decoder.config, allowed, query_positions, key_positions, dtype)
-    return verify_forward(decoder, packed, input_ids=tree.tokens[None], position_ids=tree.position_ids(past_length),
-                          attention_mask=attention_mask, output_hidden_states=hidden_state_ids,
-                          **{cache_kwarg(decoder.forward): cache})
-
-
-def verify_forward(decoder, packed: PackedLinears | None, input_ids: torch.LongTensor, **kwargs):
-    """One verify forward of the target's decoder (cache on), as every verify forward and its cost calibration runs:
-    grouped-query heads folded (`attention.verification_attention`) and linears on `packed` weights where measured
-    faster (`packed_linear.py`)."""
-    with verification_attention(decoder), packed_linears(packed, input_ids.numel()):
-        return decoder(input_ids=input_ids, use_cache=True, **kwargs)
-
-
-def validated_cache(model_kwargs: dict, generation_config=None, allow_prefilled: bool = False) -> DynamicCache:
-    """The plain `DynamicCache` generate() prepared for this call (the batch-1 and batched loops both need one): empty,
-    or with `allow_prefilled` (one prompt) the first turn's cache passed back as `past_key_values`.
-
-    For a target with sliding-window layers generate() prepares a `DynamicCache` whose sliding layers keep only the
-    window; tree compaction needs every position, so that (still empty) cache is replaced by a plain one, in
-    `model_kwargs` too, and the window goes into the verify masks (`masks.py`).
-    """
-    if not model_kwargs.get("use_cache", True):
-        raise ValueError("JetSpec tree decoding needs the KV cache: do not pass `use_cache=False`.")
-    cache = model_kwargs.get(GENERATE_CACHE_KEY)
-    if cache is None:  # transformers >= 5.25 leaves the cache to the model's first forward
-        requested = getattr(generation_config, "cache_implementation", None)
-        if requested not in (None, "dynamic"):
-            raise ValueError(f"JetSpec tree decoding needs a plain DynamicCache, got cache_implementation={requested!r}: "
-                             "drop `cache_implementation`.")
-        cache = model_kwargs[GENERATE_CACHE_KEY] = DynamicCache()
-    if (type(cache) is DynamicCache and cache.get_seq_length() == 0
-            and all(isinstance(layer, DynamicLayer) for layer in cache.layers)):
-        cache = model_kwargs[GENERATE_CACHE_KEY] = DynamicCache()
-    if not isinstance(cache, DynamicCache) or any(type(layer) is not DynamicLayer for layer in cache.layers):
-        raise ValueError(
-            f"JetSpec tree decoding needs a plain DynamicCache (no static, sliding-window or quantized cache), got "
-            f"{type(cache).__name__}: drop `cache_implementation` / `past_key_values`."
-        )
-    if cache.get_seq_length() > 0 and not allow_prefilled:
-        raise ValueError(
-            "Batched JetSpec decoding starts from an empty cache: for a second turn of a batch, pass the whole "
-            "conversations as `input_ids` without `past_key_values` (a single prompt can continue its cache)."
-        )
-    return cache
-
-
-def check_inputs(model, input_ids, head, model_kwargs, settings=None) -> None:
-    """Refuses, before any forward, what a JetSpec call cannot run exactly: `inputs_embeds`, an empty prompt, a pre-
-    filled cache for a batch, a head whose dtype differs from the target's, and bad tree settings."""
-    if model_kwargs.get("inputs_embeds") is not None:
-        raise ValueError(
-            "A JetSpec head drafts token ids and the target verifies them through its own embeddings, so "
-            "`inputs_embeds` cannot be used with `assistant_model=head`: pass `input_ids` (e.g. "
-            "tokenizer(text, return_tensors='pt').input_ids), or drop `assistant_model`."
-        )
-    if input_ids.shape[-1] == 0:
-        raise ValueError(
-            "The prompt is empty: JetSpec decoding (like the target itself) needs at least one prompt token. Start "
-            "from the tokenizer's BOS token or a chat template's generation prompt."
-        )
-    head_dtype, target_dtype = head.dtype, model.dtype
-    if head_dtype != target_dtype and head.training:  # in eval mode, bind() casts the head to the target's dtype
-        raise ValueError(
-            f"The JetSpec head is {head_dtype} and the target {target_dtype}, and the head is in training mode, so "
-            f"generate() does not cast it: call `head.eval()` (generate() then casts it in place) or "
-            f"`head.to({target_dtype})`."
-        )
-    from .candidate_generator import validate_tree_settings
-
-    validate_tree_settings(settings if settings is not None else head.generation_config)
-
-
-def _validate(model, input_ids, generation_config, head, model_kwargs) -> DynamicCache:
-    for name in ("output_attentions", "output_hidden_states"):
-        if getattr(generation_config, name, False) and generation_config.return_dict_in_generate:
-            raise ValueError(f"`{name}=True` is not supported with a JetSpec head; `output_scores`/`output_logits` are.")
-    attn = model.config._attn_implementation
-    if attn not in TREE_MASK_ATTENTION:
-        raise ValueError(
-            f"The target uses attn_implementation={attn!r}, which cannot take a tree attention mask. "
-            f"Load it with attn_implementation='sdpa' (or one of {TREE_MASK_ATTENTION})."
-        )
-    if attn == TREE_ATTENTION and sliding_window(model.config) is not None:
-        raise ValueError(
-            f"attn_implementation={TREE_ATTENTION!r} cannot express the sliding window of this target's "
-            f"sliding-window layers (window {sliding_window(model.config)}): load it with attn_implementation='sdpa'."
-        )
-    cache = validated_cache(model_kwargs, generation_config, allow_prefilled=True)
-    if cache.get_seq_length() >= input_ids.shape[1]:
-        raise ValueError(
-            f"`past_key_values` already holds {cache.get_seq_length()} positions, but `input_ids` has only "
-            f"{input_ids.shape[1]}: pass the whole conversation so far (its cached part plus at least one new token)."
-        )
-    head.bind(model)
-    return cache
-
+from .packed_linear import packed_linears_for, packed_memory_cap
+from .stats import JetSpecGenerateStats
+from .target_logits import target_logits_for
+from .verify import tap_features, verify_tree
 
 @torch.no_grad()
 def jetspec_decoding(
@@ -281,14 +51,12 @@ def jetspec_decoding(
     check_inputs(model, input_ids, assistant_model, model_kwargs, settings)
     attention_mask = model_kwargs.get("attention_mask")
     if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
-        from .batched import batched_jetspec_decoding
-
         return batched_jetspec_decoding(
             model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
             assistant_model, tree_settings=settings, **model_kwargs,
         )
     head = assistant_model
-    cache = _validate(model, input_ids, generation_config, head, model_kwargs)
+    cache = validate_single(model, input_ids, generation_config, head, model_kwargs)
     start = time.perf_counter()
     budget = resolve_tree_budget(settings.tree_budget)
     decoder = getattr(model, model.base_model_prefix)
@@ -337,7 +105,7 @@ def jetspec_decoding(
         else:
             next_logits = token_logits.to(dtype=torch.float32, device=input_ids.device)[None]
             next_scores = logits_processor(input_ids, next_logits.clone())
-            token = choose_token(next_scores, do_sample, list(draft_tokens))
+            token = accept.choose_token(next_scores, do_sample, list(draft_tokens))
             if scores is not None:
                 scores += (next_scores,)
             if raw_logits is not None:

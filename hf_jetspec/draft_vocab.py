@@ -1,13 +1,13 @@
 """The draft's output projection: depth logits over the head's draft vocabulary, in the fastest dtype for the device.
 
 A head drafts proposals only. Every node's token is the target's own (argmax or a sample of the target's
-distribution, see `decoding.choose_token`), so what the projection computes changes which tokens a tree offers, never
+distribution, see `accept.choose_token`), so what the projection computes changes which tokens a tree offers, never
 the output. Two savings follow, both lossless:
 
 - a draft vocabulary: the head scores only the tokens the target actually writes (the most frequent ones in the
   target's on-policy responses, stored with the head as `draft_vocab`), e.g. 8k of SmolLM2's 49k;
-- a bfloat16 copy of those `lm_head` rows on CPUs with AMX tiles (and whatever dtype the head runs in elsewhere):
-  there the bf16 product of a few rows is about 4x faster than the fp32 one.
+- a bfloat16 copy of those `lm_head` rows on CPUs where a bf16 product measures faster (AMX tiles, AVX-512 BF16; the
+  head's own dtype elsewhere): there the bf16 product of a few rows is about 4x faster than the fp32 one.
 
 Measured on the 2-core x86 CPU box (AMX), default target and its shipped head, budget 8 (7 drafted depths), 3 GSM8K
 prompts: the draft took 17.3 ms per round with the fp32 lm_head over all 49k tokens, 8.8 ms with a bf16 copy, 5.7 ms
@@ -20,18 +20,15 @@ from collections.abc import Iterable
 
 import torch
 
+from .cpu import bf16_paths_on
 from .target_logits import softcap
 
 
 def projection_dtype(device: torch.device, head_dtype: torch.dtype) -> torch.dtype:
     """bfloat16 on CPUs where a bf16 `lm_head`-sized matmul measures faster than fp32 (native bf16: AMX tiles or
     AVX-512 BF16; see `cpu.bf16_matmul_speedup`, which the process's ISA caps also govern); the head's dtype elsewhere."""
-    if device.type == "cpu" and head_dtype == torch.float32:
-        from .cpu import BF16_MIN_MATMUL_SPEEDUP, bf16_matmul_speedup, forced_bf16_paths
-
-        forced = forced_bf16_paths()
-        if forced if forced is not None else bf16_matmul_speedup() >= BF16_MIN_MATMUL_SPEEDUP:
-            return torch.bfloat16
+    if device.type == "cpu" and head_dtype == torch.float32 and bf16_paths_on():
+        return torch.bfloat16
     return head_dtype
 
 

@@ -34,7 +34,7 @@ import weakref
 
 import torch
 
-from .budget import median_seconds
+from .cost import median_seconds
 
 logger = logging.getLogger(__name__)
 

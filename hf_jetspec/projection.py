@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import median_seconds
+from .cost import median_seconds
 
 PROBE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 FLUSH_BYTES = 64 * 1024 * 1024  # larger than the last-level cache of the CPUs this runs on

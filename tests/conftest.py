@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 os.environ["HF_JETSPEC_MEASUREMENTS"] = "off"
 
 import hf_jetspec  # hooks generate()  # noqa: E402
-import hf_jetspec.decoding
+import hf_jetspec.accept
 from hf_jetspec import JetSpecHead
 from hf_jetspec.modeling_jetspec import JetSpecHeadOutput
 
@@ -138,14 +138,14 @@ def save_tiny_target(directory, family: str = "llama"):
 def patch_typical_acceptance(monkeypatch) -> None:
     """Replaces the exact acceptance rule with 'typical acceptance' (take the head's first child whenever the target
     gives it >= 10%), a common lossy shortcut that the distribution tests must reject."""
-    exact = hf_jetspec.decoding.choose_token
+    exact = hf_jetspec.accept.choose_token
 
     def broken(scores, do_sample, draft_tokens):
         if draft_tokens and torch.softmax(scores, -1)[0, draft_tokens[0]] >= 0.1:
             return torch.tensor([draft_tokens[0]], device=scores.device)
         return exact(scores, do_sample, draft_tokens)
 
-    monkeypatch.setattr(hf_jetspec.decoding, "choose_token", broken)
+    monkeypatch.setattr(hf_jetspec.accept, "choose_token", broken)
 
 
 def distribution_check(counts, probs) -> tuple[float, float, float]:

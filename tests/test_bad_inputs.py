@@ -1,5 +1,5 @@
 """Every bad input in the README's table gets a clear error that says what to do, before anything is written or
-generated. Checked on purpose: with `check_inputs` (decoding.py) returning at once, the empty prompt, `inputs_embeds`
+generated. Checked on purpose: with `check_inputs` (inputs.py) returning at once, the empty prompt, `inputs_embeds`
 (with and without `input_ids`) and dtype cases fail here; without the JSON check in `from_pretrained`, the malformed
 generation_config.json case loads silently with default settings and fails here."""
 

@@ -12,10 +12,11 @@ import hf_jetspec.batch_budget
 import hf_jetspec.decoding
 import hf_jetspec.batched
 from hf_jetspec import JetSpecCandidateGenerator, JetSpecHead
-from hf_jetspec.batch_budget import AcceptanceHistory, BatchCost, BatchRoundBudget, acceptance_history, plan_batch
+from hf_jetspec.acceptance import AcceptanceHistory, acceptance_history, acceptance_profile, pair_state
+from hf_jetspec.batch_budget import BatchCost, BatchRoundBudget, plan_batch
 from hf_jetspec.batched_draft import BatchedDrafter
-from hf_jetspec.budget import VerifyCost
-from hf_jetspec.candidate_generator import tap_features
+from hf_jetspec.cost import VerifyCost
+from hf_jetspec.verify import tap_features
 from hf_jetspec.modeling_jetspec import JetSpecHeadOutput
 from hf_jetspec.tree import build_tree
 
@@ -398,7 +399,7 @@ def test_a_call_falling_behind_plain_decoding_gives_up_speculating(monkeypatch):
     history = depth_history()
     history.observe_plain_step(input_ids.shape[0], 1e-9)  # plain decoding measured (absurdly) fast here
     monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch))
-    monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda head: history)
+    monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda model, head: history)
     assert target.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
     stats = head.last_generate_stats
     assert stats.speculated and stats.gave_up_at == hf_jetspec.batched.GUARD_ROUNDS
@@ -438,7 +439,7 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
     for history, draft_base, speculated in ((depth_history(), 50.0, False), (depth_history(), 0.01, True)):
         monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost",
                             lambda model, head, batch: synthetic_cost(batch, draft_base))
-        monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda head: history)
+        monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda model, head: history)
         sampled.clear()
         head.generation_config.tree_budget = "auto"
         out = target.generate(input_ids, assistant_model=head, **kwargs)
@@ -451,7 +452,7 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
     # (prompt-lookup proposals off: with them the rounds after the stop would still verify proposals)
     head.generation_config.prompt_lookup_num_tokens = 0
     monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch, 50.0))
-    monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda head: AcceptanceHistory())
+    monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda model, head: AcceptanceHistory())
     assert target.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
     stats = head.last_generate_stats
     stopped = stats.drafting_stopped_at
@@ -465,13 +466,30 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
     assert not head.last_generate_stats.speculated
 
 
-def test_history_is_kept_per_head_and_measures_every_prefix():
+def test_history_measures_every_prefix():
     history = AcceptanceHistory(max_nodes=8, decay=1.0)
     history.observe(6, [1, 4])  # accepted path: node 1 then node 4
     assert [history.expected_tokens(n) for n in (1, 2, 4, 5, 6, 8)] == [1.0, 2.0, 2.0, 3.0, 3.0, 3.0]
-    target = make_tiny_target("llama")
-    head = JetSpecHead.from_target(target)
-    assert acceptance_history(head) is acceptance_history(head) and not acceptance_history(head).observed
+
+
+def test_two_targets_sharing_a_head_keep_separate_state():
+    """One store per (target, head): what a head learned drafting for one target (node calibration, lookup profile,
+    batch history, costs) is not what it finds on another. Checked by breaking it: with the store keyed by the head
+    alone (as the batch history was), the second target's state is the first's and this test fails."""
+    first, second = make_tiny_target("llama", seed=1), make_tiny_target("llama", seed=2)
+    head = JetSpecHead.from_target(first, num_hidden_layers=1)
+    ids = torch.tensor([[5, 9, 13, 5, 9, 13, 5, 9]])
+    batch = torch.cat([ids, ids.flip(1)])
+    for target in (first, second):
+        assert not acceptance_history(target, head).observed and acceptance_profile(target, head).fixed_seconds is None
+    first.generate(ids, do_sample=False, max_new_tokens=12, assistant_model=head, tree_budget="auto")
+    first.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False, max_new_tokens=12,
+                   assistant_model=head, tree_budget=4)
+    assert acceptance_profile(first, head).fixed_seconds is not None  # the one-prompt call's costs and calibration
+    assert acceptance_history(first, head).observed  # the batch's tokens per row-round
+    assert acceptance_profile(second, head) is not acceptance_profile(first, head)
+    assert acceptance_profile(second, head).fixed_seconds is None and not acceptance_history(second, head).observed
+    assert pair_state(first, head) is pair_state(first, head)
 
 
 # ---------------------------------------------------------------------------------------------------------- errors
@@ -520,7 +538,7 @@ def test_all_padding_row_is_refused():
 def test_keep_tree_slots_moves_accepted_nodes_down_and_crops(index):
     from transformers import DynamicCache
 
-    from hf_jetspec.batched import keep_tree_slots
+    from hf_jetspec.kv_cache import keep_tree_slots
 
     generator = torch.Generator().manual_seed(0)
     past, nodes = 5, 4

@@ -10,7 +10,8 @@ from test_batched import PAD, synthetic_cost
 
 import hf_jetspec.batched
 from hf_jetspec import JetSpecHead
-from hf_jetspec.batch_budget import AcceptanceHistory, BatchRoundBudget, row_choices
+from hf_jetspec.acceptance import AcceptanceHistory
+from hf_jetspec.batch_budget import BatchRoundBudget, row_choices
 from hf_jetspec.batched import projection_rows
 from hf_jetspec.projection import ProjectionCost, flat_projection_cost, measure_projection
 from hf_jetspec.tree import build_tree, tree_from_parents
@@ -37,7 +38,7 @@ def test_batched_greedy_with_prompt_lookup_equals_plain_generate(budget, lookup,
     head.generation_config.prompt_lookup_num_tokens = lookup
     if budget == "auto":  # speculate whatever this machine measures (the plan is tested in test_batched.py)
         monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch))
-        monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda head: AcceptanceHistory())
+        monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda model, head: AcceptanceHistory())
     input_ids, mask = repetitive_batch()
     free_run = target.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=40, pad_token_id=PAD)
     eos = int(free_run[1, input_ids.shape[1] + 6])  # row 1 finishes early
@@ -59,7 +60,7 @@ def test_proposals_keep_going_after_the_heads_drafts_stop_paying(monkeypatch):
     head.generation_config.tree_budget = "auto"
     monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost",
                         lambda model, head, batch: synthetic_cost(batch, draft_base=50.0))  # drafting never pays
-    monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda head: AcceptanceHistory())
+    monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda model, head: AcceptanceHistory())
     input_ids, mask = repetitive_batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=60, do_sample=False, pad_token_id=PAD)
     expected = target.generate(input_ids, **kwargs)

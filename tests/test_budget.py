@@ -7,8 +7,10 @@ import torch
 from conftest import make_tiny_target
 
 from hf_jetspec import JetSpecHead, build_tree
-from hf_jetspec.budget import AcceptanceProfile, AutoBudget, VerifyCost, acceptance_profile, measure_verify_cost
-from hf_jetspec.decoding import verify_tree
+from hf_jetspec.acceptance import AcceptanceProfile, acceptance_profile
+from hf_jetspec.budget import AutoBudget, measure_verify_cost
+from hf_jetspec.cost import VerifyCost
+from hf_jetspec.verify import verify_tree
 
 
 def test_verify_cost_interpolates_and_extrapolates():

@@ -10,7 +10,7 @@ from transformers.cache_utils import DFlashCache
 from transformers.generation.candidate_generator import DFlashTokenCandidateGenerator
 
 from hf_jetspec import DFLASH_ATTENTION, JetSpecContextCache, JetSpecHead, dflash_incompatibility, export_dflash
-from hf_jetspec.candidate_generator import tap_features
+from hf_jetspec.verify import tap_features
 
 BLOCK = 5
 MASK_TOKEN = 7

@@ -8,8 +8,9 @@ import torch
 from conftest import make_tiny_target
 
 from hf_jetspec import JetSpecHead
-from hf_jetspec.budget import AutoBudget, VerifyCost
-from hf_jetspec.decoding import rows_to_project
+from hf_jetspec.budget import AutoBudget
+from hf_jetspec.cost import VerifyCost
+from hf_jetspec.accept import rows_to_project
 from hf_jetspec.lookup import LookupProfile, PromptLookupDraft, matched_prefix, prompt_lookup_tokens
 from hf_jetspec.tree import build_tree, merge_chain, tree_from_parents
 

@@ -6,7 +6,7 @@ warm-up (resident memory after `malloc_trim`: 64 MB after the first target, 16 M
 call gives the same output at the end as at the start. `JETSPEC_SOAK=1` runs the long form
 (10x the calls).
 
-Checked on purpose: with `acceptance_profile` keeping its profiles in a plain dict (no weak keys), the store-size
+Checked on purpose: with `pair_state` keeping its states in a plain dict (no weak keys), the store-size
 check fails (entries pile up for every dropped target); with the reference call's head switched to a lossy
 acceptance rule for the second half, the start/end comparison fails; with 128 kB kept per call, the long form fails
 the memory bounds (+174.6 MB after warm-up, +72.5 MB over the second half).
@@ -21,6 +21,7 @@ import resource
 import torch
 from conftest import make_tiny_target
 
+import hf_jetspec.acceptance as acceptance
 import hf_jetspec.batch_budget as batch_budget
 import hf_jetspec.budget as budget
 import hf_jetspec.exact_argmax as exact_argmax
@@ -39,9 +40,8 @@ def store_sizes() -> dict[str, int]:
     """Entries of every process-wide store (nested per-head stores counted inside their target's entry)."""
     return {
         "verify costs": len(budget._MEASURED),
-        "acceptance profiles": sum(len(inner) for inner in budget._PROFILES.values()),
+        "acceptance states": sum(len(inner) for inner in acceptance._STATES.values()),
         "batch costs": sum(len(inner) for inner in batch_budget._MEASURED.values()),
-        "batch histories": len(batch_budget._HISTORIES),
         "projection costs": len(projection._MEASURED),
         "exact argmax": len(exact_argmax._BUILT),
         "packed linears": len(packed_linear._PACKED),

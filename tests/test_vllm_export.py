@@ -11,7 +11,7 @@ from conftest import make_tiny_target
 from safetensors.torch import load_file
 
 from hf_jetspec import JetSpecHead, export_vllm, vllm_incompatibility
-from hf_jetspec.candidate_generator import tap_features
+from hf_jetspec.verify import tap_features
 from hf_jetspec.vllm_export import head_drafts, reference_drafts
 
 

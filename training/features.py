@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from hf_jetspec.candidate_generator import tap_features
+from hf_jetspec.verify import tap_features
 
 
 def feature_path(directory: Path, row_id: str) -> Path:

@@ -1,0 +1,110 @@
+"""What the last `generate(assistant_model=head)` call did: [`JetSpecGenerateStats`] for one prompt,
+[`JetSpecBatchStats`] for a batch (`head.last_generate_stats`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class JetSpecGenerateStats:
+    """What the last `generate(assistant_model=head)` call did.
+
+    Args:
+        rounds (`int`): draft-verify rounds (the prefill is not a round).
+        new_tokens (`int`): tokens emitted, the prefill's token included.
+        drafted_nodes (`int`): tree nodes drafted, roots excluded.
+        draft_rounds (`int`): rounds in which the head drafted (with `tree_budget="auto"`, rounds where drafting did
+            not pay run as plain steps; see `budget.py`).
+        accepted_drafts (`int`): drafted tokens accepted.
+        lookup_nodes (`int`), accepted_lookup (`int`): tree nodes on merged prompt-lookup proposals (shared with the
+            head's or not), and how many of them were accepted (see `lookup.py`).
+        tree_budget (`int` or `"auto"`), tree_topk (`int`): the tree settings used.
+        time_prefill, time_draft, time_verify, time_accept, time_cache, time_total (`float`): seconds.
+    """
+
+    rounds: int = 0
+    new_tokens: int = 0
+    drafted_nodes: int = 0
+    accepted_drafts: int = 0
+    draft_rounds: int = 0
+    lookup_nodes: int = 0
+    accepted_lookup: int = 0
+    tree_budget: int | str = 0
+    tree_topk: int = 0
+    time_prefill: float = 0.0
+    time_draft: float = 0.0
+    time_verify: float = 0.0
+    time_accept: float = 0.0
+    time_cache: float = 0.0
+    time_total: float = 0.0
+
+    def count_lookup(self, tree, accepted_nodes: list[int]) -> None:
+        """Adds a verified tree's merged prompt-lookup nodes and how many of them `accepted_nodes` holds."""
+        if tree.lookup_nodes:
+            self.lookup_nodes += len(tree.lookup_nodes)
+            self.accepted_lookup += len(set(accepted_nodes).intersection(tree.lookup_nodes))
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens emitted per round (accepted drafts + the target's own token)."""
+        return (self.accepted_drafts + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def drafted_tau(self) -> float:
+        """tau over the rounds in which the head drafted (the head's acceptance; equals tau unless `"auto"` backed
+        off drafting for some rounds)."""
+        return (self.accepted_drafts + self.draft_rounds) / self.draft_rounds if self.draft_rounds else 0.0
+
+    @property
+    def mean_tree_size(self) -> float:
+        """Nodes per verified tree, root included (the budget, or what `tree_budget="auto"` chose on average)."""
+        return (self.drafted_nodes + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def time_overhead(self) -> float:
+        """Host time outside the measured phases (Python bookkeeping, streamer, stopping criteria)."""
+        measured = self.time_prefill + self.time_draft + self.time_verify + self.time_accept + self.time_cache
+        return max(self.time_total - measured, 0.0)
+
+
+@dataclass
+class JetSpecBatchStats(JetSpecGenerateStats):
+    """What the last batched `generate(assistant_model=head)` call did (fields of [`JetSpecGenerateStats`], where
+    `drafted_nodes` and `accepted_drafts` sum over rows), plus:
+
+    Args:
+        batch_size (`int`): rows in the call.
+        speculated (`bool`): `False` when the cost model (or `tree_budget=1`) ran Transformers' own decoding instead;
+            the round and token counts then stay 0.
+        row_rounds (`int`): rounds summed over the rows taking part in them.
+        tree_sizes (`list[int]`): nodes per row verified in each round (root included).
+        max_nodes (`int`): largest tree per row the call allowed.
+        drafting_stopped_at (`int`, *optional*): the round after which the head first paused because its drafts did
+            not pay (see `DRAFT_BACKOFF`).
+        undrafted_rounds (`int`): rounds in which the head did not draft (its trees were the root, plus proposals).
+        gave_up_at (`int`, *optional*): the round from which the call verified roots alone, its recent rounds having
+            made tokens slower than plain decoding's measured step (see `GUARD_ROUNDS`).
+            remaining rounds verified the root alone).
+        expected_speedup (`float`, *optional*): the cost model's throughput ratio vs plain decoding for this call.
+    """
+
+    batch_size: int = 0
+    speculated: bool = True
+    row_rounds: int = 0
+    tree_sizes: list[int] = field(default_factory=list)
+    max_nodes: int = 0
+    drafting_stopped_at: int | None = None
+    undrafted_rounds: int = 0
+    gave_up_at: int | None = None
+    expected_speedup: float | None = None
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens per row per round."""
+        return (self.accepted_drafts + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
+
+    @property
+    def mean_tree_size(self) -> float:
+        """Nodes per verified tree (root included), over rows and rounds."""
+        return (self.drafted_nodes + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
