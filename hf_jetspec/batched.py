@@ -9,7 +9,8 @@ mask. Rows accept different numbers of tokens; the target cache keeps `max_accep
 
 Output equals plain `generate()` on the same batch, row by row: rows finished by an EOS-type criterion are padded with
 `pad_token_id` as Transformers does; without one, a row that met its stopping criteria keeps the target's own tokens
-until the last row finishes, again as Transformers does.
+until the last row finishes, again as Transformers does. A streamer gets each step's column (one token per row, as
+plain decoding puts them) once every row has that step's token.
 
 With `tree_budget="auto"` a measured cost model (`batch_budget.py`) sizes the trees for the batch size and hardware,
 and when speculation would not beat plain decoding the call runs Transformers' own decoding instead.
@@ -342,6 +343,27 @@ def batched_jetspec_decoding(
             finished_at[row] = length + 1 - prompt_length
         return token, lengths[row] >= max_length or (finished_at[row] is not None and eos_padding)
 
+    streamed = 0  # output columns already given to the streamer
+
+    def stream_ready() -> None:
+        """Puts each output column whose every row is final: a token the row emitted, or padding after its EOS-type
+        stop; and only while some row is still running past it (else the column lies beyond the output)."""
+        nonlocal streamed
+        while True:
+            step = streamed
+            if not all(lengths[row] - prompt_length > step or (eos_padding and finished_at[row] is not None
+                                                               and finished_at[row] <= step) for row in range(batch)):
+                return
+            if not any(finished_at[row] is None or finished_at[row] > step for row in range(batch)):
+                return
+            column = sequences[:, prompt_length + step].clone()
+            if eos_padding:
+                for row in range(batch):
+                    if finished_at[row] is not None and finished_at[row] <= step:
+                        column[row] = pad_token_id or 0
+            streamer.put(column.cpu())
+            streamed += 1
+
     def still_running(row: int) -> bool:
         if lengths[row] >= max_length:
             return False
@@ -366,6 +388,8 @@ def batched_jetspec_decoding(
     first_logits = lm_head(outputs.last_hidden_state[:, -1])
     for row in range(batch):
         emit(row, first_logits[row], [])
+    if streamer is not None:
+        stream_ready()
     drafter = BatchedDrafter(head, batch, topk)
     drafter.add_context(tap_features(outputs.hidden_states, target_layer_ids), positions, prompt_mask.bool())
     key_valid = prompt_mask.bool()
@@ -518,6 +542,8 @@ def batched_jetspec_decoding(
         stats.time_verify += t2 - t1
         stats.time_accept += t3 - t2
         stats.time_cache += t4 - t3
+        if streamer is not None:
+            stream_ready()
 
     decode_end = time.perf_counter()
     # Output: each row's tokens up to the step it finished, then pad_token_id (EOS-type criteria) or its own tokens
@@ -532,8 +558,8 @@ def batched_jetspec_decoding(
         count = min(finished_at[row], steps) if eos_padding else steps
         output[row, prompt_length : prompt_length + count] = sequences[row, prompt_length : prompt_length + count]
         stats.new_tokens += count
-    if streamer is not None:
-        for step in range(steps):
+    if streamer is not None:  # the columns no round could stream yet (rows stopped at max_length, the last rounds)
+        for step in range(streamed, steps):
             streamer.put(output[:, prompt_length + step].cpu())
         streamer.end()
     stats.time_total = time.perf_counter() - start

@@ -84,11 +84,14 @@ def batch_oracle_for(target, references, rank_of_truth=0, block_size=8):
 
 
 class CollectingStreamer(BaseStreamer):
-    def __init__(self):
-        self.chunks, self.ended = [], False
+    """Keeps every chunk, and how many verify forwards had run when it came (`rounds`, a list the test fills)."""
+
+    def __init__(self, rounds=None):
+        self.chunks, self.ended, self.rounds, self.rounds_at_put = [], False, rounds, []
 
     def put(self, value):
         self.chunks.append(value.tolist())
+        self.rounds_at_put.append(len(self.rounds) if self.rounds is not None else None)
 
     def end(self):
         self.ended = True
@@ -116,11 +119,18 @@ def test_greedy_batch_equals_plain_generate_row_by_row(family, drafter, budget, 
         head = batch_oracle_for(target, real_tokens(free_run, mask), rank_of_truth=1 if budget == 16 else 0)
     else:
         head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
-    plain_streamer, spec_streamer = CollectingStreamer(), CollectingStreamer()
+    rounds = []
+    verify_forward = hf_jetspec.batched.verify_forward
+    monkeypatch.setattr(hf_jetspec.batched, "verify_forward", lambda *a, **k: rounds.append(1) or verify_forward(*a, **k))
+    plain_streamer, spec_streamer = CollectingStreamer(), CollectingStreamer(rounds)
     target.generate(input_ids, do_sample=False, pad_token_id=PAD, streamer=plain_streamer, **kwargs)
     out = run(target, head, budget, input_ids, streamer=spec_streamer, **kwargs)
     assert out.tolist() == expected.tolist()
     assert spec_streamer.chunks == plain_streamer.chunks and spec_streamer.ended
+    # per-token streaming: the first new tokens come after the prefill, before any verify forward, and the stream
+    # keeps pace with the rounds (checked by breaking it: with every column put at the end, both asserts fail)
+    assert spec_streamer.rounds_at_put[1] == 0
+    assert sum(at < len(rounds) for at in spec_streamer.rounds_at_put[1:]) >= len(spec_streamer.chunks[1:]) // 2
     stats = head.last_generate_stats
     assert stats.speculated and stats.batch_size == 4 and max(stats.tree_sizes) <= budget
     if drafter == "oracle":
