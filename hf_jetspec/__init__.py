@@ -8,7 +8,8 @@ from transformers import AutoConfig, AutoModel
 
 from .attention import register_tree_attention
 from .chat import chat_input_ids
-from .candidate_generator import JetSpecCandidateGenerator, default_tree_budget
+from .candidate_generator import JetSpecCandidateGenerator
+from .settings import TreeSettings, default_tree_budget
 from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, qwen3_draft_config, tokenizer_fingerprint
 from .decoding import jetspec_decoding
 from .stats import JetSpecGenerateStats
@@ -38,6 +39,7 @@ __all__ = [
     "chat_input_ids",
     "default_target_layer_ids",
     "default_target_path",
+    "TreeSettings",
     "default_tree_budget",
     "draft_attention_mask",
     "jetspec_decoding",

@@ -33,16 +33,16 @@ from . import accept
 from .acceptance import acceptance_history, acceptance_profile
 from .batch_budget import BatchPlan, BatchRoundBudget, measure_batch_cost, plan_batch, round_seconds
 from .batched_draft import BatchedDrafter
-from .candidate_generator import resolve_tree_budget
 from .compat import cache_kwarg
 from .inputs import validated_cache
 from .kv_cache import compact_cache_rows, keep_tree_slots
+from .settings import TreeSettings
 from .stats import JetSpecBatchStats
 from .verify import tap_features, verify_forward
-from .lookup import PromptLookupDraft, prompt_lookup_tokens
+from .lookup import PromptLookupDraft
 from .modeling_jetspec import JetSpecHead
 from .exact_argmax import exact_argmax_for
-from .packed_linear import packed_linears_for, packed_memory_cap
+from .packed_linear import packed_linears_for
 from .projection import ProjectionCost, measure_projection
 from .target_logits import target_logits_for
 from .tree import DraftTree, build_tree, merge_chain
@@ -254,7 +254,7 @@ def batched_jetspec_decoding(
     synced_gpus: bool = False,
     streamer=None,
     assistant_model: JetSpecHead | None = None,
-    tree_settings=None,
+    tree_settings: TreeSettings | None = None,
     **model_kwargs,
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
     """Tree speculative decoding for a left-padded batch (called by [`jetspec_decoding`] for batch size > 1 or a
@@ -264,12 +264,12 @@ def batched_jetspec_decoding(
     (`past_key_values=None`), and per-step scores do not exist for a batch whose rows advance at different speeds.
     """
     head = assistant_model
-    settings = tree_settings if tree_settings is not None else head.generation_config  # this call's tree settings
+    settings = tree_settings or TreeSettings.from_config(head.generation_config)  # this call's tree settings
     cache, prompt_mask = _validate_batch(model, input_ids, logits_processor, generation_config, head, model_kwargs)
     start = time.perf_counter()
     device = input_ids.device
     batch, prompt_length = input_ids.shape
-    budget = resolve_tree_budget(settings.tree_budget)
+    budget = settings.tree_budget
     topk = settings.tree_topk
     block = head.config.block_size
     stats = JetSpecBatchStats(tree_budget=budget, tree_topk=topk, batch_size=batch)
@@ -279,7 +279,7 @@ def batched_jetspec_decoding(
     round_budget = None
     if budget == "auto":
         cost = measure_batch_cost(model, head, batch)
-        plan = plan_batch(cost, history, block, getattr(settings, "tree_max_budget", None))
+        plan = plan_batch(cost, history, block, settings.tree_max_budget)
         if plan.speculate:
             host = history.host_seconds_per_row or 0.0
             verify = cost.verify_seconds(batch, plan.max_nodes)
@@ -295,7 +295,7 @@ def batched_jetspec_decoding(
 
     decoder = getattr(model, model.base_model_prefix)
     # verify forwards on packed weights where measured faster, within the head's memory cap for them
-    packed = packed_linears_for(decoder, packed_memory_cap(settings))
+    packed = packed_linears_for(decoder, settings.packed_memory_cap)
     lm_head = target_logits_for(model)  # the lm_head + the family's own logit transform, if any
     projection = measure_projection(model)
     target_layer_ids = head.config.target_layer_ids
@@ -315,11 +315,11 @@ def batched_jetspec_decoding(
     # greedy rows without logits processors need only the argmax: a bf16 pass + an fp32 recheck where it is faster
     argmax = None if do_sample or len(logits_processor) or not lm_head.plain else exact_argmax_for(model)
     # Per row: prompt-lookup proposals over its own tokens (padding left out), scored in the head's shared profile.
-    lookup_tokens = prompt_lookup_tokens(getattr(settings, "prompt_lookup_num_tokens", None), budget)
+    lookup_tokens = settings.prompt_lookup_num_tokens
     left_padding = (prompt_length - prompt_mask.sum(-1)).tolist()
     lookups = [
         PromptLookupDraft(
-            lookup_tokens, getattr(settings, "max_matching_ngram_size", None) or 2,
+            lookup_tokens, settings.max_matching_ngram_size,
             eos_token_id=getattr(generation_config, "_eos_token_tensor", None), max_length=max_length - left_padding[row],
             profile=None if round_budget is None else round_budget.profile.lookup,
         )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
@@ -11,63 +9,8 @@ from .budget import AutoBudget
 from .draft_vocab import depth_logprobs
 from .lookup import PromptLookupDraft
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead
+from .settings import resolve_tree_budget
 from .tree import DraftTree, build_tree, merge_chain
-
-
-def default_tree_budget(device: torch.device) -> int:
-    """Fixed node budget that suits the device, for callers that want one number instead of `"auto"`.
-
-    On a CPU a verify forward of 8-16 rows costs about as much as one of 2, while 64+ rows cost several plain steps
-    (see `examples/benchmark_rounds.py`); on a GPU rows are nearly free up to a few hundred.
-    """
-    return 128 if device.type == "cuda" else 16
-
-
-def resolve_tree_budget(value) -> int | str:
-    """`head.generation_config.tree_budget` as used: unset means `"auto"` (see `hf_jetspec/budget.py`)."""
-    if value is None or value == "auto":
-        return "auto"
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`tree_budget` must be 'auto' or an int >= 1 (nodes per tree, root included), got {value!r}")
-    return value
-
-
-def validate_tree_settings(generation_config) -> None:
-    """Checks a head's tree settings (`tree_budget`, `tree_topk`, `tree_max_budget`, `prompt_lookup_num_tokens`,
-    `max_matching_ngram_size`, `packed_weights_max_mb`) at once; raises the `ValueError` of the first bad one."""
-    from .lookup import prompt_lookup_tokens
-    from .packed_linear import packed_memory_cap
-
-    budget = resolve_tree_budget(getattr(generation_config, "tree_budget", None))
-    topk = getattr(generation_config, "tree_topk", 7)
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"`tree_topk` must be an int >= 1 (candidates per depth), got {topk!r}")
-    for name in ("tree_max_budget", "max_matching_ngram_size"):
-        value = getattr(generation_config, name, None)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"`{name}` must be None or an int >= 1, got {value!r}")
-    prompt_lookup_tokens(getattr(generation_config, "prompt_lookup_num_tokens", None), budget)
-    packed_memory_cap(generation_config)
-
-
-# generate() arguments that set the head's tree settings for one call (Transformers' own assistant settings, e.g.
-# `prompt_lookup_num_tokens`, are taken per call the same way).
-CALL_SETTINGS = ("tree_budget", "tree_topk", "tree_max_budget", "prompt_lookup_num_tokens", "max_matching_ngram_size")
-
-
-def call_tree_settings(head, overrides: dict | None = None):
-    """The tree settings of one `generate()` call: `head.generation_config` with `overrides` (any of
-    [`CALL_SETTINGS`]) applied to a copy, validated; the head's own settings are left as they are."""
-    if not overrides:
-        return head.generation_config
-    unknown = sorted(set(overrides) - set(CALL_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown JetSpec tree settings {unknown}; per call you can set {list(CALL_SETTINGS)}")
-    settings = copy.deepcopy(head.generation_config)
-    for name, value in overrides.items():
-        setattr(settings, name, value)
-    validate_tree_settings(settings)
-    return settings
 
 
 class JetSpecCandidateGenerator(CandidateGenerator):

@@ -18,14 +18,15 @@ from .accept import ARGMAX_ROWS, lm_head_chunk, rows_to_project
 from .acceptance import acceptance_profile
 from .batched import batched_jetspec_decoding
 from .budget import AutoBudget, measure_verify_cost
-from .candidate_generator import JetSpecCandidateGenerator, resolve_tree_budget
+from .candidate_generator import JetSpecCandidateGenerator
 from .compat import OUTPUT_CACHE_FIELD, cache_kwarg
 from .exact_argmax import exact_argmax_for
 from .inputs import check_inputs, validate_single
 from .kv_cache import compact_cache
-from .lookup import PromptLookupDraft, prompt_lookup_tokens
+from .lookup import PromptLookupDraft
 from .modeling_jetspec import JetSpecHead
-from .packed_linear import packed_linears_for, packed_memory_cap
+from .packed_linear import packed_linears_for
+from .settings import TreeSettings
 from .stats import JetSpecGenerateStats
 from .target_logits import target_logits_for
 from .verify import tap_features, verify_tree
@@ -40,15 +41,16 @@ def jetspec_decoding(
     synced_gpus: bool = False,
     streamer=None,
     assistant_model: JetSpecHead | None = None,
-    tree_settings=None,
+    tree_settings: TreeSettings | None = None,
     **model_kwargs,
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-    """Tree speculative decoding with a [`JetSpecHead`] (called by `generate()`; same arguments as `_assisted_decoding`).
+    """Tree speculative decoding with a [`JetSpecHead`] (called by `generate()`; same arguments as `_assisted_decoding`,
+    plus this call's [`TreeSettings`], by default the head's).
 
     A batch (or a padded prompt) goes to [`batched_jetspec_decoding`]; one unpadded prompt runs the loop below.
     """
-    settings = tree_settings if tree_settings is not None else assistant_model.generation_config  # this call's
-    check_inputs(model, input_ids, assistant_model, model_kwargs, settings)
+    settings = tree_settings or TreeSettings.from_config(assistant_model.generation_config)
+    check_inputs(model, input_ids, assistant_model, model_kwargs)
     attention_mask = model_kwargs.get("attention_mask")
     if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
         return batched_jetspec_decoding(
@@ -58,10 +60,10 @@ def jetspec_decoding(
     head = assistant_model
     cache = validate_single(model, input_ids, generation_config, head, model_kwargs)
     start = time.perf_counter()
-    budget = resolve_tree_budget(settings.tree_budget)
+    budget = settings.tree_budget
     decoder = getattr(model, model.base_model_prefix)
     # verify forwards on packed weights where measured faster, within the head's memory cap for them
-    packed = packed_linears_for(decoder, packed_memory_cap(settings))
+    packed = packed_linears_for(decoder, settings.packed_memory_cap)
     lm_head = target_logits_for(model)  # the lm_head + the family's own logit transform, if any
     hidden_state_ids = [i + 1 for i in head.config.target_layer_ids]
     auto_budget = None
@@ -69,13 +71,11 @@ def jetspec_decoding(
         cost = measure_verify_cost(
             model, lambda tree, past, kv: verify_tree(decoder, tree, past, kv, hidden_state_ids, model.dtype, packed)
         )
-        auto_budget = AutoBudget(cost, max_budget=getattr(settings, "tree_max_budget", None),
-                                 profile=acceptance_profile(model, head))
-    lookup_tokens = prompt_lookup_tokens(getattr(settings, "prompt_lookup_num_tokens", None), budget)
+        auto_budget = AutoBudget(cost, max_budget=settings.tree_max_budget, profile=acceptance_profile(model, head))
     prompt_lookup = None
-    if lookup_tokens:
+    if settings.prompt_lookup_num_tokens:
         prompt_lookup = PromptLookupDraft(
-            lookup_tokens, getattr(settings, "max_matching_ngram_size", None) or 2,
+            settings.prompt_lookup_num_tokens, settings.max_matching_ngram_size,
             eos_token_id=getattr(generation_config, "_eos_token_tensor", None), max_length=generation_config.max_length,
             profile=None if auto_budget is None else auto_budget.profile.lookup,
         )

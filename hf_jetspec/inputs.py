@@ -44,9 +44,10 @@ def validated_cache(model_kwargs: dict, generation_config=None, allow_prefilled:
     return cache
 
 
-def check_inputs(model, input_ids, head, model_kwargs, settings=None) -> None:
+def check_inputs(model, input_ids, head, model_kwargs) -> None:
     """Refuses, before any forward, what a JetSpec call cannot run exactly: `inputs_embeds`, an empty prompt, a pre-
-    filled cache for a batch, a head whose dtype differs from the target's, and bad tree settings."""
+    filled cache for a batch, a head whose dtype differs from the target's (bad tree settings are refused when the call's
+    [`TreeSettings`] are made)."""
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError(
             "A JetSpec head drafts token ids and the target verifies them through its own embeddings, so "
@@ -65,9 +66,6 @@ def check_inputs(model, input_ids, head, model_kwargs, settings=None) -> None:
             f"generate() does not cast it: call `head.eval()` (generate() then casts it in place) or "
             f"`head.to({target_dtype})`."
         )
-    from .candidate_generator import validate_tree_settings
-
-    validate_tree_settings(settings if settings is not None else head.generation_config)
 
 
 def validate_single(model, input_ids, generation_config, head, model_kwargs) -> DynamicCache:

@@ -16,7 +16,7 @@ import transformers
 from packaging.version import Version
 from transformers.generation.utils import GenerationMixin, GenerationMode
 
-from .candidate_generator import CALL_SETTINGS, call_tree_settings
+from .settings import CALL_SETTINGS, call_tree_settings
 from .decoding import jetspec_decoding
 from .modeling_jetspec import JetSpecHead
 

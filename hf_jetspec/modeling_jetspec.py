@@ -265,7 +265,7 @@ class JetSpecHead(JetSpecPreTrainedModel):
                 ) from error
             # no generation_config.json: keep the defaults
         try:  # absolute, so a head repo's copy of this file (trust_remote_code, no hf_jetspec) loads without it
-            from hf_jetspec.candidate_generator import validate_tree_settings
+            from hf_jetspec.settings import validate_tree_settings
         except ImportError:  # no hf_jetspec: nothing here drafts with the tree settings, so nothing to validate
             validate_tree_settings = None
         try:
