@@ -25,7 +25,12 @@ import time
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList
-from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+from transformers.generation.logits_process import (
+    EncoderNoRepeatNGramLogitsProcessor,
+    EncoderRepetitionPenaltyLogitsProcessor,
+    PrefixConstrainedLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+)
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -49,12 +54,10 @@ from .tree import DraftTree, build_tree, merge_chain
 from .masks import additive_mask, sliding_window, verify_attention_mask
 
 BATCH_MASK_ATTENTION = ("sdpa", "eager")
-# Logits processors that index the batch (or keep per-call state across steps): a row's tokens are processed alone,
-# at its own pace, so these cannot see the batch they expect.
+# Logits processors that keep per-call state across steps or run the model on a batch of their own: a row's tokens
+# are processed alone, at its own pace, so these cannot see the batch they expect. (Those that only index the batch
+# get a per-row copy, see `row_logits_processors`.)
 BATCH_INDEXED_PROCESSORS = (
-    "PrefixConstrainedLogitsProcessor",
-    "EncoderRepetitionPenaltyLogitsProcessor",
-    "EncoderNoRepeatNGramLogitsProcessor",
     "ClassifierFreeGuidanceLogitsProcessor",
     "UnbatchedClassifierFreeGuidanceLogitsProcessor",
     "SynthIDTextWatermarkLogitsProcessor",
@@ -118,31 +121,45 @@ def _validate_batch(
     batch_indexed = [type(p).__name__ for p in logits_processor if type(p).__name__ in BATCH_INDEXED_PROCESSORS]
     if batch_indexed:
         raise ValueError(
-            f"{batch_indexed[0]} is not supported by batched JetSpec decoding (it indexes the batch or keeps state "
-            "across steps, while each row is processed at its own pace): call generate() per prompt."
+            f"{batch_indexed[0]} is not supported by batched JetSpec decoding (it keeps state across steps or runs "
+            "the model on a batch of its own, while each row is processed at its own pace): call generate() per "
+            "prompt."
         )
     mask = left_padding_mask(model_kwargs.get("attention_mask"), input_ids)
     head.bind(model)
     return cache, mask
 
 
+def row_processor(processor, row: int):
+    """`processor` as it acts on batch row `row` when called with that row's `(1, length)` sequence alone: a copy
+    holding the row's entry where it keeps one per batch row (the repetition penalty's `prompt_ignore_length`, the
+    encoder-side penalty's and n-gram block's prompt ids), or calling `prefix_allowed_tokens_fn` with the row's own
+    batch id; else the processor itself."""
+    if isinstance(processor, RepetitionPenaltyLogitsProcessor) and isinstance(processor.prompt_ignore_length,
+                                                                                torch.Tensor):
+        row_copy = copy.copy(processor)
+        row_copy.prompt_ignore_length = processor.prompt_ignore_length[row : row + 1]
+    elif isinstance(processor, EncoderRepetitionPenaltyLogitsProcessor):
+        row_copy = copy.copy(processor)
+        row_copy.encoder_input_ids = processor.encoder_input_ids[row : row + 1]
+    elif isinstance(processor, EncoderNoRepeatNGramLogitsProcessor):
+        row_copy = copy.copy(processor)
+        row_copy.batch_size, row_copy.generated_ngrams = 1, [processor.generated_ngrams[row]]
+    elif isinstance(processor, PrefixConstrainedLogitsProcessor):
+        if processor._num_beams != 1:
+            raise ValueError("Batched JetSpec decoding runs one sequence per prompt (num_beams=1).")
+        allowed = processor._prefix_allowed_tokens_fn
+        row_copy = copy.copy(processor)
+        row_copy._prefix_allowed_tokens_fn = lambda batch_id, sentence: allowed(row, sentence)
+    else:
+        return processor
+    return row_copy
+
+
 def row_logits_processors(logits_processor: LogitsProcessorList, batch_size: int) -> list[LogitsProcessorList]:
-    """One processor list per row, each called with that row's `(1, length)` sequence. Processors holding a tensor
-    per batch row (the repetition penalty's `prompt_ignore_length`: each row's left padding) get a copy with their
-    row's entry; the others are shared."""
-    per_row = [LogitsProcessorList() for _ in range(batch_size)]
-    for processor in logits_processor:
-        sliced = isinstance(processor, RepetitionPenaltyLogitsProcessor) and isinstance(
-            processor.prompt_ignore_length, torch.Tensor
-        )
-        for row, processors in enumerate(per_row):
-            if sliced:
-                row_processor = copy.copy(processor)
-                row_processor.prompt_ignore_length = processor.prompt_ignore_length[row : row + 1]
-                processors.append(row_processor)
-            else:
-                processors.append(processor)
-    return per_row
+    """One processor list per row, each called with that row's `(1, length)` sequence (see [`row_processor`])."""
+    return [LogitsProcessorList(row_processor(processor, row) for processor in logits_processor)
+            for row in range(batch_size)]
 
 
 class PlainStepTimer(StoppingCriteria):

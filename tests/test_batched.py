@@ -502,13 +502,38 @@ def test_two_targets_sharing_a_head_keep_separate_state():
     assert pair_state(first, head) is pair_state(first, head)
 
 
+@pytest.mark.parametrize("processor", ["prefix_allowed_tokens_fn", "encoder_repetition_penalty", "both"])
+def test_processors_that_index_the_batch_act_on_each_row_as_in_plain_generate(processor):
+    """`prefix_allowed_tokens_fn` (called with each row's batch id) and the encoder-side repetition penalty (one
+    prompt per row) act on each row as plain generate() applies them to the batch. Checked by breaking it: with
+    every row's copy given batch id 0 (or row 0's prompt ids), the outputs differ from plain generate()."""
+    target = sharp_target("llama", seed=3)
+    input_ids, mask = left_padded_batch()
+    oracle = batch_oracle_for(target, real_tokens(
+        target.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=20, pad_token_id=PAD), mask))
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, pad_token_id=PAD, do_sample=False)
+    if processor in ("prefix_allowed_tokens_fn", "both"):
+        # row b may only write tokens congruent to b mod 4 (plus a few shared ones): each row's batch id matters
+        kwargs["prefix_allowed_tokens_fn"] = lambda batch_id, ids: [t for t in range(1, 96) if t % 4 == batch_id or t < 6]
+    if processor in ("encoder_repetition_penalty", "both"):
+        kwargs["encoder_repetition_penalty"] = 3.0
+    expected = target.generate(input_ids, **kwargs)
+    for head, budget in ((JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6), 8), (oracle, 8)):
+        head.generation_config.tree_budget = budget
+        out = target.generate(input_ids, assistant_model=head, **kwargs)
+        assert out.tolist() == expected.tolist()
+        assert head.last_generate_stats.speculated
+    plain = target.generate(input_ids, attention_mask=mask, max_new_tokens=20, pad_token_id=PAD, do_sample=False)
+    assert expected.tolist() != plain.tolist()  # the processors changed the output
+
+
 # ---------------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "case,message",
     [
         ("right_padding", "left padding"),
         ("output_scores", "output_scores"),
-        ("prefix_fn", "PrefixConstrainedLogitsProcessor"),
+        ("guidance", "ClassifierFreeGuidanceLogitsProcessor"),
         ("flash", "attn_implementation"),
         ("jetspec_tree", "attn_implementation"),
     ],
@@ -522,8 +547,8 @@ def test_unsupported_batches_raise_clear_errors(case, message):
         kwargs["attention_mask"] = mask.flip(-1)
     elif case == "output_scores":
         kwargs.update(return_dict_in_generate=True, output_scores=True)
-    elif case == "prefix_fn":
-        kwargs["prefix_allowed_tokens_fn"] = lambda batch_id, ids: [1, 2]
+    elif case == "guidance":
+        kwargs["guidance_scale"] = 1.5
     else:
         target.config._attn_implementation = "flash_attention_2" if case == "flash" else "jetspec_tree"
     with pytest.raises(ValueError, match=message):
