@@ -53,7 +53,9 @@ from .target_logits import target_logits_for
 from .tree import DraftTree, build_tree, merge_chain
 from .masks import additive_mask, sliding_window, verify_attention_mask
 
-BATCH_MASK_ATTENTION = ("sdpa", "eager")
+# Attention that takes a batch's dense per-row tree mask. `"jetspec_tree"` runs a dense mask as SDPA does: its kernel
+# reads one tree's ancestor bits over an all-valid prefix, and a batch's rows have left padding and cache gaps.
+BATCH_MASK_ATTENTION = ("sdpa", "eager", "jetspec_tree")
 # Logits processors that keep per-call state across steps or run the model on a batch of their own: a row's tokens
 # are processed alone, at its own pace, so these cannot see the batch they expect. (Those that only index the batch
 # get a per-row copy, see `row_logits_processors`.)

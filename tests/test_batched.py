@@ -527,6 +527,27 @@ def test_processors_that_index_the_batch_act_on_each_row_as_in_plain_generate(pr
     assert expected.tolist() != plain.tolist()  # the processors changed the output
 
 
+def test_a_jetspec_tree_target_runs_batches_exactly():
+    """A target loaded with `attn_implementation="jetspec_tree"` (for its one-prompt kernel) takes batches too: their
+    dense per-row tree masks run as SDPA runs them, with outputs equal to plain generate() on the same target."""
+    from transformers import AutoModelForCausalLM
+
+    reference = sharp_target("qwen3", seed=2)
+    target = AutoModelForCausalLM.from_config(reference.config, attn_implementation="jetspec_tree").eval()
+    target.load_state_dict(reference.state_dict())
+    assert target.config._attn_implementation == "jetspec_tree"
+    input_ids, mask = left_padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=20, pad_token_id=PAD, do_sample=False)
+    expected = target.generate(input_ids, **kwargs)
+    assert expected.tolist() == reference.generate(input_ids, **kwargs).tolist()
+    oracle = batch_oracle_for(target, real_tokens(expected, mask))
+    for head in (oracle, JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)):
+        head.generation_config.tree_budget = 8
+        assert target.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
+        assert head.last_generate_stats.speculated
+    assert oracle.last_generate_stats.mean_accepted_length > 2
+
+
 # ---------------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "case,message",
@@ -535,7 +556,6 @@ def test_processors_that_index_the_batch_act_on_each_row_as_in_plain_generate(pr
         ("output_scores", "output_scores"),
         ("guidance", "ClassifierFreeGuidanceLogitsProcessor"),
         ("flash", "attn_implementation"),
-        ("jetspec_tree", "attn_implementation"),
     ],
 )
 def test_unsupported_batches_raise_clear_errors(case, message):
@@ -550,7 +570,7 @@ def test_unsupported_batches_raise_clear_errors(case, message):
     elif case == "guidance":
         kwargs["guidance_scale"] = 1.5
     else:
-        target.config._attn_implementation = "flash_attention_2" if case == "flash" else "jetspec_tree"
+        target.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match=message):
         target.generate(input_ids, **kwargs)
 
