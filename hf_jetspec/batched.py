@@ -107,12 +107,12 @@ def _validate_batch(
 ) -> tuple[DynamicCache, torch.LongTensor]:
     cache = validated_cache(model_kwargs, generation_config)
     if generation_config.return_dict_in_generate:
-        for name in ("output_attentions", "output_hidden_states", "output_scores", "output_logits"):
+        for name in ("output_attentions", "output_hidden_states"):
             if getattr(generation_config, name, False):
                 raise ValueError(
-                    f"`{name}=True` is not supported by batched JetSpec decoding (batch size {input_ids.shape[0]}): "
-                    "rows advance at different speeds, so there are no per-step batch tensors. Call generate() per "
-                    "prompt (batch size 1 supports `output_scores`/`output_logits`), or drop `assistant_model`."
+                    f"`{name}=True` is not supported with a JetSpec head (batch size {input_ids.shape[0]}): the "
+                    "target's forwards run over trees, not one position per step. `output_scores`/`output_logits` "
+                    "are supported; drop `assistant_model` for attentions or hidden states."
                 )
     attn = model.config._attn_implementation
     if attn not in BATCH_MASK_ATTENTION:
@@ -279,8 +279,8 @@ def batched_jetspec_decoding(
     """Tree speculative decoding for a left-padded batch (called by [`jetspec_decoding`] for batch size > 1 or a
     padded prompt; same arguments as `_assisted_decoding`).
 
-    With `return_dict_in_generate=True` the output holds `sequences` only: the target cache has per-row gaps
-    (`past_key_values=None`), and per-step scores do not exist for a batch whose rows advance at different speeds.
+    With `return_dict_in_generate=True` the output holds `sequences` and, where asked, per-step `scores`/`logits`
+    (see [`step_tensors`]); not the target cache, which has per-row gaps (`past_key_values=None`).
     """
     head = assistant_model
     settings = tree_settings or TreeSettings.from_config(head.generation_config)  # this call's tree settings
@@ -332,7 +332,12 @@ def batched_jetspec_decoding(
     finished_at: list[int | None] = [None] * batch
     processors = row_logits_processors(logits_processor, batch)
     # greedy rows without logits processors need only the argmax: a bf16 pass + an fp32 recheck where it is faster
-    argmax = None if do_sample or len(logits_processor) or not lm_head.plain else exact_argmax_for(model)
+    return_dict = generation_config.return_dict_in_generate
+    emitted_scores = [[] for _ in range(batch)] if return_dict and generation_config.output_scores else None
+    emitted_logits = [[] for _ in range(batch)] if return_dict and generation_config.output_logits else None
+    argmax = None  # (returned scores or logits need every emitted token's whole row)
+    if not (do_sample or len(logits_processor) or emitted_scores or emitted_logits) and lm_head.plain:
+        argmax = exact_argmax_for(model)
     # Per row: prompt-lookup proposals over its own tokens (padding left out), scored in the head's shared profile.
     lookup_tokens = settings.prompt_lookup_num_tokens
     left_padding = (prompt_length - prompt_mask.sum(-1)).tolist()
@@ -353,8 +358,12 @@ def batched_jetspec_decoding(
             token = logits
         else:
             scores = logits.to(dtype=torch.float32, device=device, copy=True)[None]
+            if emitted_logits is not None:
+                emitted_logits[row].append(scores[0].clone())
             if len(processors[row]):
                 scores = processors[row](sequences[row : row + 1, :length], scores)
+            if emitted_scores is not None:
+                emitted_scores[row].append(scores[0])
             token = int(accept.choose_token(scores, do_sample, draft_tokens))
         sequences[row, length] = token
         lengths[row] = length + 1
@@ -586,6 +595,31 @@ def batched_jetspec_decoding(
     later_tokens = stats.new_tokens - batch  # the first token of every row came with the prefill
     if round_budget is not None and later_tokens >= 4 * batch:  # for the next plan at this batch size
         history.observe_spec_call(batch, (decode_end - decode_start) / later_tokens)
-    if generation_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=output)
+    if return_dict:
+        return GenerateDecoderOnlyOutput(sequences=output, scores=step_tensors(emitted_scores, output, prompt_length),
+                                         logits=step_tensors(emitted_logits, output, prompt_length))
     return output
+
+
+def step_tensors(per_row: list[list[torch.Tensor]] | None, output: torch.LongTensor,
+                 prompt_length: int) -> tuple[torch.Tensor, ...] | None:
+    """Per-row, per-emitted-token score (or logit) rows as plain generate() returns them: one `(batch, vocab)` tensor
+    per step. A row that stopped at an EOS-type criterion before the last step is padding there; its row at those
+    steps puts all the mass on the padding token it holds (0 there, `-inf` elsewhere), where plain decoding would have
+    scored the padding token's own continuation."""
+    if per_row is None:
+        return None
+    steps = output.shape[1] - prompt_length
+    reference = next(rows[0] for rows in per_row if rows)
+    tensors = []
+    for step in range(steps):
+        columns = []
+        for row, rows in enumerate(per_row):
+            if step < len(rows):
+                columns.append(rows[step])
+            else:
+                filler = torch.full_like(reference, float("-inf"))
+                filler[output[row, prompt_length + step]] = 0.0
+                columns.append(filler)
+        tensors.append(torch.stack(columns))
+    return tuple(tensors)

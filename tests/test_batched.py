@@ -548,12 +548,56 @@ def test_a_jetspec_tree_target_runs_batches_exactly():
     assert oracle.last_generate_stats.mean_accepted_length > 2
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_batch_scores_and_logits_match_plain_generate(sample):
+    """`output_scores`/`output_logits` on a batch: one `(batch, vocab)` tensor per step, each row's equal to plain
+    generate()'s up to the step it finished (the rows after an EOS hold padding: their rows put all the mass on it).
+    Sampling draws a batch's rows in another order than plain decoding, so there the test checks the shapes and that
+    every live row's scores went through the warpers (top-k leaves 5 finite entries). Checked by breaking it: with
+    the scores stored before the logits processors ran, the greedy case fails."""
+    target = sharp_target("llama", seed=2)
+    input_ids, mask = left_padded_batch()
+    free_run = target.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=PAD)
+    eos = int(free_run[1, input_ids.shape[1] + 4])  # row 1 finishes early, then gets padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, pad_token_id=PAD, eos_token_id=eos, repetition_penalty=1.3,
+                  return_dict_in_generate=True, output_scores=True, output_logits=True, do_sample=sample)
+    if sample:
+        kwargs.update(temperature=0.9, top_k=5)
+    torch.manual_seed(0)
+    expected = target.generate(input_ids, **kwargs)
+    width = input_ids.shape[1]
+    for head in (batch_oracle_for(target, real_tokens(free_run, mask), rank_of_truth=1),
+                 JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)):
+        head.generation_config.tree_budget = 8
+        torch.manual_seed(0)
+        out = target.generate(input_ids, assistant_model=head, **kwargs)
+        assert head.last_generate_stats.speculated
+        steps = out.sequences.shape[1] - width
+        assert len(out.scores) == len(out.logits) == steps and out.scores[0].shape == (4, target.config.vocab_size)
+        if sample:  # each row's scores are its processed logits (top-k keeps 5 finite entries per live row)
+            for step in range(steps):
+                live = [row for row in range(4) if not (out.sequences[row, width + step] == PAD
+                                                        and (out.sequences[row, width:width + step] == eos).any())]
+                assert all(int(torch.isfinite(out.scores[step][row]).sum()) == 5 for row in live)
+            continue
+        assert out.sequences.tolist() == expected.sequences.tolist()
+        for step in range(steps):
+            for row in range(4):
+                finished = (expected.sequences[row, width : width + step] == eos).any()
+                if finished:  # padding: all the mass on it
+                    assert int(out.scores[step][row].argmax()) == PAD and int(out.logits[step][row].argmax()) == PAD
+                    continue
+                torch.testing.assert_close(out.scores[step][row], expected.scores[step][row], atol=1e-4, rtol=0)
+                torch.testing.assert_close(out.logits[step][row], expected.logits[step][row], atol=1e-4, rtol=0)
+        assert (expected.sequences[1, width:] == PAD).any()  # row 1 did finish early
+
+
 # ---------------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "case,message",
     [
         ("right_padding", "left padding"),
-        ("output_scores", "output_scores"),
+        ("output_attentions", "output_attentions"),
         ("guidance", "ClassifierFreeGuidanceLogitsProcessor"),
         ("flash", "attn_implementation"),
     ],
@@ -565,8 +609,8 @@ def test_unsupported_batches_raise_clear_errors(case, message):
     kwargs = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD, assistant_model=head)
     if case == "right_padding":
         kwargs["attention_mask"] = mask.flip(-1)
-    elif case == "output_scores":
-        kwargs.update(return_dict_in_generate=True, output_scores=True)
+    elif case == "output_attentions":
+        kwargs.update(return_dict_in_generate=True, output_attentions=True)
     elif case == "guidance":
         kwargs["guidance_scale"] = 1.5
     else:
