@@ -1,6 +1,7 @@
 """The CPU class this process runs on, as the fast paths see it: `"AMX"`, `"AVX-512"`, `"AVX2"` or `"other"`.
 
-The bf16 draft projection and `ExactArgmax` pay only with AMX tiles; the other paths are fp32. The class is the
+The bf16 draft projection and `ExactArgmax` run where a bf16 matmul measures faster than fp32 (AMX tiles, AVX-512
+BF16; see [`bf16_paths_on`]); elsewhere every path is fp32. The class is the
 hardware's, capped the way a process can cap it to emulate a smaller CPU on a bigger one (what `avx2_emulation_env`
 sets): PyTorch's kernel dispatch (`ATEN_CPU_CAPABILITY`) and oneDNN's instruction set (`ONEDNN_MAX_CPU_ISA`, which
 also keeps oneDNN off AMX). Benchmarks record it next to their numbers.
