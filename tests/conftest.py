@@ -161,6 +161,8 @@ def distribution_check(counts, probs) -> tuple[float, float, float]:
     observed = np.append(counts[big], counts[~big & (expected > 0)].sum())
     wanted = np.append(expected[big], expected[~big & (expected > 0)].sum())
     keep = wanted > 0
+    assert keep.sum() >= 2, (f"{int(total)} samples leave fewer than two cells with an expected count of 5 or more: too "
+                             "few for a chi-square test (raise JETSPEC_SAMPLING_RUNS)")
     p_value = chisquare(observed[keep], wanted[keep] * observed[keep].sum() / wanted[keep].sum()).pvalue
     tv = 0.5 * np.abs(counts / total - probs).sum()
     rng = np.random.default_rng(0)
