@@ -104,3 +104,25 @@ def test_follow_up_rows_continue_the_targets_own_answer():
     roles = [message["role"] for message in row["messages"]]
     assert roles == ["user", "assistant", "user"]
     assert row["messages"][1]["content"] == tokenizer.decode([8, 9], skip_special_tokens=True).strip()
+
+
+def test_a_continued_runs_wall_clock_budget_is_its_own():
+    """`max_train_minutes` of a run continuing a saved head counts that run's minutes, not the head's earlier ones
+    (checked by breaking it: without `run_start_minutes` a head with 192 recorded minutes stopped after one step)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from hf_jetspec_training.trainer import _TrainClock
+
+    trainer = SimpleNamespace(_clock=None, run_start_minutes=0.0)
+    clock = _TrainClock(trainer)
+    state = TrainerState()
+    state.log_history = [{"step": 2251, "train_minutes": 192.2}]  # the saved head's cumulative minutes
+    args = SimpleNamespace(max_train_minutes=58, device="cpu")
+    for run_start, stops in ((192.2, False), (0.0, True)):  # a continued run / the same head resumed as one run
+        trainer.run_start_minutes = run_start
+        control = TrainerControl()
+        clock.on_train_begin(args, state, control)
+        clock.on_step_end(args, state, control)
+        assert control.should_training_stop is stops

@@ -76,7 +76,8 @@ class JetSpecTrainingConfig(_BaseConfig):
             frequent in the target's on-policy responses (see `hf_jetspec/draft_vocab.py`); unset: the whole
             vocabulary.
         max_train_minutes (`float`, *optional*): stop training (and save the head) once this many minutes of
-            training have passed, whatever `max_steps` says: a wall-clock budget.
+            training have passed in this run, whatever `max_steps` says: a wall-clock budget (a run continuing a saved
+            head does not count the head's earlier runs).
         use_peft (`bool`, defaults to `False`): train a LoRA adapter (`lora_r`, `lora_alpha`, `lora_dropout`) on the
             head's linear layers instead of all weights.
     """

@@ -203,6 +203,7 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     trainer = JetSpecTrainer(model=head, args=config, train_dataset=dataset)
     if resume and config.continue_training:
         trainer.add_callback(ContinuedSchedule())
+        trainer.run_start_minutes = float((previous or {}).get("train_minutes") or 0.0)  # max_train_minutes: this run's
     if config.tau_eval_steps:
         prompt_ids = [torch.tensor([row["input_ids"]]) if "input_ids" in row else chat_input_ids(tokenizer, row["prompt"])
                       for row in held_out]

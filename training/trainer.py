@@ -108,7 +108,9 @@ class JetSpecTrainer(_BaseTrainer):
 
 class _TrainClock(TrainerCallback):
     """Starts the trainer's wall clock when training (re)starts, continuing the minutes of a resumed checkpoint, and
-    stops training once `max_train_minutes` have passed (every process stops at the same step)."""
+    stops training once `max_train_minutes` of this run have passed (every process stops at the same step). A run that
+    continues a saved head (`continue_training`) counts from the head's recorded minutes (`trainer.run_start_minutes`),
+    so its budget is its own, not what the head's earlier runs already spent."""
 
     def __init__(self, trainer: JetSpecTrainer):
         self.trainer = trainer
@@ -122,7 +124,8 @@ class _TrainClock(TrainerCallback):
         if not limit:
             return
         started, before = self.trainer._clock
-        over = torch.tensor(float(before + (time.monotonic() - started) / 60 >= limit), device=args.device)
+        spent = before + (time.monotonic() - started) / 60 - getattr(self.trainer, "run_start_minutes", 0.0)
+        over = torch.tensor(float(spent >= limit), device=args.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
         if over.item():
