@@ -33,7 +33,9 @@ def save_training_curve(log_history: list[dict], output_dir: str | Path) -> tupl
         import matplotlib.pyplot as plt
     except ImportError:
         return json_path, None
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    tau = series["tau"]
+    figure, axes = plt.subplots(1, 2 if tau else 1, figsize=(10 if tau else 6, 3.8), squeeze=False)
+    axes = axes[0]
     loss = series["loss"]
     axes[0].plot([p["train_minutes"] for p in loss], [p["loss"] for p in loss], color="tab:blue")
     axes[0].set(xlabel="training wall clock (minutes)", ylabel="loss (cross-entropy to target)", title="loss")
@@ -43,10 +45,10 @@ def save_training_curve(log_history: list[dict], output_dir: str | Path) -> tupl
         twin.plot([p["train_minutes"] for p in accuracy], [p["top1_depth1"] for p in accuracy], color="tab:orange",
                   alpha=0.7)
         twin.set_ylabel("depth-1 top-1 agreement", color="tab:orange")
-    tau = series["tau"]
-    axes[1].plot([p["train_minutes"] for p in tau], [p["tau"] for p in tau], marker="o", color="tab:green")
-    axes[1].set(xlabel="training wall clock (minutes)", ylabel="tau (tokens per target forward)",
-                title="tau on held-out prompts, real generate()")
+    if tau:  # (runs without `tau_eval_steps` have none: no empty panel)
+        axes[1].plot([p["train_minutes"] for p in tau], [p["tau"] for p in tau], marker="o", color="tab:green")
+        axes[1].set(xlabel="training wall clock (minutes)", ylabel="tau (tokens per target forward)",
+                    title="tau on held-out prompts, real generate()")
     figure.tight_layout()
     png_path = output_dir / "training_curve.png"
     figure.savefig(png_path, dpi=120)
