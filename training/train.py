@@ -225,7 +225,7 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     # this run's share: a continued head's cumulative minutes and steps are where its recipe left off
     continued = bool(config.continue_training and resume and previous)
     start_step = previous.get("global_steps", 0) if continued else 0
-    run_minutes = None if minutes is None else round(minutes - ((previous.get("train_minutes") or 0.0) if continued else 0.0), 3)
+    run_minutes = None if minutes is None else round(minutes - trainer.run_start_minutes, 3)
     runs = list(previous.get("runs", [])) if config.continue_training and previous else []
     if config.continue_training and previous and not runs:  # a head trained before runs were recorded
         runs.append({"command": None, "steps": [0, previous.get("global_steps")],

@@ -50,6 +50,7 @@ class JetSpecTrainer(_BaseTrainer):
         self.depth_weights = depth_weights(self.block_size, args.depth_decay)
         self._depth_metrics = defaultdict(list)
         self._clock: tuple[float, float] | None = None  # (monotonic start of this process's run, minutes before it)
+        self.run_start_minutes = 0.0  # a continued head's recorded minutes: where this run's budget starts
         super().__init__(
             model=model,
             args=args,
@@ -124,7 +125,7 @@ class _TrainClock(TrainerCallback):
         if not limit:
             return
         started, before = self.trainer._clock
-        spent = before + (time.monotonic() - started) / 60 - getattr(self.trainer, "run_start_minutes", 0.0)
+        spent = before + (time.monotonic() - started) / 60 - self.trainer.run_start_minutes
         over = torch.tensor(float(spent >= limit), device=args.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
