@@ -8,7 +8,6 @@ from transformers import AutoConfig, AutoModel
 
 from .attention import register_tree_attention
 from .chat import chat_input_ids
-from .candidate_generator import JetSpecCandidateGenerator
 from .settings import TreeSettings, default_tree_budget
 from .configuration_jetspec import JetSpecConfig, default_target_layer_ids, qwen3_draft_config, tokenizer_fingerprint
 from .decoding import jetspec_decoding
@@ -30,7 +29,6 @@ AutoModel.register(JetSpecConfig, JetSpecHead, exist_ok=True)
 __all__ = [
     "DEFAULT_TARGET_SHA256",
     "DraftTree",
-    "JetSpecCandidateGenerator",
     "JetSpecConfig",
     "JetSpecContextCache",
     "JetSpecGenerateStats",

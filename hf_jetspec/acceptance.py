@@ -16,18 +16,14 @@ from .lookup import LookupProfile
 
 
 class AcceptanceProfile:
-    """How often each node of a head's best-first trees was accepted against how likely the head found it, and what
-    the parts of a round cost: one per (target, head), kept across `generate()` calls (see [`pair_state`]).
+    """How often each node of a head's best-first trees was accepted against how likely the head found it: one per
+    (target, head), kept across `generate()` calls (see [`pair_state`]).
 
     Node `i` (in best-first order) of a round's tree is accepted with probability about `c_i * exp(score_i)`, where
     `c_i` is the ratio, decayed over the rounds that verified a node `i`, of node `i`'s acceptances to its predicted
     probabilities. One `c` for every node would over-credit the many unlikely siblings of a big tree (a head is
     over-confident far more at deep or low-ranked nodes than at its first guess) and pick trees that are too big.
     Indices never verified share the calibration of all nodes so far.
-
-    Costs: `fixed_seconds` (draft, cache and bookkeeping per round), `accept_seconds_per_token` (the target's lm_head
-    rows and the logits processors per emitted token: a round that gives more tokens costs more) and `draft_seconds`
-    (the head's share, which a plain step saves), running means.
 
     Args:
         max_nodes (`int`): largest node index tracked.
@@ -42,9 +38,6 @@ class AcceptanceProfile:
         self.accepted = [0.0] * max_nodes  # index i: decayed count of rounds that accepted node i
         self.total_predicted = prior_weight
         self.total_accepted = prior_weight
-        self.fixed_seconds: float | None = None
-        self.draft_seconds: float | None = None
-        self.accept_seconds_per_token: float | None = None
         self.lookup = LookupProfile()  # how far prompt-lookup proposals matched this target (see `lookup.py`)
 
     @property
@@ -68,15 +61,6 @@ class AcceptanceProfile:
             self.accepted[index] = self.decay * self.accepted[index] + (index in accepted)
         self.total_predicted = self.decay * self.total_predicted + sum(probabilities)
         self.total_accepted = self.decay * self.total_accepted + len(accepted_nodes)
-
-    def observe_costs(self, fixed: float, accept_per_token: float, draft: float | None) -> None:
-        def mean(old, new):
-            return new if old is None else 0.8 * old + 0.2 * new
-
-        self.fixed_seconds = mean(self.fixed_seconds, fixed)
-        self.accept_seconds_per_token = mean(self.accept_seconds_per_token, accept_per_token)
-        if draft is not None:
-            self.draft_seconds = mean(self.draft_seconds, draft)
 
 
 class AcceptanceHistory:

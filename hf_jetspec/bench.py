@@ -11,7 +11,7 @@ Methods:
     plain            `generate()` (the baseline every ratio is taken against); greedy, or `--temperature T` sampling
                      seeded per prompt (the same seed for every method)
     jetspec          the head's own tree settings (`head.generation_config`)
-    jetspec:B        tree budget B (nodes per tree, root included), or `jetspec:auto` (sized per round, see budget.py)
+    jetspec:B        tree budget B (nodes per tree, root included), or `jetspec:auto` (sized per round, see planning.py)
     jetspec:head     `"auto"` without prompt-lookup proposals in the tree (the head alone: the ablation of lookup.py)
     chain            the same head drafting its single most likely path (tree_topk=1, depth = block_size - 1, no
                      prompt lookup): the tree ablation, and what vLLM's DFlash drafter drafts (`chain_settings`)

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
                                             tau=stats.mean_accepted_length, tree_size=stats.mean_tree_size,
                                             accepted_drafts=stats.accepted_drafts,
                                             accepted_lookup=stats.accepted_lookup,
-                                            # the plan of the call (batch > 1; see `batch_budget.plan_batch`)
+                                            # the plan of the call (see `planning.plan_batch`)
                                             expected_speedup=getattr(stats, "expected_speedup", None),
                                             max_nodes=getattr(stats, "max_nodes", None),
                                             drafting_stopped_at=getattr(stats, "drafting_stopped_at", None))

@@ -1,35 +1,53 @@
-"""The JetSpec decode loop: draft a tree, verify it in one target forward, accept, compact the cache, emit.
+"""The JetSpec decode loop, for one prompt or a left-padded batch: one prompt is a batch of one row.
 
-`generate(assistant_model=head)` lands here (see `integration.py`). Batch size 1 runs this loop (a batch or a padded
-prompt goes to `batched.py`). The loop keeps one invariant: the target cache holds every committed token except the
-last one, which is the next tree's root.
+`generate(assistant_model=head)` lands here (see `integration.py`). After the prefill, every round runs five steps,
+each in its own module, data flowing one way:
+
+1. draft (`drafting.py`): one head forward drafts a best-first tree per row, each row's prompt-lookup proposal joins
+   its tree, and the call's plan (`planning.py`) cuts the trees to the width that pays;
+2. verify (`verify.py`): one target forward over every row's tree (trees padded to a common size);
+3. accept (`accept.py`): each row follows the target's own token from its root while a child carries it;
+4. cache (`kv_cache.py`): each row keeps its root and accepted nodes; their tap features become the head's context;
+5. emit (`outputs.py`): tokens, stopping criteria, streaming, and what the call returns.
+
+Invariant: the target cache holds every committed token of a row except the last one, which is its next tree's root.
+Rows accept different numbers of tokens: each keeps `max_accepted + 1` new slots, its own first and the rest marked
+invalid in a per-row key mask (RoPE comes from `position_ids`, so gaps are harmless), squeezed out now and then. Rows
+leave the batch when they finish. With `tree_budget="auto"` a measured cost model sizes the trees, and when
+speculation would not beat plain decoding the call runs Transformers' own decoding instead.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
 from transformers import DynamicCache
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from . import accept
-from .accept import ARGMAX_ROWS, lm_head_chunk, rows_to_project
-from .acceptance import acceptance_profile
-from .batched import batched_jetspec_decoding
-from .budget import AutoBudget, measure_verify_cost
-from .candidate_generator import JetSpecCandidateGenerator
+from .accept import accept_round
+from .acceptance import acceptance_history
 from .compat import OUTPUT_CACHE_FIELD, cache_kwarg
+from .drafting import RoundDrafts
 from .exact_argmax import exact_argmax_for
-from .inputs import check_inputs, validate_single
-from .kv_cache import compact_cache
-from .lookup import PromptLookupDraft
+from .inputs import validate_call
+from .kv_cache import compact_cache_rows, keep_accepted
 from .modeling_jetspec import JetSpecHead
+from .outputs import RowOutputs, step_tensors
 from .packed_linear import packed_linears_for
+from .planning import SpeedGuard, plan_call
+from .projection import measure_projection
 from .settings import TreeSettings
 from .stats import JetSpecGenerateStats
 from .target_logits import target_logits_for
-from .verify import tap_features, verify_tree
+from .verify import tap_features, verify_round
+
+# Invalid cache slots (per-row gaps) are squeezed out once there are this many per row and this share of the cache.
+COMPACT_MIN_GAP = 16
+COMPACT_MIN_FRACTION = 0.25
+
 
 @torch.no_grad()
 def jetspec_decoding(
@@ -44,165 +62,176 @@ def jetspec_decoding(
     tree_settings: TreeSettings | None = None,
     **model_kwargs,
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-    """Tree speculative decoding with a [`JetSpecHead`] (called by `generate()`; same arguments as `_assisted_decoding`,
-    plus this call's [`TreeSettings`], by default the head's).
+    """Tree speculative decoding with a [`JetSpecHead`] (called by `generate()`; same arguments as
+    `_assisted_decoding`, plus this call's [`TreeSettings`], by default the head's).
 
-    A batch (or a padded prompt) goes to [`batched_jetspec_decoding`]; one unpadded prompt runs the loop below.
+    With `return_dict_in_generate=True` the output holds `sequences`, per-step `scores`/`logits` where asked, and for
+    one row the target cache (a batch's has per-row gaps and loses finished rows: `past_key_values=None`).
     """
-    settings = tree_settings or TreeSettings.from_config(assistant_model.generation_config)
-    check_inputs(model, input_ids, assistant_model, model_kwargs)
-    attention_mask = model_kwargs.get("attention_mask")
-    if input_ids.shape[0] != 1 or (attention_mask is not None and not bool(attention_mask.all())):
-        return batched_jetspec_decoding(
-            model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
-            assistant_model, tree_settings=settings, **model_kwargs,
-        )
     head = assistant_model
-    cache = validate_single(model, input_ids, generation_config, head, model_kwargs)
+    settings = tree_settings or TreeSettings.from_config(head.generation_config)
+    cache, prompt_mask = validate_call(model, input_ids, logits_processor, generation_config, head, model_kwargs)
     start = time.perf_counter()
-    budget = settings.tree_budget
+    batch = input_ids.shape[0]
+    stats = JetSpecGenerateStats(tree_budget=settings.tree_budget, tree_topk=settings.tree_topk, batch_size=batch)
+    history = acceptance_history(model, head)
+    plan, round_budget = plan_call(model, head, settings, batch, history)
+    stats.max_nodes, stats.expected_speedup = plan.max_nodes, plan.expected_speedup
+    if not plan.speculate:
+        return plain_decoding(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                              streamer, head, stats, **model_kwargs)
     decoder = getattr(model, model.base_model_prefix)
-    # verify forwards on packed weights where measured faster, within the head's memory cap for them
-    packed = packed_linears_for(decoder, settings.packed_memory_cap)
+    packed = packed_linears_for(decoder, settings.packed_memory_cap)  # verify on packed weights where measured faster
     lm_head = target_logits_for(model)  # the lm_head + the family's own logit transform, if any
-    hidden_state_ids = [i + 1 for i in head.config.target_layer_ids]
-    auto_budget = None
-    if budget == "auto":  # the verify cost vs tree size on this machine, measured once per process and model
-        cost = measure_verify_cost(
-            model, lambda tree, past, kv: verify_tree(decoder, tree, past, kv, hidden_state_ids, model.dtype, packed)
+    projection = measure_projection(model)
+    target_layer_ids = head.config.target_layer_ids
+    hidden_state_ids = [i + 1 for i in target_layer_ids]
+    rows = RowOutputs(input_ids, logits_processor, stopping_criteria, generation_config, streamer)
+    # greedy without processors or returned scores needs only the argmax: a bf16 pass + an fp32 recheck where faster
+    argmax = exact_argmax_for(model) if not rows.needs_whole_rows and lm_head.plain else None
+    drafts = RoundDrafts(head, batch, settings, plan, round_budget,
+                         eos_token_id=getattr(generation_config, "_eos_token_tensor", None),
+                         max_length=rows.max_length, left_padding=(input_ids.shape[1] - prompt_mask.sum(-1)).tolist())
+    context, last_hidden = prefill(decoder, input_ids, prompt_mask, cache, hidden_state_ids, target_layer_ids)
+    first_logits = lm_head(last_hidden)
+    for row in range(batch):
+        rows.emit(row, first_logits[row], [])
+    rows.stream_ready()
+    for taps, taps_positions, valid in context:
+        drafts.drafter.add_context(taps, taps_positions, valid)
+    key_valid = prompt_mask.bool()
+    root_positions = prompt_mask.sum(-1)  # the root (last committed token) sits after the real prompt tokens
+    active = list(range(batch))
+    # plain decoding's measured step here: speculation that falls behind it gives up for the rest of the call
+    guard = SpeedGuard(history.plain_step_seconds.get(batch) if round_budget is not None else None, batch)
+    stats.time_prefill = time.perf_counter() - start  # (the plan and its first-time cost measurements included)
+    decode_start = time.perf_counter()
+
+    while True:
+        # Rows that are done leave the batch (their cache rows, key masks, head context and root positions).
+        keep = [i for i, row in enumerate(active) if rows.still_running(row)]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=input_ids.device)
+            cache.batch_select_indices(index)
+            drafts.drafter.select_rows(index)
+            key_valid, root_positions = key_valid[index], root_positions[index]
+            active = [active[i] for i in keep]
+        gap = key_valid.shape[1] - int(key_valid.sum(1).max())
+        if gap and gap >= max(COMPACT_MIN_GAP, COMPACT_MIN_FRACTION * key_valid.shape[1]):  # squeeze out the gaps
+            key_valid = compact_cache_rows(cache, key_valid)
+        drafts.drafter.compact(COMPACT_MIN_GAP, COMPACT_MIN_FRACTION)
+
+        t0 = time.perf_counter()  # 1. draft
+        trees, drafting = drafts.trees(active, rows.sequences, rows.lengths, root_positions)
+        t1 = time.perf_counter()  # 2. verify
+        past_length = cache.get_seq_length()
+        outputs = verify_round(decoder, trees, root_positions, key_valid, cache, hidden_state_ids, model.dtype, packed,
+                               rows.pad_token_id)
+        t2 = time.perf_counter()  # 3. accept
+        accepted, lm_head_seconds = accept_round(
+            trees, outputs.last_hidden_state, lambda i, logits, children: rows.emit(active[i], logits, children),
+            lm_head, projection, argmax,
         )
-        auto_budget = AutoBudget(cost, max_budget=settings.tree_max_budget, profile=acceptance_profile(model, head))
-    prompt_lookup = None
-    if settings.prompt_lookup_num_tokens:
-        prompt_lookup = PromptLookupDraft(
-            settings.prompt_lookup_num_tokens, settings.max_matching_ngram_size,
-            eos_token_id=getattr(generation_config, "_eos_token_tensor", None), max_length=generation_config.max_length,
-            profile=None if auto_budget is None else auto_budget.profile.lookup,
-        )
-    generator = JetSpecCandidateGenerator(
-        head, tree_budget=budget, tree_topk=settings.tree_topk, auto_budget=auto_budget,
-        prompt_lookup=prompt_lookup,
-    )
-    stats = JetSpecGenerateStats(tree_budget=budget, tree_topk=generator.tree_topk)
-    return_dict = generation_config.return_dict_in_generate
-    scores = () if return_dict and generation_config.output_scores else None
-    raw_logits = () if return_dict and generation_config.output_logits else None
-
-    do_sample = bool(generation_config.do_sample)
-    chain_rows = lm_head_chunk(lm_head.weight.device)
-    # greedy without logits processors or returned scores needs only each node's argmax: a bf16 pass + an fp32
-    # recheck where that is faster (see `exact_argmax.py`), over every node likely to be reached, in one call
-    argmax = None
-    if not do_sample and not len(logits_processor) and scores is None and raw_logits is None and lm_head.plain:
-        argmax = exact_argmax_for(model)
-
-    def emit(token_logits: torch.Tensor | int, draft_tokens: list[int] = ()) -> tuple[int, bool]:
-        """Processes one row of logits with the current path (or takes the token itself, from [`ExactArgmax`]),
-        appends the target's token; returns (token, done)."""
-        nonlocal input_ids, scores, raw_logits
-        if isinstance(token_logits, int):
-            token = torch.tensor([token_logits], device=input_ids.device)
-        else:
-            next_logits = token_logits.to(dtype=torch.float32, device=input_ids.device)[None]
-            next_scores = logits_processor(input_ids, next_logits.clone())
-            token = accept.choose_token(next_scores, do_sample, list(draft_tokens))
-            if scores is not None:
-                scores += (next_scores,)
-            if raw_logits is not None:
-                raw_logits += (next_logits,)
-        input_ids = torch.cat([input_ids, token[:, None]], dim=-1)
-        if streamer is not None:
-            streamer.put(token.cpu())
-        stats.new_tokens += 1
-        return int(token), bool(stopping_criteria(input_ids, scores).all())
-
-    # 0. Prefill: the whole prompt, its tap features become the head's first context. A second turn passes the
-    # cache of the first (`past_key_values`): the target then reads only the new tokens, as plain generate() does,
-    # and the head's context for the cached part comes from a forward over it into a throwaway cache (drafts only:
-    # every emitted token still comes from the target's forward on the user's cache).
-    prompt_length = input_ids.shape[1]
-    cached = cache.get_seq_length()
-    positions = torch.arange(prompt_length, device=input_ids.device)[None]
-    if cached:
-        earlier = decoder(input_ids=input_ids[:, :cached], position_ids=positions[:, :cached], use_cache=True,
-                          **{cache_kwarg(decoder.forward): DynamicCache()}, output_hidden_states=hidden_state_ids)
-        generator.add_context(tap_features(earlier.hidden_states, generator.target_layer_ids), positions[:, :cached])
-    outputs = decoder(
-        input_ids=input_ids[:, cached:],
-        position_ids=positions[:, cached:],
-        use_cache=True,
-        **{cache_kwarg(decoder.forward): cache},
-        output_hidden_states=hidden_state_ids,
-    )
-    generator.add_context(tap_features(outputs.hidden_states, generator.target_layer_ids), positions[:, cached:])
-    _, done = emit(lm_head(outputs.last_hidden_state[0, -1]))
-    stats.time_prefill = time.perf_counter() - start
-
-    while not done:
-        # 1. Draft a tree rooted at the last committed token.
-        t0 = time.perf_counter()
-        tree, _ = generator.get_candidates(input_ids)
-        past_length = input_ids.shape[1] - 1
-
-        # 2. Verify every node in one target forward (ancestor mask, tree positions).
-        t1 = time.perf_counter()
-        outputs = verify_tree(decoder, tree, past_length, cache, hidden_state_ids, model.dtype, packed)
-        node_hidden = outputs.last_hidden_state[0]
-
-        # 3. Accept: follow the target's own token from the root while a child carries it; the last one is the bonus.
-        #    The lm_head runs over the node and the likeliest nodes below it, `chain_rows` rows at a time (one read
-        #    of its weights for several rows; `ARGMAX_ROWS` with `ExactArgmax`), and again only where the target's
-        #    path leaves those rows.
-        t2 = time.perf_counter()
-        node_logits: dict[int, torch.Tensor | int] = {}
-
-        def logits_of(node: int) -> torch.Tensor | int:
-            if node not in node_logits:
-                if argmax is not None:
-                    rows = rows_to_project(tree, node, node_logits, ARGMAX_ROWS)
-                    node_logits.update(zip(rows, argmax(node_hidden[rows]).tolist()))
-                else:
-                    rows = rows_to_project(tree, node, node_logits, chain_rows)
-                    node_logits.update(zip(rows, lm_head(node_hidden[rows])))
-            return node_logits[node]
-
-        node, accepted = 0, []
-        while True:
-            token, done = emit(logits_of(node), tree.child_tokens(node))
-            child = tree.child_with_token(node, token)
-            if done or child is None:
-                break
-            accepted.append(child)
-            node = child
-
-        # 4. Compact the cache to prefix + root + accepted nodes; their tap features are the next context rows.
-        t3 = time.perf_counter()
-        keep = torch.tensor([0, *accepted], device=node_hidden.device)
-        compact_cache(cache, past_length, keep)
-        features = tap_features(outputs.hidden_states, generator.target_layer_ids)[:, keep]
-        generator.add_context(features, torch.arange(past_length, past_length + keep.numel(), device=input_ids.device)[None])
-        generator.update_candidate_strategy(input_ids, None, len(accepted))
-
+        t3 = time.perf_counter()  # 4. cache: roots + accepted nodes kept; their taps are the head's next context
+        index, new_valid = keep_accepted(cache, past_length, accepted)
+        key_valid = torch.cat([key_valid, new_valid], dim=1)
+        if stats.gave_up_at is None:  # the head's context is kept while it pauses, too
+            taps = tap_features(outputs.hidden_states, target_layer_ids)
+            features = taps.gather(1, index[..., None].expand(-1, -1, taps.shape[-1]))
+            drafts.drafter.add_context(features, root_positions[:, None] + torch.arange(index.shape[1],
+                                                                                        device=index.device), new_valid)
+        root_positions = root_positions + new_valid.sum(-1)
         t4 = time.perf_counter()
-        if generator.drafted:  # the head ran this round (not a plain step of a backed-off `"auto"` budget)
-            stats.draft_rounds += 1
-            if auto_budget is not None:
-                auto_budget.observe(tree, accepted, round_seconds=t4 - t0, verify_seconds=t2 - t1,
-                                    draft_seconds=t1 - t0, accept_seconds=t3 - t2)
-        stats.rounds += 1
-        stats.drafted_nodes += tree.num_nodes - 1
-        stats.accepted_drafts += len(accepted)
-        stats.count_lookup(tree, accepted)
-        stats.time_draft += t1 - t0
-        stats.time_verify += t2 - t1
-        stats.time_accept += t3 - t2
-        stats.time_cache += t4 - t3
 
-    if streamer is not None:
-        streamer.end()
+        if round_budget is not None and drafting:
+            round_budget.observe(trees, accepted, round_seconds=t4 - t0, verify_seconds=t2 - t1,
+                                 draft_seconds=drafts.draft_seconds)
+        if stats.gave_up_at is None and guard.too_slow(len(active) + sum(map(len, accepted)), t4 - t0):
+            drafts.give_up()  # the last rounds made tokens slower than plain decoding: verify the roots alone
+            stats.gave_up_at = stats.rounds + 1
+        for tree, path in zip(trees, accepted):
+            history.observe(tree.num_nodes, path)
+        history.observe_host(max(t4 - t0 - (t2 - t1) - drafts.draft_seconds - lm_head_seconds, 0.0) / len(active))
+        stats.count_round(trees, accepted, drafting, t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        rows.stream_ready()
+
+    decode_end = time.perf_counter()
+    output, stats.new_tokens = rows.output()
+    stats.drafting_stopped_at = drafts.stopped_at
     stats.time_total = time.perf_counter() - start
     head.last_generate_stats = stats
-    if return_dict:
-        return GenerateDecoderOnlyOutput(sequences=input_ids, scores=scores, logits=raw_logits,
-                                         **{OUTPUT_CACHE_FIELD: cache})
-    return input_ids
+    later_tokens = stats.new_tokens - batch  # the first token of every row came with the prefill
+    if round_budget is not None and later_tokens >= 4 * batch:  # for the next plan at this batch size
+        history.observe_spec_call(batch, (decode_end - decode_start) / later_tokens)
+    if not generation_config.return_dict_in_generate:
+        return output
+    return GenerateDecoderOnlyOutput(
+        sequences=output, scores=step_tensors(rows.scores, output, input_ids.shape[1]),
+        logits=step_tensors(rows.logits, output, input_ids.shape[1]), **{OUTPUT_CACHE_FIELD: cache if batch == 1 else None},
+    )
+
+
+def prefill(decoder, input_ids, prompt_mask, cache, hidden_state_ids, target_layer_ids):
+    """The prompts' forward, as Transformers runs it (2D padding mask, positions counting real tokens only). A second
+    turn of one prompt passes the first turn's cache: the target then reads only the new tokens, as plain generate()
+    does, and the head's context for the cached part comes from a forward over it into a throwaway cache (drafts
+    only: every emitted token still comes from the target's forward on the user's cache).
+
+    Returns `(context, last_hidden)`: `(taps, positions, valid)` chunks for the head's context (the cached part's
+    first, where there is one), and each row's last hidden state (the first token's logits come from it).
+    """
+    positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+    valid = prompt_mask.bool()
+    cached = cache.get_seq_length()
+    context = []
+    cache_key = cache_kwarg(decoder.forward)
+    if cached:
+        earlier = decoder(input_ids=input_ids[:, :cached], position_ids=positions[:, :cached], use_cache=True,
+                          **{cache_key: DynamicCache()}, output_hidden_states=hidden_state_ids)
+        context.append((tap_features(earlier.hidden_states, target_layer_ids), positions[:, :cached], valid[:, :cached]))
+    outputs = decoder(
+        input_ids=input_ids[:, cached:],
+        attention_mask=None if bool(valid.all()) else prompt_mask,
+        position_ids=positions[:, cached:],
+        use_cache=True,
+        output_hidden_states=hidden_state_ids,
+        **{cache_key: cache},
+    )
+    context.append((tap_features(outputs.hidden_states, target_layer_ids), positions[:, cached:], valid[:, cached:]))
+    return context, outputs.last_hidden_state[:, -1]
+
+
+class PlainStepTimer(StoppingCriteria):
+    """Never stops anything; notes when each step of Transformers' decoding loop ends, so that the median step (host
+    work included, the prefill left out) can be compared with speculation next time."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def step_seconds(self) -> float | None:
+        steps = [later - earlier for earlier, later in zip(self.times, self.times[1:])]
+        return statistics.median(steps) if len(steps) >= 4 else None
+
+
+def plain_decoding(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
+                   head, stats, **model_kwargs):
+    """Transformers' own decoding for the whole call (speculation would be slower at this batch size); its step time
+    is recorded in the head's `AcceptanceHistory` for the next plan at this batch size."""
+    stats.speculated = False
+    head.last_generate_stats = stats
+    timer = PlainStepTimer()
+    output = model._sample(input_ids, logits_processor=logits_processor,
+                           stopping_criteria=StoppingCriteriaList([*stopping_criteria, timer]),
+                           generation_config=generation_config, synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    stats.new_tokens = sequences[:, input_ids.shape[1]:].numel()  # (a batch's padding after EOS included)
+    step = timer.step_seconds()
+    if step is not None:
+        acceptance_history(model, head).observe_plain_step(input_ids.shape[0], step)
+    return output

@@ -1,25 +1,10 @@
-"""Step 4 of a round, the cache: keep the committed prefix plus the accepted tree rows, drop the rest (one prompt, a
-batch's per-row tree slots, the head's context rows)."""
+"""Step 4 of a round, the cache: each row keeps its committed prefix plus its accepted tree slots, the rest dropped or
+marked invalid; gaps (and the head's invalid context rows) are squeezed out now and then."""
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
-
-
-def compact_cache(cache: DynamicCache, past_length: int, keep: torch.LongTensor) -> None:
-    """Keeps `past_length` prefix rows plus the tree rows `keep` (sorted, relative to the tree) in every layer.
-
-    The kept rows are moved down in place; the rest is dropped with the public `crop(-n)`.
-    """
-    for layer in cache.layers:
-        tree_rows = layer.keys.shape[-2] - past_length
-        if keep.numel() < tree_rows:
-            source = past_length + keep
-            target = slice(past_length, past_length + keep.numel())
-            layer.keys[:, :, target] = layer.keys[:, :, source]
-            layer.values[:, :, target] = layer.values[:, :, source]
-    cache.crop(-(cache.layers[0].keys.shape[-2] - past_length - keep.numel()))
 
 
 def keep_tree_slots(cache: DynamicCache, past_length: int, index: torch.LongTensor) -> None:
@@ -51,3 +36,18 @@ def compact_cache_rows(cache, valid: torch.BoolTensor) -> torch.BoolTensor:
         layer.keys = layer.keys.gather(2, index)
         layer.values = layer.values.gather(2, index)
     return valid.gather(1, order)
+
+
+def keep_accepted(cache: DynamicCache, past_length: int,
+                  accepted: list[list[int]]) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """Step 4 of a round: each row keeps its root and its accepted nodes (`accepted[i]`, node indices in order) in the
+    cache's new slots, the rest of its `max_kept` slots marked invalid. Returns the kept tree nodes per slot
+    `(rows, max_kept)` and which slots are valid (one row never has invalid ones)."""
+    kept = [1 + len(path) for path in accepted]
+    device = cache.layers[0].keys.device
+    index = torch.zeros(len(accepted), max(kept), dtype=torch.long, device=device)
+    for i, path in enumerate(accepted):
+        index[i, 1 : kept[i]] = torch.tensor(path, dtype=torch.long)
+    keep_tree_slots(cache, past_length, index)
+    valid = torch.arange(index.shape[1], device=device)[None] < torch.tensor(kept, device=device)[:, None]
+    return index, valid

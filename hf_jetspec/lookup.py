@@ -25,7 +25,7 @@ DEFAULT_NUM_TOKENS = 10  # Transformers' own default for `prompt_lookup_num_toke
 def prompt_lookup_tokens(value, tree_budget) -> int:
     """Longest proposal from `head.generation_config.prompt_lookup_num_tokens`, as used (0: no proposals).
 
-    Unset (`None`) means on with `tree_budget="auto"` (which keeps only the tokens that pay, see `budget.py`) and off
+    Unset (`None`) means on with `tree_budget="auto"` (which keeps only the tokens that pay, see `planning.py`) and off
     with a fixed budget (a fixed tree stays the head's own); an int asks for proposals of up to that many tokens with
     any budget (a fixed budget then verifies them whole, on top of its nodes).
     """

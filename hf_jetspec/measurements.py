@@ -1,8 +1,8 @@
 """Cost measurements that outlive the process, so a new process starts warm.
 
-The first `generate(assistant_model=head)` of a process times the target's verify forward against tree size and which
-row counts pay for packed linear weights (`budget.measure_verify_cost`, `packed_linear.PackedLinears.measure`): about
-15 s for SmolLM2-135M on a 2-core CPU, against under 2 s for the call itself. Those results depend only on the machine,
+The first `generate(assistant_model=head)` of a process times the target's verify forward against tree size, its
+lm_head against rows, and which row counts pay for packed linear weights (`planning.measure_batch_cost`,
+`projection.measure_projection`, `packed_linear.PackedLinears.measure`): about 15 s for SmolLM2-135M on a 2-core CPU, against under 2 s for the call itself. Those results depend only on the machine,
 the libraries and the target, so they are kept as small JSON files under `HF_JETSPEC_MEASUREMENTS` (default
 `~/.cache/hf_jetspec/measurements`), keyed by a hash of: the CPU model and class, the process's instruction-set caps,
 core and torch-thread counts, torch, transformers and hf_jetspec versions, the target's config, dtype, device and

@@ -30,7 +30,7 @@ def default_tree_budget(device: torch.device) -> int:
 
 
 def resolve_tree_budget(value) -> int | str:
-    """`tree_budget` as used: unset means `"auto"` (see `hf_jetspec/budget.py`)."""
+    """`tree_budget` as used: unset means `"auto"` (see `hf_jetspec/planning.py`)."""
     if value is None or value == "auto":
         return "auto"
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

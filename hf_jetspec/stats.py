@@ -1,5 +1,4 @@
-"""What the last `generate(assistant_model=head)` call did: [`JetSpecGenerateStats`] for one prompt,
-[`JetSpecBatchStats`] for a batch (`head.last_generate_stats`)."""
+"""What the last `generate(assistant_model=head)` call did: [`JetSpecGenerateStats`] (`head.last_generate_stats`)."""
 
 from __future__ import annotations
 
@@ -8,19 +7,32 @@ from dataclasses import dataclass, field
 
 @dataclass
 class JetSpecGenerateStats:
-    """What the last `generate(assistant_model=head)` call did.
+    """What the last `generate(assistant_model=head)` call did (`head.last_generate_stats`), one prompt or a batch
+    (counts sum over rows).
 
     Args:
         rounds (`int`): draft-verify rounds (the prefill is not a round).
-        new_tokens (`int`): tokens emitted, the prefill's token included.
+        new_tokens (`int`): tokens emitted, the prefill's token included (summed over rows, as returned).
         drafted_nodes (`int`): tree nodes drafted, roots excluded.
-        draft_rounds (`int`): rounds in which the head drafted (with `tree_budget="auto"`, rounds where drafting did
-            not pay run as plain steps; see `budget.py`).
+        draft_rounds (`int`): row-rounds in which the head drafted (under `tree_budget="auto"` it pauses while its
+            drafts do not pay; see `drafting.RoundDrafts`).
         accepted_drafts (`int`): drafted tokens accepted.
         lookup_nodes (`int`), accepted_lookup (`int`): tree nodes on merged prompt-lookup proposals (shared with the
             head's or not), and how many of them were accepted (see `lookup.py`).
         tree_budget (`int` or `"auto"`), tree_topk (`int`): the tree settings used.
         time_prefill, time_draft, time_verify, time_accept, time_cache, time_total (`float`): seconds.
+        batch_size (`int`): rows in the call.
+        speculated (`bool`): `False` when the cost model (or `tree_budget=1` without prompt lookup) ran Transformers'
+            own decoding instead; the round and token counts then stay 0.
+        row_rounds (`int`): rounds summed over the rows taking part in them.
+        tree_sizes (`list[int]`): nodes per row verified in each round (root included).
+        max_nodes (`int`): largest tree per row the call allowed.
+        drafting_stopped_at (`int`, *optional*): the round after which the head first paused because its drafts did
+            not pay.
+        undrafted_rounds (`int`): rounds in which the head did not draft (its trees were the roots, plus proposals).
+        gave_up_at (`int`, *optional*): the round from which the call verified roots alone, its recent rounds having
+            made tokens slower than plain decoding's measured step (see `planning.SpeedGuard`).
+        expected_speedup (`float`, *optional*): the cost model's throughput ratio vs plain decoding for this call.
     """
 
     rounds: int = 0
@@ -38,58 +50,7 @@ class JetSpecGenerateStats:
     time_accept: float = 0.0
     time_cache: float = 0.0
     time_total: float = 0.0
-
-    def count_lookup(self, tree, accepted_nodes: list[int]) -> None:
-        """Adds a verified tree's merged prompt-lookup nodes and how many of them `accepted_nodes` holds."""
-        if tree.lookup_nodes:
-            self.lookup_nodes += len(tree.lookup_nodes)
-            self.accepted_lookup += len(set(accepted_nodes).intersection(tree.lookup_nodes))
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """tau: tokens emitted per round (accepted drafts + the target's own token)."""
-        return (self.accepted_drafts + self.rounds) / self.rounds if self.rounds else 0.0
-
-    @property
-    def drafted_tau(self) -> float:
-        """tau over the rounds in which the head drafted (the head's acceptance; equals tau unless `"auto"` backed
-        off drafting for some rounds)."""
-        return (self.accepted_drafts + self.draft_rounds) / self.draft_rounds if self.draft_rounds else 0.0
-
-    @property
-    def mean_tree_size(self) -> float:
-        """Nodes per verified tree, root included (the budget, or what `tree_budget="auto"` chose on average)."""
-        return (self.drafted_nodes + self.rounds) / self.rounds if self.rounds else 0.0
-
-    @property
-    def time_overhead(self) -> float:
-        """Host time outside the measured phases (Python bookkeeping, streamer, stopping criteria)."""
-        measured = self.time_prefill + self.time_draft + self.time_verify + self.time_accept + self.time_cache
-        return max(self.time_total - measured, 0.0)
-
-
-@dataclass
-class JetSpecBatchStats(JetSpecGenerateStats):
-    """What the last batched `generate(assistant_model=head)` call did (fields of [`JetSpecGenerateStats`], where
-    `drafted_nodes` and `accepted_drafts` sum over rows), plus:
-
-    Args:
-        batch_size (`int`): rows in the call.
-        speculated (`bool`): `False` when the cost model (or `tree_budget=1`) ran Transformers' own decoding instead;
-            the round and token counts then stay 0.
-        row_rounds (`int`): rounds summed over the rows taking part in them.
-        tree_sizes (`list[int]`): nodes per row verified in each round (root included).
-        max_nodes (`int`): largest tree per row the call allowed.
-        drafting_stopped_at (`int`, *optional*): the round after which the head first paused because its drafts did
-            not pay (see `DRAFT_BACKOFF`).
-        undrafted_rounds (`int`): rounds in which the head did not draft (its trees were the root, plus proposals).
-        gave_up_at (`int`, *optional*): the round from which the call verified roots alone, its recent rounds having
-            made tokens slower than plain decoding's measured step (see `GUARD_ROUNDS`).
-            remaining rounds verified the root alone).
-        expected_speedup (`float`, *optional*): the cost model's throughput ratio vs plain decoding for this call.
-    """
-
-    batch_size: int = 0
+    batch_size: int = 1
     speculated: bool = True
     row_rounds: int = 0
     tree_sizes: list[int] = field(default_factory=list)
@@ -98,13 +59,50 @@ class JetSpecBatchStats(JetSpecGenerateStats):
     undrafted_rounds: int = 0
     gave_up_at: int | None = None
     expected_speedup: float | None = None
+    _drafted_accepts: int = field(default=0, repr=False)
+
+    def count_round(self, trees, accepted: list[list[int]], drafted: bool, draft_seconds: float,
+                    verify_seconds: float, accept_seconds: float, cache_seconds: float) -> None:
+        """Adds one round: its verified trees, each row's accepted nodes, whether the head drafted, its timings."""
+        self.rounds += 1
+        self.row_rounds += len(trees)
+        self.undrafted_rounds += not drafted
+        self.tree_sizes.append(max(tree.num_nodes for tree in trees))
+        for tree, path in zip(trees, accepted):
+            self.drafted_nodes += tree.num_nodes - 1
+            self.accepted_drafts += len(path)
+            if tree.lookup_nodes:
+                self.lookup_nodes += len(tree.lookup_nodes)
+                self.accepted_lookup += len(set(path).intersection(tree.lookup_nodes))
+        if drafted:
+            self.draft_rounds += len(trees)
+            self._drafted_accepts += sum(map(len, accepted))
+        self.time_draft += draft_seconds
+        self.time_verify += verify_seconds
+        self.time_accept += accept_seconds
+        self.time_cache += cache_seconds
 
     @property
     def mean_accepted_length(self) -> float:
-        """tau: tokens per row per round."""
+        """tau: tokens per row per round (accepted drafts + the target's own token)."""
         return (self.accepted_drafts + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
 
     @property
+    def drafted_tau(self) -> float:
+        """tau over the row-rounds in which the head drafted (the head's acceptance; equals tau unless the head paused
+        for some rounds)."""
+        return (self._drafted_accepts + self.draft_rounds) / self.draft_rounds if self.draft_rounds else 0.0
+
+    @property
     def mean_tree_size(self) -> float:
-        """Nodes per verified tree (root included), over rows and rounds."""
+        """Nodes per verified tree (root included), over rows and rounds: the budget, or what `"auto"` chose."""
         return (self.drafted_nodes + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
+
+    @property
+    def time_overhead(self) -> float:
+        """Host time outside the measured phases (Python bookkeeping, streamer, stopping criteria)."""
+        measured = self.time_prefill + self.time_draft + self.time_verify + self.time_accept + self.time_cache
+        return max(self.time_total - measured, 0.0)
+
+
+JetSpecBatchStats = JetSpecGenerateStats  # the name batches' stats had before one loop served both

@@ -8,13 +8,14 @@ from conftest import distribution_check, make_tiny_target, patch_typical_accepta
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-import hf_jetspec.batch_budget
 import hf_jetspec.decoding
-import hf_jetspec.batched
-from hf_jetspec import JetSpecCandidateGenerator, JetSpecHead
+import hf_jetspec.drafting
+import hf_jetspec.planning
+import hf_jetspec.verify
+from hf_jetspec import JetSpecHead
 from hf_jetspec.acceptance import AcceptanceHistory, acceptance_history, acceptance_profile, pair_state
-from hf_jetspec.batch_budget import BatchCost, BatchRoundBudget, plan_batch
-from hf_jetspec.batched_draft import BatchedDrafter
+from hf_jetspec.planning import BatchCost, BatchRoundBudget, plan_batch
+from hf_jetspec.drafting import BatchedDrafter
 from hf_jetspec.cost import VerifyCost
 from hf_jetspec.verify import tap_features
 from hf_jetspec.modeling_jetspec import JetSpecHeadOutput
@@ -106,8 +107,8 @@ def run(target, head, budget, input_ids, **kwargs):
 @pytest.mark.parametrize("drafter,budget", [("random", 8), ("oracle", 4), ("oracle", 16)])
 def test_greedy_batch_equals_plain_generate_row_by_row(family, drafter, budget, monkeypatch):
     if budget == 4:  # squeeze the per-row cache gaps out after every round
-        monkeypatch.setattr(hf_jetspec.batched, "COMPACT_MIN_GAP", 1)
-        monkeypatch.setattr(hf_jetspec.batched, "COMPACT_MIN_FRACTION", 0.0)
+        monkeypatch.setattr(hf_jetspec.decoding, "COMPACT_MIN_GAP", 1)
+        monkeypatch.setattr(hf_jetspec.decoding, "COMPACT_MIN_FRACTION", 0.0)
     target = sharp_target(family, seed=2)
     input_ids, mask = left_padded_batch()
     free_run = target.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=30, pad_token_id=PAD)
@@ -120,8 +121,8 @@ def test_greedy_batch_equals_plain_generate_row_by_row(family, drafter, budget, 
     else:
         head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
     rounds = []
-    verify_forward = hf_jetspec.batched.verify_forward
-    monkeypatch.setattr(hf_jetspec.batched, "verify_forward", lambda *a, **k: rounds.append(1) or verify_forward(*a, **k))
+    verify_forward = hf_jetspec.verify.verify_forward
+    monkeypatch.setattr(hf_jetspec.verify, "verify_forward", lambda *a, **k: rounds.append(1) or verify_forward(*a, **k))
     plain_streamer, spec_streamer = CollectingStreamer(), CollectingStreamer(rounds)
     target.generate(input_ids, do_sample=False, pad_token_id=PAD, streamer=plain_streamer, **kwargs)
     out = run(target, head, budget, input_ids, streamer=spec_streamer, **kwargs)
@@ -180,7 +181,7 @@ def test_rows_stopped_by_a_criterion_without_eos_keep_their_own_tokens():
 
 @pytest.mark.parametrize("causal_block", [True, False])
 def test_batched_drafts_equal_per_row_drafts(causal_block):
-    """One head forward over the padded batch drafts what a candidate generator per row would (a bidirectional
+    """One head forward over the padded batch drafts what a drafter per row alone would (a bidirectional
     block too: both then run all its rows)."""
     target = make_tiny_target("qwen3", seed=8)
     head = JetSpecHead.from_target(target, num_hidden_layers=2, block_size=5, causal_block=causal_block)
@@ -192,18 +193,18 @@ def test_batched_drafts_equal_per_row_drafts(causal_block):
                            output_hidden_states=[i + 1 for i in layers])
     taps = tap_features(out.hidden_states, layers)
     drafter = BatchedDrafter(head, 4, tree_topk=3)
-    generators = [JetSpecCandidateGenerator(head, tree_budget=10, tree_topk=3) for _ in range(4)]
+    generators = [BatchedDrafter(head, 1, tree_topk=3) for _ in range(4)]  # one drafter per row, alone
     drafter.add_context(taps, positions, mask.bool())
     lengths = mask.sum(-1).tolist()
     for row, generator in enumerate(generators):
-        generator.add_context(taps[row : row + 1][:, mask[row].bool()], torch.arange(lengths[row])[None])
+        generator.add_context(taps[row : row + 1][:, mask[row].bool()], torch.arange(lengths[row])[None],
+                              torch.ones(1, lengths[row], dtype=torch.bool))
     rng = torch.Generator().manual_seed(0)
     for round_index in range(4):
         roots = torch.randint(1, 96, (len(lengths),), generator=rng)
         trees = drafter.draft(roots, torch.tensor(lengths), max_nodes=10, depth=4)
         for row, tree in enumerate(trees):
-            committed = torch.cat([torch.zeros(lengths[row], dtype=torch.long), roots[row : row + 1]])[None]
-            expected, _ = generators[row].get_candidates(committed)
+            expected = generators[row].draft(roots[row : row + 1], torch.tensor([lengths[row]]), max_nodes=10, depth=4)[0]
             assert tree.tokens.tolist() == expected.tokens.tolist() and tree.parents == expected.parents
             assert tree.scores == pytest.approx(expected.scores, abs=1e-4)
         # rows commit 1..3 tokens: the shorter ones carry invalid context slots in the batch
@@ -212,7 +213,8 @@ def test_batched_drafts_equal_per_row_drafts(causal_block):
         new_positions = torch.tensor(lengths)[:, None] + torch.arange(3)
         drafter.add_context(features, new_positions, torch.arange(3)[None] < torch.tensor(kept)[:, None])
         for row, generator in enumerate(generators):
-            generator.add_context(features[row : row + 1, : kept[row]], new_positions[row : row + 1, : kept[row]])
+            generator.add_context(features[row : row + 1, : kept[row]], new_positions[row : row + 1, : kept[row]],
+                                  torch.ones(1, kept[row], dtype=torch.bool))
             lengths[row] += kept[row]
         if round_index == 1:  # a row leaves the batch
             drafter.select_rows(torch.tensor([0, 2, 3]))
@@ -359,14 +361,14 @@ def test_measured_calls_decide_between_speculation_and_plain_decoding():
     history.observe_plain_step(4, 1.0)  # plain: 4 tokens a second, twice the speculative rate
     assert history.measured_speedup(4) == pytest.approx(0.5)
     decisions = []
-    for _ in range(2 * hf_jetspec.batch_budget.EXPLORE_EVERY):
+    for _ in range(2 * hf_jetspec.planning.EXPLORE_EVERY):
         plan = plan_batch(cost, history, block_size=16)
         decisions.append(plan.speculate)
         if not plan.speculate:
             history.observe_plain_step(4, 1.0)
         else:
             history.observe_spec_call(4, 0.5)
-    every = hf_jetspec.batch_budget.EXPLORE_EVERY
+    every = hf_jetspec.planning.EXPLORE_EVERY
     # the measured plain call counts: speculation is tried again after EXPLORE_EVERY plain calls
     assert decisions == [False] * (every - 1) + [True] + [False] * every
     for _ in range(6):  # speculation got faster: a slow moving average follows
@@ -381,7 +383,7 @@ def test_larger_batches_are_not_explored_after_a_smaller_one_measured_slower():
     history.observe_plain_step(4, 1.0)  # speculation measured at half plain's speed at batch 4
     assert not plan_batch(synthetic_cost(8), history, block_size=16).speculate
     assert plan_batch(synthetic_cost(2), history, block_size=16).speculate  # smaller sizes: the model decides
-    for _ in range(hf_jetspec.batch_budget.EXPLORE_EVERY):
+    for _ in range(hf_jetspec.planning.EXPLORE_EVERY):
         history.observe_plain_step(8, 1.0)
     assert plan_batch(synthetic_cost(8), history, block_size=16).speculate  # tried again after a few plain calls
 
@@ -394,7 +396,7 @@ def test_larger_batches_are_explored_only_after_a_clear_win_at_a_smaller_one(pla
     history.observe_plain_step(4, plain_step)  # speculation measured plain_step x plain's speed at batch 4
     assert history.measured_speedup(4) == pytest.approx(plain_step)
     assert plan_batch(synthetic_cost(8), history, block_size=16).speculate == explored
-    for _ in range(hf_jetspec.batch_budget.EXPLORE_EVERY):
+    for _ in range(hf_jetspec.planning.EXPLORE_EVERY):
         history.observe_plain_step(8, 1.0)
     assert plan_batch(synthetic_cost(8), history, block_size=16).speculate  # tried after a few plain calls anyway
 
@@ -408,11 +410,11 @@ def test_a_call_falling_behind_plain_decoding_gives_up_speculating(monkeypatch):
     expected = target.generate(input_ids, **kwargs)
     history = depth_history()
     history.observe_plain_step(input_ids.shape[0], 1e-9)  # plain decoding measured (absurdly) fast here
-    monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch))
-    monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda model, head: history)
+    monkeypatch.setattr(hf_jetspec.planning, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch))
+    monkeypatch.setattr(hf_jetspec.decoding, "acceptance_history", lambda model, head: history)
     assert target.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
     stats = head.last_generate_stats
-    assert stats.speculated and stats.gave_up_at == hf_jetspec.batched.GUARD_ROUNDS
+    assert stats.speculated and stats.gave_up_at == hf_jetspec.planning.GUARD_ROUNDS
     assert stats.rounds > stats.gave_up_at and set(stats.tree_sizes[stats.gave_up_at :]) == {1}
     assert history.measured_speedup(input_ids.shape[0]) < 1.0  # and the next call at this size runs plain
 
@@ -447,9 +449,9 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
 
     monkeypatch.setattr(type(target), "_sample", spy)
     for history, draft_base, speculated in ((depth_history(), 50.0, False), (depth_history(), 0.01, True)):
-        monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost",
+        monkeypatch.setattr(hf_jetspec.planning, "measure_batch_cost",
                             lambda model, head, batch: synthetic_cost(batch, draft_base))
-        monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda model, head: history)
+        monkeypatch.setattr(hf_jetspec.decoding, "acceptance_history", lambda model, head: history)
         sampled.clear()
         head.generation_config.tree_budget = "auto"
         out = target.generate(input_ids, assistant_model=head, **kwargs)
@@ -461,13 +463,13 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
     # then tries again
     # (prompt-lookup proposals off: with them the rounds after the stop would still verify proposals)
     head.generation_config.prompt_lookup_num_tokens = 0
-    monkeypatch.setattr(hf_jetspec.batched, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch, 50.0))
-    monkeypatch.setattr(hf_jetspec.batched, "acceptance_history", lambda model, head: AcceptanceHistory())
+    monkeypatch.setattr(hf_jetspec.planning, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch, 50.0))
+    monkeypatch.setattr(hf_jetspec.decoding, "acceptance_history", lambda model, head: AcceptanceHistory())
     assert target.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
     stats = head.last_generate_stats
     stopped = stats.drafting_stopped_at
-    assert stats.speculated and stopped == hf_jetspec.batched.DRAFT_PATIENCE - 1
-    backoff = hf_jetspec.batched.DRAFT_BACKOFF
+    assert stats.speculated and stopped == hf_jetspec.drafting.DRAFT_PATIENCE - 1
+    backoff = hf_jetspec.drafting.DRAFT_BACKOFF
     assert stats.rounds > stopped + backoff + 1 and set(stats.tree_sizes[stopped + 1 : stopped + 1 + backoff]) == {1}
     assert stats.tree_sizes[stopped + 1 + backoff] > 1 and stats.undrafted_rounds >= backoff
     assert stats.tree_sizes[stopped + 2 + backoff] == 1  # after a pause, one probe that does not pay pauses again
@@ -491,14 +493,14 @@ def test_two_targets_sharing_a_head_keep_separate_state():
     ids = torch.tensor([[5, 9, 13, 5, 9, 13, 5, 9]])
     batch = torch.cat([ids, ids.flip(1)])
     for target in (first, second):
-        assert not acceptance_history(target, head).observed and acceptance_profile(target, head).fixed_seconds is None
+        assert not acceptance_history(target, head).observed and not any(acceptance_profile(target, head).predicted)
     first.generate(ids, do_sample=False, max_new_tokens=12, assistant_model=head, tree_budget="auto")
     first.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False, max_new_tokens=12,
                    assistant_model=head, tree_budget=4)
-    assert acceptance_profile(first, head).fixed_seconds is not None  # the one-prompt call's costs and calibration
+    assert any(acceptance_profile(first, head).predicted)  # the one-prompt call's node calibration
     assert acceptance_history(first, head).observed  # the batch's tokens per row-round
     assert acceptance_profile(second, head) is not acceptance_profile(first, head)
-    assert acceptance_profile(second, head).fixed_seconds is None and not acceptance_history(second, head).observed
+    assert not any(acceptance_profile(second, head).predicted) and not acceptance_history(second, head).observed
     assert pair_state(first, head) is pair_state(first, head)
 
 

@@ -1,4 +1,4 @@
-"""`tree_budget="auto"`: the verify-cost model, the per-round choice, tree prefixes, and losslessness."""
+"""`tree_budget="auto"` for one prompt: the verify-cost model, the per-round choice, tree prefixes, and losslessness."""
 
 import math
 
@@ -7,10 +7,21 @@ import torch
 from conftest import make_tiny_target
 
 from hf_jetspec import JetSpecHead, build_tree
-from hf_jetspec.acceptance import AcceptanceProfile, acceptance_profile
-from hf_jetspec.budget import AutoBudget, measure_verify_cost
+from hf_jetspec.acceptance import AcceptanceProfile, acceptance_history, acceptance_profile
 from hf_jetspec.cost import VerifyCost
-from hf_jetspec.verify import verify_tree
+from hf_jetspec.planning import BatchCost, BatchRoundBudget, measure_batch_cost
+from hf_jetspec.tree import tree_from_parents
+
+
+def one_row_budget(verify: VerifyCost, profile: AcceptanceProfile | None = None, fixed: float = 0.5) -> BatchRoundBudget:
+    """The per-round budget of a one-row call with the given verify cost (lm_head and draft costs left out)."""
+    cost = BatchCost(batch_size=1, verify=verify, lm_head_base=0.0, lm_head_per_row=0.0, draft_base=0.0)
+    return BatchRoundBudget(cost, max_nodes=64, initial_fixed=fixed, profile=profile)
+
+
+def chain_tree(scores: list[float]):
+    """A chain of `len(scores)` nodes whose best-first path scores are `scores` (root first)."""
+    return tree_from_parents(list(range(len(scores))), [-1] + list(range(len(scores) - 1)), scores=scores)
 
 
 def test_verify_cost_interpolates_and_extrapolates():
@@ -20,24 +31,33 @@ def test_verify_cost_interpolates_and_extrapolates():
     assert cost(10) == pytest.approx(4.0)  # last slope: 0.5 s per node
 
 
-def test_auto_budget_follows_cost_and_confidence():
-    scores = [0.0] + [math.log(0.9)] * 7 + [math.log(0.01)] * 8  # 7 likely nodes, then unlikely ones
-    flat = AutoBudget(VerifyCost(sizes=(1, 64), seconds=(1.0, 1.0)))
-    assert flat.choose(scores) == 16  # free nodes: take everything the tree offers
-    steep = AutoBudget(VerifyCost(sizes=(1, 2, 64), seconds=(1.0, 10.0, 100.0)))
-    assert steep.choose(scores) == 1  # a second node costs 10x: do not draft
-    knee = AutoBudget(VerifyCost(sizes=(1, 8, 9, 64), seconds=(1.0, 1.0, 2.0, 50.0)))
-    assert knee.choose(scores) == 8  # the likely nodes fit before the cost jumps
+def test_round_budget_follows_cost_and_confidence():
+    tree = chain_tree([0.0] + [math.log(0.9)] * 7 + [math.log(0.01)] * 8)  # 7 likely nodes, then unlikely ones
+    assert one_row_budget(VerifyCost(sizes=(1, 64), seconds=(1.0, 1.0))).choose([tree]) == 16  # free nodes: take all
+    steep = one_row_budget(VerifyCost(sizes=(1, 2, 64), seconds=(1.0, 10.0, 100.0)))
+    assert steep.choose([tree]) == 1 and not steep.drafting_pays  # a second node costs 10x: do not draft
+    knee = one_row_budget(VerifyCost(sizes=(1, 8, 9, 64), seconds=(1.0, 1.0, 2.0, 50.0)))
+    assert knee.choose([tree]) == 8  # the likely nodes fit before the cost jumps
 
 
-def test_auto_budget_calibrates_against_what_was_accepted():
-    tree = build_tree(0, torch.log_softmax(torch.randn(4, 10), -1), budget=8, topk=3)
-    budget = AutoBudget(VerifyCost(sizes=(1,), seconds=(1.0,)))
+def test_round_budget_calibrates_against_what_was_accepted():
+    tree = chain_tree([0.0] + [math.log(0.9)] * 7)
+    budget = one_row_budget(VerifyCost(sizes=(1,), seconds=(1.0,)), fixed=1.0)
     assert budget.calibration == 1.0
-    for _ in range(20):  # the head promised sum(exp(scores)) tokens per round; the target took none
-        budget.observe(tree, [], round_seconds=2.0, verify_seconds=1.5)
+    for _ in range(40):  # the head promised sum(exp(scores)) tokens per round; the target took none
+        budget.observe([tree], [[]], round_seconds=2.0, verify_seconds=1.5, draft_seconds=0.1)
     assert budget.calibration < 0.2
-    assert budget.fixed_seconds == pytest.approx(0.5)
+    assert budget.fixed_seconds == pytest.approx(0.5, abs=1e-3) and budget.draft_seconds == pytest.approx(0.1, abs=1e-3)
+
+
+def test_measured_batch_cost_is_cached_and_monotone(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_JETSPEC_MEASUREMENTS", str(tmp_path))
+    target = make_tiny_target("llama")
+    head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4).bind(target)
+    cost = measure_batch_cost(target, head, 1, context_length=8, repeats=1, max_total_rows=16)
+    assert cost.verify.sizes[0] == 1 and all(a <= b for a, b in zip(cost.verify.seconds, cost.verify.seconds[1:]))
+    assert measure_batch_cost(target, head, 1, context_length=8, repeats=1, max_total_rows=16) is cost
+    assert len(list(tmp_path.glob("batch_cost-*.json"))) == 1  # kept for the next process
 
 
 def test_calibration_is_per_node_index():
@@ -49,36 +69,11 @@ def test_calibration_is_per_node_index():
     scales = profile.scales(16)
     assert scales[1] > 1.0 and max(scales[2:]) < 0.1
     cost = VerifyCost(sizes=(1, 64), seconds=(1.0, 1.5))  # extra nodes are cheap but not free
-    assert AutoBudget(cost, profile=profile).choose(scores) == 2
+    assert one_row_budget(cost, profile).choose([chain_tree(scores)]) == 2
     # One overall scale (what every node gave on average) would still buy nodes that are never accepted.
     uniform = AcceptanceProfile()
     uniform.total_predicted, uniform.total_accepted = profile.total_predicted, profile.total_accepted
-    assert AutoBudget(cost, profile=uniform).choose(scores) > 2
-
-
-def test_accept_cost_per_token_and_draft_budget():
-    # Accepting costs per emitted token (the target's lm_head row, the logits processors): it does not make a tree
-    # that gives more tokens worth more. Lumped into the per-round fixed cost it would, and trees would grow.
-    scores = [0.0] + [i * math.log(0.8) for i in range(1, 16)]
-    cost = VerifyCost(sizes=(1, 2, 16), seconds=(1.0, 1.3, 4.0))
-    tree = build_tree(0, torch.log_softmax(torch.randn(4, 10), -1), budget=8, topk=3)
-    cheap, costly = AutoBudget(cost), AutoBudget(cost)
-    cheap.observe(tree, [1, 2], round_seconds=1.8, verify_seconds=1.0, draft_seconds=0.2, accept_seconds=0.3)
-    costly.observe(tree, [1, 2], round_seconds=10.5, verify_seconds=1.0, draft_seconds=0.2, accept_seconds=9.0)
-    assert costly.profile.accept_seconds_per_token == pytest.approx(3.0)
-    assert cheap.fixed_seconds == pytest.approx(0.5) and costly.fixed_seconds == pytest.approx(0.5)
-    for budget in (cheap, costly):
-        budget.profile.total_predicted = budget.profile.total_accepted = 2.0  # calibration 1 for this check
-        budget.profile.predicted, budget.profile.accepted = [0.0] * 256, [0.0] * 256
-    lumped = AcceptanceProfile()
-    lumped.observe_costs(fixed=0.5 + 9.0, accept_per_token=0.0, draft=0.2)
-    assert cheap.choose(scores) == costly.choose(scores) == 6 < AutoBudget(cost, profile=lumped).choose(scores)
-    budget = AutoBudget(cost, max_budget=40)
-    assert budget.draft_budget() == 40  # nothing chosen yet: explore the largest tree
-    budget.sizes += [2, 3, 2]
-    assert budget.draft_budget() == 8
-    budget.sizes.append(13)
-    assert budget.draft_budget() == 26
+    assert one_row_budget(cost, uniform).choose([chain_tree(scores)]) > 2
 
 
 def test_tree_prefix_is_the_best_smaller_tree():
@@ -94,18 +89,6 @@ def test_tree_prefix_is_the_best_smaller_tree():
         big.prefix(0)
 
 
-def test_measured_cost_is_cached_and_monotone():
-    target = make_tiny_target("llama")
-    decoder = target.model
-
-    def verify(tree, past, cache):
-        verify_tree(decoder, tree, past, cache, [2], target.dtype)
-
-    cost = measure_verify_cost(target, verify, sizes=(1, 4, 16), context_length=8, repeats=1)
-    assert cost.sizes == (1, 4, 16) and all(a <= b for a, b in zip(cost.seconds, cost.seconds[1:]))
-    assert measure_verify_cost(target, verify, sizes=(1, 4, 16), context_length=8) is cost
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_auto_budget_is_lossless_and_is_the_default(family):
     target = make_tiny_target(family)
@@ -118,36 +101,12 @@ def test_auto_budget_is_lossless_and_is_the_default(family):
     stats = head.last_generate_stats
     assert stats.tree_budget == "auto" and 1 <= stats.mean_tree_size
     profile = acceptance_profile(target, head)  # kept for the next call with this head and target
-    assert profile is acceptance_profile(target, head) and profile.fixed_seconds is not None
-    assert profile.draft_seconds is not None and profile.accept_seconds_per_token is not None
+    assert profile is acceptance_profile(target, head) and profile.total_predicted > 0
+    assert 1 in acceptance_history(target, head).spec_token_seconds  # this call's speed, for the next plan
     assert torch.equal(target.generate(input_ids, assistant_model=head, max_new_tokens=30, do_sample=False), expected)
     head.generation_config.tree_budget = "big"
     with pytest.raises(ValueError, match="tree_budget"):
         target.generate(input_ids, assistant_model=head, max_new_tokens=4, do_sample=False)
-
-
-def test_auto_budget_backs_off_drafting_that_does_not_pay_and_probes_again():
-    scores = [0.0] + [math.log(0.05)] * 15  # a head that is rarely right
-    budget = AutoBudget(VerifyCost(sizes=(1, 16), seconds=(1.0, 1.2)), patience=2, initial_backoff=3, max_backoff=6)
-    tree = build_tree(0, torch.log_softmax(torch.randn(4, 10), -1), budget=8, topk=3)
-    for _ in range(20):  # drafting costs 1 s per round, a plain step 1.1 s: a round must gain > 1.9 tokens
-        budget.observe(tree, [], round_seconds=3.2, verify_seconds=1.2, draft_seconds=1.0)
-    plan = []
-    for _ in range(16):
-        drafting = budget.should_draft()
-        plan.append(drafting)
-        if drafting:
-            budget.choose(scores)
-            assert not budget.drafting_pays
-    # 2 losing rounds -> skip 3, 2 more -> skip 6 (doubled), 2 more -> skip 6 (capped)
-    assert plan == [True, True, False, False, False, True, True] + [False] * 6 + [True, True, False]
-    assert budget.skipped_rounds == 10
-    sure = [0.0] + [math.log(0.99)] * 15  # a confident, calibrated head pays: drafting resumes at once
-    profile = budget.profile
-    profile.total_accepted, profile.accepted = profile.total_predicted, list(profile.predicted)
-    budget._skip = 0
-    budget.choose(sure)
-    assert budget.drafting_pays and budget.should_draft()
 
 
 def test_auto_budget_with_a_useless_head_is_lossless_and_mostly_plain_steps():

@@ -8,7 +8,7 @@ from conftest import make_tiny_target
 from safetensors.torch import load_file, save_file
 
 from hf_jetspec import JetSpecHead
-from hf_jetspec.candidate_generator import JetSpecCandidateGenerator
+from hf_jetspec.drafting import BatchedDrafter
 from hf_jetspec.draft_vocab import DraftProjection, coverage, projection_dtype, select_draft_vocab, token_counts
 
 PROMPT = torch.tensor([[5, 17, 42, 8, 61, 3, 29]])
@@ -75,11 +75,11 @@ def test_trees_only_offer_draft_vocabulary_tokens():
     target = make_tiny_target("llama", seed=2)
     ids = torch.arange(10, 40)
     head = head_with_vocab(target, ids).bind(target)
-    generator = JetSpecCandidateGenerator(head, tree_budget=12, tree_topk=4)
+    drafter = BatchedDrafter(head, 1, tree_topk=4)
     out = target(PROMPT, output_hidden_states=True)
     features = torch.cat([out.hidden_states[i + 1] for i in head.config.target_layer_ids], dim=-1)
-    generator.add_context(features, torch.arange(PROMPT.shape[1])[None])
-    tree, _ = generator.get_candidates(PROMPT)
+    drafter.add_context(features, torch.arange(PROMPT.shape[1])[None], torch.ones(1, PROMPT.shape[1], dtype=torch.bool))
+    tree = drafter.draft(PROMPT[:, -1], torch.tensor([PROMPT.shape[1] - 1]), max_nodes=12, depth=head.config.block_size - 1)[0]
     assert tree.num_nodes == 12
     assert set(tree.tokens[1:].tolist()) <= set(ids.tolist())
     assert max(tree.depths.tolist()) <= head.config.block_size - 1

@@ -139,20 +139,21 @@ def test_a_second_turn_gives_the_head_the_whole_conversations_context(monkeypatc
     a prefill without the cache gives."""
     import copy
 
-    from hf_jetspec.candidate_generator import JetSpecCandidateGenerator
+    from hf_jetspec.drafting import BatchedDrafter
 
     target = make_tiny_target("qwen3", seed=8)
     first = target.generate(PROMPT, do_sample=False, max_new_tokens=6, return_dict_in_generate=True)
     conversation = torch.cat([first.sequences, torch.tensor([[11, 23, 5]])], dim=-1)
     head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4)
     seen = []
-    original = JetSpecCandidateGenerator.add_context
+    original = BatchedDrafter.add_context
 
-    def record(self, features, position_ids):
+    def record(self, features, position_ids, valid):
+        assert bool(valid.all())  # one unpadded row
         seen.append((features.clone(), position_ids.clone()))
-        return original(self, features, position_ids)
+        return original(self, features, position_ids, valid)
 
-    monkeypatch.setattr(JetSpecCandidateGenerator, "add_context", record)
+    monkeypatch.setattr(BatchedDrafter, "add_context", record)
     contexts = []
     for cache in (copy.deepcopy(first.past_key_values), None):
         seen.clear()

@@ -8,9 +8,7 @@ import torch
 from conftest import make_tiny_target
 
 from hf_jetspec import JetSpecHead
-from hf_jetspec.budget import AutoBudget
-from hf_jetspec.cost import VerifyCost
-from hf_jetspec.accept import rows_to_project
+from hf_jetspec.accept import projection_rows
 from hf_jetspec.lookup import LookupProfile, PromptLookupDraft, matched_prefix, prompt_lookup_tokens
 from hf_jetspec.tree import build_tree, merge_chain, tree_from_parents
 
@@ -29,14 +27,12 @@ def test_merge_chain_follows_shared_nodes_then_appends():
     assert merged.depths.tolist() == [0, 1, 1, 2, 2, 3]
 
 
-def test_new_chain_nodes_carry_their_scores_and_the_likeliest_rows_are_projected_first():
+def test_new_chain_nodes_carry_their_scores_and_the_likeliest_rows_are_projected_after_the_main_chain():
     merged = merge_chain(TREE, [1, 5, 6], [0.9, 0.5, 0.45])
     assert merged.scores[4:] == pytest.approx([math.log(0.5), math.log(0.45)])
-    # below the root: 1 (0.6), 4 (0.5), 5 (0.45), 3 (0.4), 2 (0.3)
-    assert rows_to_project(merged, 0, {}, 3) == [0, 1, 4]
-    assert rows_to_project(merged, 0, {1: None}, 4) == [0, 4, 5, 3]
-    assert rows_to_project(merged, 1, {}, 3) == [1, 4, 5] and rows_to_project(merged, 2, {}, 3) == [2]
-    assert rows_to_project(merged, 0, {}, None) == [0, 1, 3]  # a GPU: the main chain
+    # the main chain first (the head's first children: 0, 1, 3), then the likeliest others: 4 (0.5), 5 (0.45), 2 (0.3)
+    assert [node for _, node in projection_rows([merged], [0], [0], [{}], None)] == [0, 1, 3, 4, 5, 2]
+    assert [node for _, node in projection_rows([merged], [0], [1], [{1: None}], None)] == [3, 4, 5]
 
 
 def test_merge_chain_edge_cases():
@@ -83,28 +79,6 @@ def test_prompt_lookup_setting():
     for bad in (-1, 2.5, True, "10"):
         with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
             prompt_lookup_tokens(bad, "auto")
-
-
-def test_auto_keeps_a_likely_chain_when_rows_are_cheap_and_drops_it_when_they_are_not():
-    head_tree = build_tree(7, torch.log_softmax(torch.tensor([[4.0, 1.0, 0.0], [4.0, 1.0, 0.0]]), -1), 8, 3)
-    chain, likely = [5, 6, 8], [0.9, 0.85, 0.8]
-    flat = AutoBudget(VerifyCost(sizes=(1, 64), seconds=(1.0, 1.0)))
-    tree = flat.choose_tree(head_tree, chain, likely)
-    assert tree.lookup_nodes and [int(tree.tokens[n]) for n in tree.lookup_nodes] == chain
-    assert tree.num_head_nodes == 8  # free rows: the whole head tree too
-    steep = AutoBudget(VerifyCost(sizes=(1, 2, 64), seconds=(1.0, 10.0, 100.0)))
-    assert steep.choose_tree(head_tree, chain, [0.05, 0.01, 0.0]).num_nodes == 1
-    # a chain through the head's own first node costs only its new rows and adds only what the head lacks
-    # (3 rows cost 1, 4 rows 3: root + the head's likely first node 0.94 + the chain's new 0.85 beats both the head's
-    # next node 0.31 and the chain alone)
-    knee = AutoBudget(VerifyCost(sizes=(1, 3, 4, 64), seconds=(1.0, 1.0, 3.0, 50.0)))
-    unsure = build_tree(7, torch.log_softmax(torch.tensor([[4.0, 1.0, 0.0], [0.0, 0.0, 0.0]]), -1), 8, 3)
-    first = int(unsure.tokens[1])
-    tree = knee.choose_tree(unsure, [first, 9], [0.9, 0.85])
-    assert tree.num_nodes == 3 and tree.num_head_nodes == 2 and tree.lookup_nodes == (1, 2) and int(tree.tokens[2]) == 9
-    # a head that does not run this round: the chain alone, and the back-off is left alone
-    alone = knee.choose_tree(build_tree(7, torch.zeros(0, 1), 1, 1), chain, likely, drafted=False)
-    assert alone.num_nodes == 3 and knee.sizes == [2]
 
 
 def repetitive_prompt():

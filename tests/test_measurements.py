@@ -15,13 +15,13 @@ sys.path.insert(0, "tests")
 from conftest import make_tiny_target
 os.environ["HF_JETSPEC_MEASUREMENTS"] = sys.argv[2]  # conftest turns the store off for the test session
 from hf_jetspec import JetSpecHead
-import hf_jetspec.budget, hf_jetspec.packed_linear
+import hf_jetspec.packed_linear, hf_jetspec.planning, hf_jetspec.projection
 timed = []
-real = hf_jetspec.budget.median_seconds
+real = hf_jetspec.planning.median_seconds
 def spy(*args, **kwargs):
     timed.append(1)
     return real(*args, **kwargs)
-hf_jetspec.budget.median_seconds = hf_jetspec.packed_linear.median_seconds = spy
+hf_jetspec.planning.median_seconds = hf_jetspec.projection.median_seconds = hf_jetspec.packed_linear.median_seconds = spy
 target = make_tiny_target("qwen3", seed=int(sys.argv[1]))
 head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4)
 out = target.generate(torch.tensor([[5, 17, 42, 8, 61]]), do_sample=False, max_new_tokens=16, assistant_model=head,
@@ -41,12 +41,12 @@ def run(store, seed: int = 1) -> dict:
 def test_a_second_process_reuses_the_first_ones_measurements(tmp_path):
     store = tmp_path / "store"
     first = run(store)
-    assert first["timed"] > 0 and any(p.name.startswith("verify_cost-") for p in store.iterdir())
+    assert first["timed"] > 0 and any(p.name.startswith("batch_cost-") for p in store.iterdir())
     second = run(store)
     assert second["timed"] == 0 and second["tokens"] == first["tokens"]
     same_shape = run(store, seed=2)  # other weights, same config: the same costs
     assert same_shape["timed"] == 0
-    for path in store.glob("verify_cost-*.json"):  # a corrupt file is measured over, not trusted
+    for path in store.glob("*.json"):  # a corrupt file is measured over, not trusted
         path.write_text("{not json")
     assert run(store)["timed"] > 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import hf_jetspec.decoding
+import hf_jetspec.verify
 from hf_jetspec import JetSpecHead, chat_input_ids
 
 SHIPPED = Path(__file__).resolve().parents[1] / "heads" / "smollm2-135m-instruct-jetspec"
@@ -50,13 +50,13 @@ class TreeSpy:
 
     def __init__(self, monkeypatch):
         self.rounds = []
-        original = hf_jetspec.decoding.verify_tree
+        original = hf_jetspec.verify.verify_tree
 
         def spy(decoder, tree, past_length, *args, **kwargs):
             self.rounds.append((past_length, tree))
             return original(decoder, tree, past_length, *args, **kwargs)
 
-        monkeypatch.setattr(hf_jetspec.decoding, "verify_tree", spy)
+        monkeypatch.setattr(hf_jetspec.verify, "verify_tree", spy)
 
     def last_round_stopped_inside_its_tree(self, output_length: int) -> bool:
         """Whether the last tree had drafted nodes deeper than what its round emitted (the call stopped inside it)."""

@@ -1,4 +1,4 @@
-"""Tree sizes for batched JetSpec decoding: a measured cost model per batch size, and when not to speculate at all.
+"""The plan of a call: whether to speculate at all, how big the trees may be, each round's width, and when to give up.
 
 One round of batched decoding costs a batched draft (one head forward for every row, then the target's `lm_head` over
 the drafted depths), one target verify forward over `batch_size * n` rows (`n` tree nodes per row, trees padded to a
@@ -12,13 +12,17 @@ size costs more and the best `n` shrinks, down to `n = 1`: no speculation.
   gave: a verified best-first tree of `n` nodes also tells what every prefix of it would have given.
 - [`plan_batch`] decides before a call whether to speculate at all (else `generate()` runs Transformers' own
   decoding for the call: never slower than plain) and how big the drafted trees may be.
-- [`BatchRoundBudget`] picks each round's common tree size from the drafted trees' scores, like [`AutoBudget`] does
-  for one row.
+- [`BatchRoundBudget`] picks each round's common tree size from the drafted trees' scores (one prompt is a batch of
+  one row).
+- [`SpeedGuard`] gives up speculating for the rest of a call whose recent rounds made tokens slower than plain
+  decoding's measured step.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
+import hashlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -26,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from .compat import cache_kwarg
-from .acceptance import AcceptanceHistory, AcceptanceProfile
+from . import measurements
+from .acceptance import AcceptanceHistory, AcceptanceProfile, acceptance_profile
 from .cost import CPU_SIZES, VerifyCost, median_seconds, monotone
 from .packed_linear import packed_linears_for, packed_memory_cap
 from .tree import DraftTree, chain_path, merge_chain
@@ -39,6 +44,10 @@ EXPLORE_EVERY = 4
 EXPLORE_LARGER_MARGIN = 1.05
 # Largest total rows (batch_size * nodes per row) a verify forward is timed and planned for.
 MAX_TOTAL_ROWS = {"cpu": 256, "cuda": 4096}
+# With plain decoding's step measured at this batch size, a call whose last GUARD_ROUNDS rounds made tokens more than
+# GUARD_MARGIN times slower than it gives up speculating (head and proposals) for the rest of the call.
+GUARD_ROUNDS = 8
+GUARD_MARGIN = 1.05
 
 # model -> head -> settings -> cost (weak keys: dropping a model or head drops its measurements)
 _MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
@@ -122,6 +131,19 @@ def measure_batch_cost(
     cached = _MEASURED.setdefault(model, weakref.WeakKeyDictionary()).setdefault(head, {})
     if key in cached:
         return cached[key]
+    head_config = hashlib.sha256(head.config.to_json_string(use_diff=False).encode()).hexdigest()
+    stored_key = measurements.key("batch_cost", model, head=head_config, head_dtype=str(head.dtype), batch=batch_size,
+                                  sizes=sizes, context_length=context_length, repeats=repeats)
+    stored = measurements.load("batch_cost", stored_key)  # measured by an earlier process on this machine
+    if stored is not None:
+        try:
+            cached[key] = BatchCost(batch_size=batch_size, verify=VerifyCost(sizes=tuple(stored["sizes"]),
+                                                                             seconds=tuple(stored["seconds"])),
+                                    lm_head_base=stored["lm_head_base"], lm_head_per_row=stored["lm_head_per_row"],
+                                    draft_base=stored["draft_base"])
+            return cached[key]
+        except (KeyError, TypeError, ValueError):
+            pass  # an unreadable entry is measured again
 
     config = model.config.get_text_config()
     generator = torch.Generator().manual_seed(0)
@@ -173,6 +195,9 @@ def measure_batch_cost(
         draft_base=draft_base,
     )
     cached[key] = cost
+    measurements.save("batch_cost", stored_key, {
+        "sizes": list(totals), "seconds": list(cost.verify.seconds), "lm_head_base": cost.lm_head_base,
+        "lm_head_per_row": cost.lm_head_per_row, "draft_base": cost.draft_base})
     return cost
 
 
@@ -274,7 +299,7 @@ def row_choices(
         max_width (`int`): largest tree considered.
 
     A chain node at depth `d` adds `p_d` expected tokens as a new node (one more row) and `max(0, p_d - q)` where the
-    head's first `h` nodes hold it with probability `q` (no row), as in [`AutoBudget.choose_tree`].
+    head's first `h` nodes hold it with probability `q` (no row).
     """
     lookup = [0.0]  # lookup[L]: expected tokens of chain nodes 1..L, were they all new nodes
     for probability in chain_probabilities:
@@ -308,7 +333,7 @@ class BatchRoundBudget:
 
     Node `i` of a row's best-first tree is accepted with probability about `c_i * exp(score_i)`, `c_i` calibrating
     the head's confidence at that node index against what the target accepted there (the head's
-    [`AcceptanceProfile`], shared with [`AutoBudget`]); a proposal's first `d` tokens are right with the probability
+    [`AcceptanceProfile`]); a proposal's first `d` tokens are right with the probability
     its [`LookupProfile`] measured. For every width `w` each row takes its best tree of at most `w` nodes
     ([`row_choices`]); the round keeps the `w` maximising `sum_rows E_row(w) / (fixed + verify(rows * w))`, `fixed`
     being a running mean of the rest of a round (draft, accept, cache, host). Drafting pays while that best rate beats
@@ -395,3 +420,50 @@ class BatchRoundBudget:
         fixed = max(round_seconds - verify_seconds, 0.0)
         self.fixed_seconds = 0.8 * self.fixed_seconds + 0.2 * fixed
         self.draft_seconds = 0.8 * self.draft_seconds + 0.2 * draft_seconds
+
+
+def plan_call(model, head, settings, batch_size: int,
+              history: AcceptanceHistory) -> tuple[BatchPlan, BatchRoundBudget | None]:
+    """The plan of one call: a fixed budget's trees (whole prompt-lookup proposals merged in), or under
+    `tree_budget="auto"` trees sized for this batch size by the measured costs ([`plan_batch`]) with a
+    [`BatchRoundBudget`] for each round's width -- or no speculation at all.
+
+    Args:
+        model: the target. head ([`JetSpecHead`]): the bound head.
+        settings ([`TreeSettings`]): the call's tree settings.
+        batch_size (`int`): rows.
+        history ([`AcceptanceHistory`]): what earlier calls of this head on this target measured.
+    """
+    block = head.config.block_size
+    budget = settings.tree_budget
+    if budget != "auto":  # one node (or a block of one) drafts nothing: plain decoding, or proposals alone
+        drafts = budget > 1 and block > 1
+        return BatchPlan(speculate=drafts or bool(settings.prompt_lookup_num_tokens), max_nodes=budget,
+                         depth=min(block - 1, budget - 1) if drafts else 0), None
+    cost = measure_batch_cost(model, head, batch_size)
+    plan = plan_batch(cost, history, block, settings.tree_max_budget)
+    if not plan.speculate:
+        return plan, None
+    host = history.host_seconds_per_row or 0.0
+    fixed = round_seconds(cost, batch_size, plan.max_nodes, plan.depth, host) - cost.verify_seconds(batch_size,
+                                                                                                      plan.max_nodes)
+    return plan, BatchRoundBudget(cost, plan.max_nodes, fixed, initial_draft=cost.draft(plan.depth),
+                                  profile=acceptance_profile(model, head))
+
+
+class SpeedGuard:
+    """Tells a call to give up speculating (head and proposals) once its last `GUARD_ROUNDS` rounds made tokens more
+    than `GUARD_MARGIN` times slower than plain decoding's step measured at this batch size (`plain_step`, from earlier
+    plain calls; `None`: never)."""
+
+    def __init__(self, plain_step: float | None, batch_size: int):
+        self.plain_step, self.batch_size = plain_step, batch_size
+        self.recent: collections.deque = collections.deque(maxlen=GUARD_ROUNDS)  # (tokens, seconds) per round
+
+    def too_slow(self, tokens: int, seconds: float) -> bool:
+        if self.plain_step is None:
+            return False
+        self.recent.append((tokens, seconds))
+        total_tokens, total_seconds = map(sum, zip(*self.recent))
+        return (len(self.recent) == GUARD_ROUNDS
+                and total_seconds / total_tokens > GUARD_MARGIN * self.plain_step / self.batch_size)
