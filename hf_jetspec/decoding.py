@@ -102,8 +102,9 @@ def jetspec_decoding(
     key_valid = prompt_mask.bool()
     root_positions = prompt_mask.sum(-1)  # the root (last committed token) sits after the real prompt tokens
     active = list(range(batch))
-    # plain decoding's measured step here: speculation that falls behind it gives up for the rest of the call
-    guard = SpeedGuard(history.plain_step_seconds.get(batch) if round_budget is not None else None, batch)
+    # a batch's speculation that falls behind plain decoding's measured step gives up for the rest of the call; one
+    # row leaves it to the head's pauses, its proposals going on (they often pay where its drafts do not)
+    guard = SpeedGuard(history.plain_step_seconds.get(batch) if round_budget is not None and batch > 1 else None, batch)
     stats.time_prefill = time.perf_counter() - start  # (the plan and its first-time cost measurements included)
     decode_start = time.perf_counter()
 

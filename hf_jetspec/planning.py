@@ -442,6 +442,11 @@ def plan_call(model, head, settings, batch_size: int,
                          depth=min(block - 1, budget - 1) if drafts else 0), None
     cost = measure_batch_cost(model, head, batch_size)
     plan = plan_batch(cost, history, block, settings.tree_max_budget)
+    cap = cost.max_nodes if settings.tree_max_budget is None else max(1, min(settings.tree_max_budget, cost.max_nodes))
+    if batch_size == 1 and not plan.speculate and block > 1 and cap > 1:
+        # One row speculates every call: its rounds pause the head where the drafts do not pay while its proposals go
+        # on, and what paid for earlier prompts says little about this one. (A batch's call-level choice stands.)
+        plan = BatchPlan(speculate=True, max_nodes=cap, depth=min(block - 1, cap - 1))
     if not plan.speculate:
         return plan, None
     host = history.host_seconds_per_row or 0.0
