@@ -1,7 +1,8 @@
 """What generate() learns about one head drafting for one target, kept across calls: one store per (target, head).
 
 [`PairState`] holds the node calibration and round costs ([`AcceptanceProfile`], with the prompt-lookup profile),
-and the tokens per row-round each tree size gave batches ([`AcceptanceHistory`]). Two targets sharing a head keep
+the tokens per row-round each tree size gave ([`AcceptanceHistory`]), and the measured round costs per batch size
+(`planning.BatchCost`). Two targets sharing a head keep
 separate states; an entry goes with its target or its head (weak keys)."""
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ class PairState:
 
     profile: AcceptanceProfile = field(default_factory=AcceptanceProfile)
     history: AcceptanceHistory = field(default_factory=AcceptanceHistory)
+    batch_costs: dict = field(default_factory=dict)  # the measured `planning.BatchCost` per batch size and setting
 
 
 _STATES: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakKeyDictionary[torch.nn.Module, PairState]]" = (

@@ -29,13 +29,13 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .accept import accept_round
 from .acceptance import acceptance_history
-from .compat import OUTPUT_CACHE_FIELD, cache_kwarg
+from .compat import cache_kwarg
 from .drafting import RoundDrafts
 from .exact_argmax import exact_argmax_for
 from .inputs import validate_call
-from .kv_cache import compact_cache_rows, keep_accepted
+from .kv_cache import LeavingRows, keep_accepted, squeeze_gaps
 from .modeling_jetspec import JetSpecHead
-from .outputs import RowOutputs, step_tensors
+from .outputs import RowOutputs
 from .packed_linear import packed_linears_for
 from .planning import SpeedGuard, plan_call
 from .projection import measure_projection
@@ -65,8 +65,9 @@ def jetspec_decoding(
     """Tree speculative decoding with a [`JetSpecHead`] (called by `generate()`; same arguments as
     `_assisted_decoding`, plus this call's [`TreeSettings`], by default the head's).
 
-    With `return_dict_in_generate=True` the output holds `sequences`, per-step `scores`/`logits` where asked, and for
-    one row the target cache (a batch's has per-row gaps and loses finished rows: `past_key_values=None`).
+    With `return_dict_in_generate=True` the output holds `sequences`, per-step `scores`/`logits` where asked, and the
+    target cache as plain generate() returns it (a batch's rebuilt from each row's committed slots, see
+    [`LeavingRows`]).
     """
     head = assistant_model
     settings = tree_settings or TreeSettings.from_config(head.generation_config)
@@ -93,15 +94,15 @@ def jetspec_decoding(
                          eos_token_id=getattr(generation_config, "_eos_token_tensor", None),
                          max_length=rows.max_length, left_padding=(input_ids.shape[1] - prompt_mask.sum(-1)).tolist())
     context, last_hidden = prefill(decoder, input_ids, prompt_mask, cache, hidden_state_ids, target_layer_ids)
-    first_logits = lm_head(last_hidden)
-    for row in range(batch):
-        rows.emit(row, first_logits[row], [])
-    rows.stream_ready()
+    rows.emit_first(lm_head(last_hidden))
     for taps, taps_positions, valid in context:
         drafts.drafter.add_context(taps, taps_positions, valid)
     key_valid = prompt_mask.bool()
     root_positions = prompt_mask.sum(-1)  # the root (last committed token) sits after the real prompt tokens
     active = list(range(batch))
+    # a batch's cache loses finished rows and has per-row gaps: each row's part is kept as it leaves, for the output
+    padded = batch > 1 or not bool(prompt_mask.all())
+    leaving = LeavingRows(batch) if padded and generation_config.return_dict_in_generate else None
     # a batch's speculation that falls behind plain decoding's measured step gives up for the rest of the call; one
     # row leaves it to the head's pauses, its proposals going on (they often pay where its drafts do not)
     guard = SpeedGuard(history.plain_step_seconds.get(batch) if round_budget is not None and batch > 1 else None, batch)
@@ -111,6 +112,8 @@ def jetspec_decoding(
     while True:
         # Rows that are done leave the batch (their cache rows, key masks, head context and root positions).
         keep = [i for i, row in enumerate(active) if rows.still_running(row)]
+        if leaving is not None and len(keep) < len(active):
+            leaving.keep(cache, key_valid, active, keep)
         if not keep:
             break
         if len(keep) < len(active):
@@ -119,9 +122,7 @@ def jetspec_decoding(
             drafts.drafter.select_rows(index)
             key_valid, root_positions = key_valid[index], root_positions[index]
             active = [active[i] for i in keep]
-        gap = key_valid.shape[1] - int(key_valid.sum(1).max())
-        if gap and gap >= max(COMPACT_MIN_GAP, COMPACT_MIN_FRACTION * key_valid.shape[1]):  # squeeze out the gaps
-            key_valid = compact_cache_rows(cache, key_valid)
+        key_valid = squeeze_gaps(cache, key_valid, COMPACT_MIN_GAP, COMPACT_MIN_FRACTION)
         drafts.drafter.compact(COMPACT_MIN_GAP, COMPACT_MIN_FRACTION)
 
         t0 = time.perf_counter()  # 1. draft
@@ -166,12 +167,9 @@ def jetspec_decoding(
     later_tokens = stats.new_tokens - batch  # the first token of every row came with the prefill
     if round_budget is not None and later_tokens >= 4 * batch:  # for the next plan at this batch size
         history.observe_spec_call(batch, (decode_end - decode_start) / later_tokens)
-    if not generation_config.return_dict_in_generate:
-        return output
-    return GenerateDecoderOnlyOutput(
-        sequences=output, scores=step_tensors(rows.scores, output, input_ids.shape[1]),
-        logits=step_tensors(rows.logits, output, input_ids.shape[1]), **{OUTPUT_CACHE_FIELD: cache if batch == 1 else None},
-    )
+    if leaving is not None:
+        cache = leaving.returned_cache(cache, decoder, output, prompt_mask, rows.lengths)
+    return rows.call_output(output, cache) if generation_config.return_dict_in_generate else output
 
 
 def prefill(decoder, input_ids, prompt_mask, cache, hidden_state_ids, target_layer_ids):

@@ -17,7 +17,7 @@ from .draft_vocab import depth_logprobs
 from .lookup import PromptLookupDraft
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead
 from .masks import additive_mask
-from .kv_cache import compact_cache_rows
+from .kv_cache import squeeze_gaps
 from .tree import DraftTree, build_tree, merge_chain
 
 # Rounds in a row in which drafting did not pay (see `BatchRoundBudget.drafting_pays`) before the head pauses for
@@ -81,10 +81,7 @@ class BatchedDrafter:
     def compact(self, min_gap: int = 16, min_fraction: float = 0.25) -> None:
         """Drops invalid context slots when there are at least `min_gap` of them per row and `min_fraction` of the
         cache."""
-        width = self.valid.shape[1]
-        gap = width - int(self.valid.sum(1).max()) if width else 0
-        if gap and gap >= max(min_gap, min_fraction * width):
-            self.valid = compact_cache_rows(self.cache, self.valid)
+        self.valid = squeeze_gaps(self.cache, self.valid, min_gap, min_fraction)
 
     @torch.no_grad()
     def draft(

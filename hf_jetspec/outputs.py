@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
 from . import accept
+from .compat import OUTPUT_CACHE_FIELD
 from .accept import row_logits_processors
 
 
@@ -78,6 +81,12 @@ class RowOutputs:
             self.finished_at[row] = length + 1 - self.prompt_length
         return token, not self.still_running(row)
 
+    def emit_first(self, logits: torch.Tensor) -> None:
+        """Each row's first token, from the prefill's last logits `(batch, vocab)`; streamed at once."""
+        for row in range(self.batch):
+            self.emit(row, logits[row], [])
+        self.stream_ready()
+
     def still_running(self, row: int) -> bool:
         if self.lengths[row] >= self.max_length:
             return False
@@ -131,6 +140,14 @@ class RowOutputs:
                 self.streamer.put(output[:, start + step].cpu())
             self.streamer.end()
         return output, new_tokens
+
+    def call_output(self, output: torch.LongTensor, cache) -> GenerateDecoderOnlyOutput:
+        """What `return_dict_in_generate=True` returns: `output` (from [`RowOutputs.output`]), the per-step scores and
+        logits where asked, and the target cache."""
+        return GenerateDecoderOnlyOutput(
+            sequences=output, scores=step_tensors(self.scores, output, self.prompt_length),
+            logits=step_tensors(self.logits, output, self.prompt_length), **{OUTPUT_CACHE_FIELD: cache},
+        )
 
 
 def step_tensors(per_row: list[list[torch.Tensor]] | None, output: torch.LongTensor,

@@ -24,14 +24,13 @@ import bisect
 import collections
 import hashlib
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 
 from .compat import cache_kwarg
 from . import measurements
-from .acceptance import AcceptanceHistory, AcceptanceProfile, acceptance_profile
+from .acceptance import AcceptanceHistory, AcceptanceProfile, acceptance_profile, pair_state
 from .cost import CPU_SIZES, VerifyCost, median_seconds, monotone
 from .packed_linear import packed_linears_for, packed_memory_cap
 from .tree import DraftTree, chain_path, merge_chain
@@ -49,8 +48,6 @@ MAX_TOTAL_ROWS = {"cpu": 256, "cuda": 4096}
 GUARD_ROUNDS = 8
 GUARD_MARGIN = 1.05
 
-# model -> head -> settings -> cost (weak keys: dropping a model or head drops its measurements)
-_MEASURED: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
 @dataclass(frozen=True)
 class BatchCost:
     """Measured seconds of the pieces of one round at one batch size.
@@ -128,7 +125,7 @@ def measure_batch_cost(
     max_total_rows = max_total_rows or MAX_TOTAL_ROWS.get(device.type, MAX_TOTAL_ROWS["cpu"])
     sizes = total_row_sizes(batch_size, max_total_rows)
     key = (str(device), str(model.dtype), model.config._attn_implementation, batch_size, sizes, context_length)
-    cached = _MEASURED.setdefault(model, weakref.WeakKeyDictionary()).setdefault(head, {})
+    cached = pair_state(model, head).batch_costs
     if key in cached:
         return cached[key]
     head_config = hashlib.sha256(head.config.to_json_string(use_diff=False).encode()).hexdigest()

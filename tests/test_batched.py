@@ -594,6 +594,42 @@ def test_batch_scores_and_logits_match_plain_generate(sample):
         assert (expected.sequences[1, width:] == PAD).any()  # row 1 did finish early
 
 
+
+@pytest.mark.parametrize("case", ["batch", "batch-compacted", "padded-prompt"])
+def test_a_batch_returns_the_cache_plain_generate_returns(case, monkeypatch):
+    if case == "batch-compacted":  # squeeze the per-row cache gaps (and the left padding) out after every round
+        monkeypatch.setattr(hf_jetspec.decoding, "COMPACT_MIN_GAP", 1)
+        monkeypatch.setattr(hf_jetspec.decoding, "COMPACT_MIN_FRACTION", 0.0)
+    target = sharp_target("llama", seed=4)
+    input_ids, mask = left_padded_batch(seed=5)
+    if case == "padded-prompt":
+        input_ids, mask = input_ids[1:2], mask[1:2]
+    rows, width = input_ids.shape
+    free_run = target.generate(input_ids, attention_mask=mask, do_sample=False, max_new_tokens=16, pad_token_id=PAD)
+    eos = int(free_run[0, width + 3])  # row 0 finishes early: its last slots are the EOS and padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, eos_token_id=eos, pad_token_id=PAD, do_sample=False,
+                  return_dict_in_generate=True)
+    expected = target.generate(input_ids, **kwargs)
+    head = batch_oracle_for(target, real_tokens(free_run, mask))
+    head.generation_config.tree_budget = 8
+    out = target.generate(input_ids, assistant_model=head, **kwargs)
+    assert out.sequences.tolist() == expected.sequences.tolist()
+    assert head.last_generate_stats.mean_accepted_length > 2.0
+    length = out.sequences.shape[1]
+    full_mask = torch.cat([mask, mask.new_ones(rows, length - width)], dim=1)
+    seen = full_mask[:, :-1].bool()  # every slot a follow-up call attends to (not the left padding)
+    for ours, theirs in zip(out.past_key_values.layers, expected.past_key_values.layers, strict=True):
+        assert ours.keys.shape == theirs.keys.shape
+        for mine, plain in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            torch.testing.assert_close(mine.transpose(1, 2)[seen], plain.transpose(1, 2)[seen], atol=1e-4, rtol=1e-4)
+    # a follow-up call continues from either cache to the same tokens
+    more = torch.randint(1, 96, (rows, 3), generator=torch.Generator().manual_seed(0))
+    follow = dict(input_ids=torch.cat([out.sequences, more], dim=1), max_new_tokens=6, do_sample=False,
+                  attention_mask=torch.cat([full_mask, full_mask.new_ones(rows, 3)], dim=1), pad_token_id=PAD)
+    assert (target.generate(past_key_values=out.past_key_values, **follow).tolist()
+            == target.generate(past_key_values=expected.past_key_values, **follow).tolist())
+
+
 # ---------------------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "case,message",

@@ -22,7 +22,6 @@ import torch
 from conftest import make_tiny_target
 
 import hf_jetspec.acceptance as acceptance
-import hf_jetspec.planning as planning
 import hf_jetspec.exact_argmax as exact_argmax
 import hf_jetspec.packed_linear as packed_linear
 import hf_jetspec.projection as projection
@@ -39,7 +38,7 @@ def store_sizes() -> dict[str, int]:
     """Entries of every process-wide store (nested per-head stores counted inside their target's entry)."""
     return {
         "acceptance states": sum(len(inner) for inner in acceptance._STATES.values()),
-        "batch costs": sum(len(inner) for inner in planning._MEASURED.values()),
+        "batch costs": sum(len(state.batch_costs) for inner in acceptance._STATES.values() for state in inner.values()),
         "projection costs": len(projection._MEASURED),
         "exact argmax": len(exact_argmax._BUILT),
         "packed linears": len(packed_linear._PACKED),
