@@ -40,6 +40,7 @@ class AcceptanceProfile:
         self.total_predicted = prior_weight
         self.total_accepted = prior_weight
         self.lookup = LookupProfile()  # how far prompt-lookup proposals matched this target (see `lookup.py`)
+        self.round_costs: dict[int, tuple[float, float]] = {}  # batch size -> measured (rest, draft) seconds per round
 
     @property
     def calibration(self) -> float:

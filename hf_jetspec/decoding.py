@@ -147,9 +147,9 @@ def jetspec_decoding(
         root_positions = root_positions + new_valid.sum(-1)
         t4 = time.perf_counter()
 
-        if round_budget is not None and drafting:
+        if round_budget is not None:
             round_budget.observe(trees, accepted, round_seconds=t4 - t0, verify_seconds=t2 - t1,
-                                 draft_seconds=drafts.draft_seconds)
+                                 draft_seconds=drafts.draft_seconds, drafted=drafting)
         if stats.gave_up_at is None and guard.too_slow(len(active) + sum(map(len, accepted)), t4 - t0):
             drafts.give_up()  # the last rounds made tokens slower than plain decoding: verify the roots alone
             stats.gave_up_at = stats.rounds + 1

@@ -183,7 +183,8 @@ class RoundDrafts:
         started = time.perf_counter()
         drafting = self.skip == 0 and self.plan.depth > 0
         if drafting:
-            trees = self.drafter.draft(roots, root_position_ids, self.plan.max_nodes, self.plan.depth)
+            nodes = self.plan.max_nodes if self.round_budget is None else self.round_budget.draft_nodes(self.plan.max_nodes)
+            trees = self.drafter.draft(roots, root_position_ids, nodes, min(self.plan.depth, nodes - 1))
         else:
             empty = torch.zeros(0, 1, device=device)
             trees = [build_tree(int(root), empty, 1, 1) for root in roots.tolist()]

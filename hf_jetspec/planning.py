@@ -47,6 +47,9 @@ MAX_TOTAL_ROWS = {"cpu": 256, "cuda": 4096}
 # GUARD_MARGIN times slower than it gives up speculating (head and proposals) for the rest of the call.
 GUARD_ROUNDS = 8
 GUARD_MARGIN = 1.05
+# A round drafts twice the head nodes recent rounds kept (the last RECENT_ROUNDS drafted ones), at least MIN_DRAFT_NODES.
+RECENT_ROUNDS = 16
+MIN_DRAFT_NODES = 8
 
 @dataclass(frozen=True)
 class BatchCost:
@@ -333,14 +336,19 @@ class BatchRoundBudget:
     [`AcceptanceProfile`]); a proposal's first `d` tokens are right with the probability
     its [`LookupProfile`] measured. For every width `w` each row takes its best tree of at most `w` nodes
     ([`row_choices`]); the round keeps the `w` maximising `sum_rows E_row(w) / (fixed + verify(rows * w))`, `fixed`
-    being a running mean of the rest of a round (draft, accept, cache, host). Drafting pays while that best rate beats
-    rounds without a draft (proposals only): the same choice with no head nodes and `fixed - draft`.
+    being the rest of a round: `draft` (a running mean over drafted rounds) plus `rest` (accept, cache, host: a
+    running mean over every round). Both are kept per batch size in the head's profile, so that a call starts from
+    what the last one measured: estimated from the cost model instead (a draft's `lm_head` rows priced as the
+    target's), a new call's first rounds took trees too big to pay, and while the head paused nothing corrected them.
+    Drafting pays while the best rate beats rounds without a draft (proposals only): the same choice with no head
+    nodes and `rest` alone. Each round drafts only about twice the head nodes recent rounds kept
+    ([`BatchRoundBudget.draft_nodes`]).
 
     Args:
         cost ([`BatchCost`]): measured costs.
         max_nodes (`int`): most head nodes per row.
-        initial_fixed (`float`): `fixed` before the first round is measured.
-        initial_draft (`float`): seconds of a draft before the first round is measured.
+        initial_fixed (`float`): `fixed` before the first round is measured (unless the profile has it).
+        initial_draft (`float`): seconds of a draft before the first round is measured (unless the profile has it).
         profile ([`AcceptanceProfile`], *optional*): the head's calibration (default: a fresh one).
     """
 
@@ -348,15 +356,31 @@ class BatchRoundBudget:
                  profile: AcceptanceProfile | None = None):
         self.cost = cost
         self.max_nodes = max_nodes
-        self.fixed_seconds = initial_fixed
-        self.draft_seconds = initial_draft
         self.profile = profile if profile is not None else AcceptanceProfile()
+        self.rest_seconds, self.draft_seconds = self.profile.round_costs.get(
+            cost.batch_size, (max(initial_fixed - initial_draft, 0.0), initial_draft))
         self.sizes: list[int] = []
+        self.head_sizes: list[int] = []  # the most head nodes a row kept, per drafted round
         self.drafting_pays = True
 
     @property
     def calibration(self) -> float:
         return self.profile.calibration
+
+    @property
+    def fixed_seconds(self) -> float:
+        """A drafted round's seconds besides the verify forward."""
+        return self.rest_seconds + self.draft_seconds
+
+    def draft_nodes(self, limit: int) -> int:
+        """Head nodes per row to draft this round: twice the most any row kept in the last `RECENT_ROUNDS` drafted
+        rounds, at least `MIN_DRAFT_NODES` (and at most `limit`), so that the choice can grow without every round
+        offering the biggest trees. A head's deep, low-ranked nodes are rarely verified, so their calibration is the
+        least sure: offered every round, they made rounds of the one-prompt path choose trees that did not pay
+        (MT-Bench at 0.94x of the loop that drafted this way)."""
+        if not self.head_sizes:
+            return limit
+        return min(limit, max(MIN_DRAFT_NODES, 2 * max(self.head_sizes[-RECENT_ROUNDS:])))
 
     def choose(self, trees: list[DraftTree]) -> int:
         """Nodes per row (root included) for this round without proposals; also sets [`drafting_pays`]."""
@@ -393,12 +417,14 @@ class BatchRoundBudget:
                     best, best_rate = width, rate
             return best, best_rate
 
-        fixed = self.fixed_seconds if drafted else max(self.fixed_seconds - self.draft_seconds, 0.0)
+        fixed = self.fixed_seconds if drafted else self.rest_seconds
         width, rate = best_width(with_head, fixed)
         if drafted:
-            _, rate_without = best_width(without_head, max(self.fixed_seconds - self.draft_seconds, 0.0))
+            _, rate_without = best_width(without_head, self.rest_seconds)
             self.drafting_pays = any(row[width][1] > 1 for row in with_head) and rate > rate_without
         self.sizes.append(width)
+        if drafted:
+            self.head_sizes.append(max(row[width][1] for row in with_head))
         merged = []
         for tree, chain, probabilities, row in zip(trees, chains, chain_probabilities, with_head):
             _, size, length = row[width]
@@ -407,16 +433,18 @@ class BatchRoundBudget:
         return merged
 
     def observe(self, trees: list[DraftTree], accepted: list[list[int]], round_seconds: float, verify_seconds: float,
-                draft_seconds: float) -> None:
+                draft_seconds: float, drafted: bool = True) -> None:
         """Updates the calibration and the running costs after a round (`accepted[r]`: the drafted nodes row `r`
-        accepted, as node indices); only the head's own nodes calibrate the head."""
+        accepted, as node indices; `drafted=False`: the head did not run); only the head's own nodes calibrate the
+        head."""
         for tree, path in zip(trees, accepted):
             head_size = tree.num_head_nodes
             if tree.scores is not None and head_size > 1:
                 self.profile.observe_tree(tree.scores[:head_size], [node for node in path if node < head_size])
-        fixed = max(round_seconds - verify_seconds, 0.0)
-        self.fixed_seconds = 0.8 * self.fixed_seconds + 0.2 * fixed
-        self.draft_seconds = 0.8 * self.draft_seconds + 0.2 * draft_seconds
+        self.rest_seconds = 0.8 * self.rest_seconds + 0.2 * max(round_seconds - verify_seconds - draft_seconds, 0.0)
+        if drafted:
+            self.draft_seconds = 0.8 * self.draft_seconds + 0.2 * draft_seconds
+        self.profile.round_costs[self.cost.batch_size] = (self.rest_seconds, self.draft_seconds)
 
 
 def plan_call(model, head, settings, batch_size: int,

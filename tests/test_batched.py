@@ -434,6 +434,27 @@ def test_round_budget_shrinks_trees_as_rows_grow():
     assert costly.choose([tree] * 4) > 1 and not costly.drafting_pays  # a bigger tree helps, but not enough to draft
 
 
+
+def test_rounds_draft_twice_the_head_nodes_recent_rounds_kept():
+    """The head's deep, low-ranked nodes are offered only where recent rounds kept trees close to them: a round drafts
+    twice the most head nodes a row kept in the last drafted rounds (at least 8); undrafted rounds do not count."""
+    from hf_jetspec.planning import MIN_DRAFT_NODES, RECENT_ROUNDS
+
+    logprobs = torch.log_softmax(3 * torch.randn(6, 20, generator=torch.Generator().manual_seed(0)), -1)
+    tree = build_tree(1, logprobs, budget=48, topk=4)
+    budget = BatchRoundBudget(synthetic_cost(1), max_nodes=48, initial_fixed=0.5)
+    assert budget.draft_nodes(48) == 48  # nothing chosen yet: the whole plan
+    width = budget.choose([tree])
+    assert 1 < width < 24 and budget.draft_nodes(48) == min(48, max(MIN_DRAFT_NODES, 2 * width))
+    root = build_tree(1, torch.zeros(0, 1), 1, 1)
+    budget.choose_trees([root], [[5, 6, 7]], [[0.9, 0.9, 0.9]], drafted=False)  # a proposal alone
+    assert budget.draft_nodes(48) == min(48, max(MIN_DRAFT_NODES, 2 * width))
+    small = BatchRoundBudget(synthetic_cost(1), max_nodes=48, initial_fixed=50.0)  # costly rounds: small trees
+    for _ in range(RECENT_ROUNDS):
+        small.choose([tree.prefix(2)])
+    assert small.draft_nodes(48) == MIN_DRAFT_NODES
+
+
 def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypatch):
     target = make_tiny_target("llama", seed=10)
     head = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6)
@@ -465,6 +486,7 @@ def test_auto_budget_runs_transformers_decoding_when_speculation_loses(monkeypat
     head.generation_config.prompt_lookup_num_tokens = 0
     monkeypatch.setattr(hf_jetspec.planning, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch, 50.0))
     monkeypatch.setattr(hf_jetspec.decoding, "acceptance_history", lambda model, head: AcceptanceHistory())
+    acceptance_profile(target, head).round_costs.clear()  # the round costs the last calls measured: none either
     assert target.generate(input_ids, assistant_model=head, **kwargs).tolist() == expected.tolist()
     stats = head.last_generate_stats
     stopped = stats.drafting_stopped_at

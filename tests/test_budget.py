@@ -50,6 +50,24 @@ def test_round_budget_calibrates_against_what_was_accepted():
     assert budget.fixed_seconds == pytest.approx(0.5, abs=1e-3) and budget.draft_seconds == pytest.approx(0.1, abs=1e-3)
 
 
+
+def test_round_costs_are_measured_every_round_and_kept_for_the_next_call():
+    """The rest of a round (accept, cache, host) is measured in every round, the head's draft in drafted ones, and
+    both are kept in the (target, head) profile for the next call at this batch size: a cost-model estimate far off
+    (here 30 s) lasts one call's first rounds at most, not every call, nor every round the head pauses."""
+    tree = chain_tree([0.0] + [math.log(0.9)] * 7)
+    root = chain_tree([0.0])
+    budget = one_row_budget(VerifyCost(sizes=(1,), seconds=(1.0,)), fixed=30.0)
+    for _ in range(60):  # the head paused: proposals (none here) and the roots alone
+        budget.observe([root], [[]], round_seconds=1.3, verify_seconds=1.0, draft_seconds=0.0, drafted=False)
+    assert budget.rest_seconds == pytest.approx(0.3, abs=1e-3)
+    for _ in range(40):
+        budget.observe([tree], [[1]], round_seconds=1.5, verify_seconds=1.0, draft_seconds=0.2)
+    assert budget.draft_seconds == pytest.approx(0.2, abs=1e-3) and budget.fixed_seconds == pytest.approx(0.5, abs=1e-3)
+    later = one_row_budget(VerifyCost(sizes=(1,), seconds=(1.0,)), profile=budget.profile, fixed=30.0)
+    assert later.fixed_seconds == pytest.approx(0.5, abs=1e-3)
+    assert one_row_budget(VerifyCost(sizes=(1,), seconds=(1.0,)), fixed=30.0).fixed_seconds == 30.0  # a fresh profile
+
 def test_measured_batch_cost_is_cached_and_monotone(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_JETSPEC_MEASUREMENTS", str(tmp_path))
     target = make_tiny_target("llama")

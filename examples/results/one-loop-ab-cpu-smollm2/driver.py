@@ -1,17 +1,25 @@
-"""Side by side: batch 1 through main's single-prompt loop vs the one loop (oneloop branch), plain generate() as the
-baseline, one worker process per code tree, requests interleaved in rotating order (one runs at a time)."""
+"""Side by side: two code trees of hf_jetspec (BEFORE and AFTER, e.g. `git worktree add /tmp/before <rev>`), plain
+generate() as the baseline, one worker process per code tree, requests interleaved in rotating order (one at a time).
+
+    BEFORE=/tmp/before AFTER=$PWD python examples/results/one-loop-ab-cpu-smollm2/driver.py 2 10 128 out.json
+
+Arguments: threads, prompts per set (GSM8K, MT-Bench), new tokens, output file. Batches of 4 follow (BATCHES=0: none;
+BATCH_REPS=N: N passes over the batches; SINGLES=0: batches only).
+"""
 import json, os, random, subprocess, sys
-sys.path.insert(0, "/work/main")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, ROOT)
 from hf_jetspec.bench import load_eval_prompts, DEFAULT_EVAL_DIR
 threads, limit, new, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-head = "/work/main/heads/smollm2-135m-instruct-jetspec"
+head = os.path.join(ROOT, "heads", "smollm2-135m-instruct-jetspec")
 def worker(root):
     env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": str(threads)}
-    p = subprocess.Popen([sys.executable, "/tmp/oneloop/worker.py", str(threads), head], stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "worker.py"), str(threads), head], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=root)
     ready = json.loads(p.stdout.readline()); print(root, ready, flush=True)
     return p
-workers = {"before": worker("/work/main"), "after": worker("/work/oneloop")}
+workers = {"before": worker(os.environ["BEFORE"]), "after": worker(os.environ["AFTER"])}
 def ask(name, method, prompt):
     w = workers[name]
     w.stdin.write(json.dumps({"method": method, "prompt": prompt, "new": new}) + "\n"); w.stdin.flush()
@@ -19,7 +27,7 @@ def ask(name, method, prompt):
 arms = [("plain", "before", "plain"), ("before", "before", "jetspec"), ("after", "after", "jetspec")]
 prompts = load_eval_prompts(DEFAULT_EVAL_DIR, ["gsm8k_test", "mt_bench"], limit)
 recs = []
-for i, p in enumerate(prompts):
+for i, p in enumerate(prompts if os.environ.get("SINGLES", "1") == "1" else []):
     order = arms[i % 3:] + arms[:i % 3]
     r = {"dataset": p["dataset"], "id": p["id"]}
     for arm, w, method in order:
@@ -37,7 +45,7 @@ def ratio(a, b, subset):
     boots = sorted(stat([rng.randrange(n) for _ in range(n)]) for _ in range(2000))
     return [round(stat(range(n)), 4), round(boots[49], 4), round(boots[1949], 4)]
 summary = {}
-for ds in ("gsm8k_test", "mt_bench", "all"):
+for ds in ("gsm8k_test", "mt_bench", "all") if recs else ():
     sub = [r for r in recs if ds == "all" or r["dataset"] == ds]
     sub = [r for r in sub if r["before"]["tau"] is not None and r["after"]["tau"] is not None]
     summary[ds] = {"after/before": ratio("after", "before", sub), "before/plain": ratio("before", "plain", sub),
