@@ -38,7 +38,8 @@ def store_sizes() -> dict[str, int]:
     """Entries of every process-wide store (nested per-head stores counted inside their target's entry)."""
     return {
         "acceptance states": sum(len(inner) for inner in acceptance._STATES.values()),
-        "batch costs": sum(len(state.batch_costs) for inner in acceptance._STATES.values() for state in inner.values()),
+        "pairs with batch costs": sum(bool(state.batch_costs) for inner in acceptance._STATES.values()
+                                      for state in inner.values()),
         "projection costs": len(projection._MEASURED),
         "exact argmax": len(exact_argmax._BUILT),
         "packed linears": len(packed_linear._PACKED),

@@ -4,7 +4,7 @@ generate() as the baseline, one worker process per code tree, requests interleav
     BEFORE=/tmp/before AFTER=$PWD python examples/results/one-loop-ab-cpu-smollm2/driver.py 2 10 128 out.json
 
 Arguments: threads, prompts per set (GSM8K, MT-Bench), new tokens, output file. Batches of 4 follow (BATCHES=0: none;
-BATCH_REPS=N: N passes over the batches; SINGLES=0: batches only).
+BATCH_REPS=N: N passes over the batches; BATCH_SIZE=N: rows per batch, default 4; SINGLES=0: batches only).
 """
 import json, os, random, subprocess, sys
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,9 +53,10 @@ for ds in ("gsm8k_test", "mt_bench", "all") if recs else ():
                    "tau_before": sum(r["before"]["tau"] for r in sub) / len(sub),
                    "tau_after": sum(r["after"]["tau"] for r in sub) / len(sub), "prompts": len(sub)}
 summary["all_equal"] = all(r["equal"] for r in recs)
-# batches of 4 (the batch path, refactored): before vs after, plain as the baseline
+# batches of BATCH_SIZE (default 4) from the same prompts: before vs after, plain as the baseline
 batch_recs = []
-groups = [prompts[i:i + 4] for i in range(0, len(prompts) - 3, 4)] if os.environ.get('BATCHES', '1') == '1' else []
+size = int(os.environ.get("BATCH_SIZE", "4"))
+groups = [prompts[i:i + size] for i in range(0, len(prompts) - size + 1, size)] if os.environ.get('BATCHES', '1') == '1' else []
 for rep in range(int(os.environ.get("BATCH_REPS", "1"))):
     for g, group in enumerate(groups):
         order = arms[(g + rep) % 3:] + arms[:(g + rep) % 3]
@@ -68,9 +69,9 @@ for rep in range(int(os.environ.get("BATCH_REPS", "1"))):
             r[arm]["tokens"] = [0] * r[arm]["count"]
         r["equal"] = r["plain"]["tokens_list"] == r["before"]["tokens_list"] == r["after"]["tokens_list"]
         batch_recs.append(r)
-        print("batch4", g, r["equal"], {a: round(r[a]["count"] / r[a]["seconds"], 2) for a, _, _ in arms},
+        print(f"batch{size}", g, r["equal"], {a: round(r[a]["count"] / r[a]["seconds"], 2) for a, _, _ in arms},
               {a: r[a]["tau"] and round(r[a]["tau"], 2) for a in ("before", "after")}, flush=True)
-summary["batch4"] = {} if not batch_recs else {"after/before": ratio("after", "before", batch_recs), "before/plain": ratio("before", "plain", batch_recs),
+summary[f"batch{size}"] = {} if not batch_recs else {"after/before": ratio("after", "before", batch_recs), "before/plain": ratio("before", "plain", batch_recs),
                      "after/plain": ratio("after", "plain", batch_recs), "calls": len(batch_recs),
                      "all_equal": all(r["equal"] for r in batch_recs)}
 print(json.dumps(summary, indent=1))
