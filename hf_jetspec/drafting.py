@@ -183,8 +183,10 @@ class RoundDrafts:
         started = time.perf_counter()
         drafting = self.skip == 0 and self.plan.depth > 0
         if drafting:
-            nodes = self.plan.max_nodes if self.round_budget is None else self.round_budget.draft_nodes(self.plan.max_nodes)
-            trees = self.drafter.draft(roots, root_position_ids, nodes, min(self.plan.depth, nodes - 1))
+            nodes = self.plan.max_nodes
+            if self.round_budget is not None:
+                nodes = self.round_budget.draft_nodes(nodes)
+            trees = self.drafter.draft(roots, root_position_ids, nodes, self.plan.depth)  # (depth capped to fit nodes)
         else:
             empty = torch.zeros(0, 1, device=device)
             trees = [build_tree(int(root), empty, 1, 1) for root in roots.tolist()]
