@@ -17,7 +17,7 @@ from .draft_vocab import depth_logprobs
 from .lookup import PromptLookupDraft
 from .modeling_jetspec import JetSpecContextCache, JetSpecHead
 from .masks import additive_mask
-from .kv_cache import squeeze_gaps
+from .kv_cache import squeeze_gaps, valid_first
 from .tree import DraftTree, build_tree, merge_chain
 
 # Rounds in a row in which drafting did not pay (see `BatchRoundBudget.drafting_pays`) before the head pauses for
@@ -31,9 +31,7 @@ MAX_DRAFT_BACKOFF = 64
 def left_align(valid: torch.BoolTensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Moves each row's valid entries (dim 1) to the front, keeping their order; returns `(valid, *tensors)` gathered
     the same way, cut to the longest row."""
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    width = int(valid.sum(1).max()) if valid.numel() else 0
-    order = order[:, :width]
+    order = valid_first(valid)
     gathered = [t.gather(1, order.view(*order.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])) for t in tensors]
     return (valid.gather(1, order), *gathered)
 

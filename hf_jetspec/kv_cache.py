@@ -25,12 +25,17 @@ def keep_tree_slots(cache: DynamicCache, past_length: int, index: torch.LongTens
         cache.crop(-(tree_rows - width))
 
 
+def valid_first(valid: torch.BoolTensor) -> torch.LongTensor:
+    """Per row, the indices of its valid entries (dim 1) in order, then its invalid ones, cut to the longest row's
+    valid count: the gather index that squeezes the gaps out."""
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    return order[:, : int(valid.sum(1).max()) if valid.numel() else 0]
+
+
 def compact_cache_rows(cache, valid: torch.BoolTensor) -> torch.BoolTensor:
     """Squeezes the invalid slots out of every layer of a batched cache (slot order does not matter to attention: the
     positions are in the rotated keys, visibility in the mask). Returns the new validity mask `(batch, max_valid)`."""
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    width = int(valid.sum(1).max())
-    order = order[:, :width]
+    order = valid_first(valid)
     for layer in cache.layers:
         if not layer.is_initialized:
             continue
