@@ -506,10 +506,13 @@ def test_history_measures_every_prefix():
     assert [history.expected_tokens(n) for n in (1, 2, 4, 5, 6, 8)] == [1.0, 2.0, 2.0, 3.0, 3.0, 3.0]
 
 
-def test_two_targets_sharing_a_head_keep_separate_state():
+def test_two_targets_sharing_a_head_keep_separate_state(monkeypatch):
     """One store per (target, head): what a head learned drafting for one target (node calibration, lookup profile,
     batch history, costs) is not what it finds on another. Checked by breaking it: with the store keyed by the head
-    alone (as the batch history was), the second target's state is the first's and this test fails."""
+    alone (as the batch history was), the second target's state is the first's and this test fails. The verify cost
+    is synthetic (flat up to 16 nodes): with the real one, measured on a loaded machine, "auto" may verify the root
+    alone every round, and then calibrates no node (a CI run failed so)."""
+    monkeypatch.setattr(hf_jetspec.planning, "measure_batch_cost", lambda model, head, batch: synthetic_cost(batch))
     first, second = make_tiny_target("llama", seed=1), make_tiny_target("llama", seed=2)
     head = JetSpecHead.from_target(first, num_hidden_layers=1)
     ids = torch.tensor([[5, 9, 13, 5, 9, 13, 5, 9]])
