@@ -1,4 +1,4 @@
-"""Verify forwards on CPU with MKL-packed float32 linear weights.
+"""Verify forwards on CPU with MKL-packed float32 linear weights, or the transposed product, where measured faster.
 
 oneMKL's float32 GEMM changes kernels with the number of rows: on the 2-core x86 box the default target's linears cost
 about the same for 1 to 3 rows and about 45% more at 4 rows, so a verify forward of 2 rows x 2 tree nodes costs
@@ -21,7 +21,17 @@ compared token for token).
 - [`packed_linears_for`] returns them for a decoder (measured on first use, again when its weights changed; once per
   call), and [`packed_linears`] runs a block (the verify forward) with those linears switched to their packed copies.
 
-Only for float32 weights on CPU with PyTorch's MKL build; `HF_JETSPEC_PACKED_LINEARS=0` (or a cap of 0) turns it off.
+The transposed product, `(weight @ input.T).T`, is the same product computed as a tall-skinny GEMM (the BLAS reads
+each weight once for all the input rows). It needs no copy. On the 2-core AMD EPYC (AVX-512, and capped at AVX2 alike)
+the default target's 210 decoder linears, weights out of cache, took about 28-35 ms for 2 to 4 rows that way against
+60-80 ms through `F.linear`, 43-50 ms against 54-87 ms for 5 to 8 rows, and one row -- a GEMV, slower there than two
+rows -- 28 ms run as two rows against 44 ms. [`PackedLinears.measure`] times it at [`TRANSPOSED_PROBES`] rows
+against the best of the unpacked and packed products and keeps the row counts where it wins (a forward of `m` rows
+takes the choice of the smallest probe `>= m`). Rounding differs from `F.linear`'s as above; outputs are compared
+token for token.
+
+Packing is only for float32 weights on CPU with PyTorch's MKL build; `HF_JETSPEC_PACKED_LINEARS=0` (or a cap of 0)
+turns it off. The transposed product is for float32 weights on CPU; `HF_JETSPEC_TRANSPOSED_LINEARS=0` turns it off.
 """
 
 from __future__ import annotations
@@ -43,6 +53,9 @@ PACK_ROWS = (4, 8, 16, 32)
 # Share of the available memory the packed copies may take when no cap is set.
 MEMORY_SHARE = 0.25
 ENV_SWITCH = "HF_JETSPEC_PACKED_LINEARS"
+# Row counts the transposed product is timed at; a forward of m rows takes the choice of the smallest probe >= m.
+TRANSPOSED_PROBES = (1, 2, 3, 4, 6, 8, 12, 16)
+ENV_TRANSPOSED = "HF_JETSPEC_TRANSPOSED_LINEARS"
 ENV_MAX_MB = "HF_JETSPEC_PACKED_MAX_MB"
 CONFIG_MAX_MB = "packed_weights_max_mb"  # on the head's generation config
 MB = 2**20
@@ -81,6 +94,11 @@ def mkl_packing_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(ops, "_mkl_linear") and hasattr(ops, "_mkl_reorder_linear_weight")
 
 
+def transposed_available() -> bool:
+    """Whether the transposed product may be timed and used (`HF_JETSPEC_TRANSPOSED_LINEARS` does not turn it off)."""
+    return os.environ.get(ENV_TRANSPOSED, "1").lower() not in ("0", "false", "off", "no")
+
+
 def available_memory_bytes() -> int | None:
     """`MemAvailable` from `/proc/meminfo` (free pages elsewhere), or `None` when unknown."""
     try:
@@ -108,6 +126,23 @@ def _packed_forward(weight: torch.Tensor, bias: torch.Tensor | None, packed: tor
     return forward
 
 
+def transposed_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(input, weight, bias)` computed as `(weight @ input.T).T`: the BLAS's tall-skinny path, which reads
+    the weight once for all rows (one row runs as two: a GEMV was slower than two rows where this was measured)."""
+    flat = input.reshape(-1, input.shape[-1])
+    count = flat.shape[0]
+    if count == 1:
+        flat = torch.cat([flat, flat])
+    out = torch.mm(weight, flat.t()).t()[:count]
+    if bias is not None:
+        out = out + bias
+    return out.contiguous().reshape(*input.shape[:-1], weight.shape[0])
+
+
+def _transposed_forward(weight: torch.Tensor, bias: torch.Tensor | None):
+    return lambda input: transposed_linear(input, weight, bias)
+
+
 _ACTIVE = threading.local()  # per thread: {id(layer): packed forward} inside `PackedLinears.use`, else absent
 
 
@@ -132,27 +167,33 @@ def _is_plain_linear(module: torch.nn.Module) -> bool:
 
 
 class PackedLinears:
-    """A decoder's float32 `nn.Linear` layers with weights packed for some row counts.
+    """A decoder's float32 `nn.Linear` layers with weights packed for some row counts, and the row counts that run the
+    transposed product.
 
     Args:
-        linears (`list[nn.Linear]`): the layers (each gets a [`_LinearDispatch`] forward, which runs the packed
-            product only inside [`use`] on the calling thread).
+        linears (`list[nn.Linear]`): the layers (each gets a [`_LinearDispatch`] forward, which runs the packed or
+            transposed product only inside [`use`] on the calling thread).
         packed (`dict[int, list[Tensor]]`, *optional*): row count -> packed weight per layer; `None`: pack every
             row count of `min_rows` in a background thread (forwards run unpacked until their row count is ready).
         min_rows (`dict[int, int]`): row count -> smallest row count a forward is padded up to it from.
+        transposed_rows (`Iterable[int]`, *optional*): the row counts that run the transposed product (before any
+            packed count).
     """
 
     def __init__(self, linears: list[torch.nn.Linear], packed: dict[int, list[torch.Tensor]] | None,
-                 min_rows: dict[int, int]):
+                 min_rows: dict[int, int], transposed_rows=()):
         self.linears = linears
         self.min_rows = dict(sorted(min_rows.items()))
+        self.transposed_rows = frozenset(transposed_rows)
+        self._transposed = {id(layer): _transposed_forward(layer.weight, layer.bias) for layer in linears
+                            } if self.transposed_rows else {}
         self._stamp = self.stamp(linears)
         self._tables: dict[int, dict] = {}
         self._thread = None
         if packed is not None:
             for size in self.min_rows:
                 self._tables[size] = self._table(size, packed[size])
-        else:
+        elif self.min_rows:
             self._thread = threading.Thread(target=self._pack_all, name="hf_jetspec-packing", daemon=True)
             self._thread.start()
         for layer in linears:
@@ -192,9 +233,8 @@ class PackedLinears:
 
     @contextlib.contextmanager
     def use(self, rows: int):
-        """Runs the block with the layers' packed products for `rows` rows, on this thread only."""
-        size = self.rows_for(rows)
-        table = self._tables.get(size)
+        """Runs the block with the layers' transposed or packed products for `rows` rows, on this thread only."""
+        table = self._transposed if rows in self.transposed_rows else self._tables.get(self.rows_for(rows))
         if table is None or getattr(_ACTIVE, "table", None) is not None:  # unpacked row count, or not packed yet
             yield
             return
@@ -207,9 +247,11 @@ class PackedLinears:
     @classmethod
     def measure(cls, decoder: torch.nn.Module, sizes: tuple[int, ...] = PACK_ROWS, repeats: int = 3,
                 memory_bytes: int | None = None) -> PackedLinears | None:
-        """Packs and times `decoder`'s float32 CPU linears for each row count of `sizes`; `None` when packing is not
-        available or never faster here. `memory_bytes` caps the copies (default: [`MEMORY_SHARE`] of available)."""
-        if not mkl_packing_available():
+        """Times `decoder`'s float32 CPU linears unpacked, packed for each row count of `sizes` and transposed at
+        [`TRANSPOSED_PROBES`] rows; `None` when neither packed nor transposed products are available or faster here.
+        `memory_bytes` caps the packed copies (default: [`MEMORY_SHARE`] of available)."""
+        packing, transposing = mkl_packing_available(), transposed_available()
+        if not (packing or transposing):
             return None
         linears = [
             module for module in decoder.modules()
@@ -221,20 +263,24 @@ class PackedLinears:
         if memory_bytes is None:
             available = available_memory_bytes()
             memory_bytes = int(MEMORY_SHARE * available) if available is not None else 0
+        if not packing:
+            memory_bytes = 0
         from . import measurements
 
-        # which row counts pay was measured by an earlier process on this machine: pack those, time nothing
-        stored_key = measurements.key("packed_rows", decoder, sizes=sizes, repeats=repeats)
-        stored = measurements.load("packed_rows", stored_key)
+        # what pays was measured by an earlier process on this machine: pack those row counts, time nothing
+        probes = TRANSPOSED_PROBES if transposing else ()
+        stored_key = measurements.key("linear_kernels", decoder, sizes=sizes, repeats=repeats, probes=probes)
+        stored = measurements.load("linear_kernels", stored_key)
         if stored is not None:
             min_rows = {int(size): int(rows) for size, rows in stored["min_rows"].items()}
             min_rows = dict(list(min_rows.items())[: max(0, memory_bytes // max(copy_bytes, 1))])  # under this cap
-            if not min_rows:
+            transposed = stored["transposed_rows"]
+            if not (min_rows or transposed):
                 return None
             # packing itself (MKL's reorder, seconds for a 135M target) runs in the background: this call starts
             # unpacked and picks up each row count's packed weights as they are ready
-            return cls(linears, None, min_rows)._logged(memory_bytes, "measured by an earlier process; packing in "
-                                                                        "the background")
+            return cls(linears, None, min_rows, transposed)._logged(memory_bytes, "measured by an earlier process"
+                                                                    + ("; packing in the background" if min_rows else ""))
         device = torch.device("cpu")
         generator = torch.Generator().manual_seed(0)
         inputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -247,7 +293,14 @@ class PackedLinears:
                 call(inputs[key])
 
         unpacked = [lambda x, layer=layer: torch.nn.functional.linear(x, layer.weight, layer.bias) for layer in linears]
-        packed, min_rows = {}, {}
+        unpacked_seconds: dict[int, float] = {}
+
+        def unpacked_at(rows: int) -> float:
+            if rows not in unpacked_seconds:
+                unpacked_seconds[rows] = median_seconds(lambda: run(rows, unpacked), repeats, device)
+            return unpacked_seconds[rows]
+
+        packed, min_rows, packed_seconds = {}, {}, {}
         with torch.no_grad():
             for size in sizes:
                 if (len(packed) + 1) * copy_bytes > memory_bytes:
@@ -256,31 +309,51 @@ class PackedLinears:
                 calls = [_packed_forward(layer.weight, layer.bias, weight, size) for layer, weight in zip(linears, weights)]
                 fast = median_seconds(lambda: run(size, calls), repeats, device)
                 smallest = size // 2 + 1
-                if fast < median_seconds(lambda: run(smallest, unpacked), repeats, device):
+                if fast < unpacked_at(smallest):
                     min_rows[size] = smallest
-                elif fast < median_seconds(lambda: run(size, unpacked), repeats, device):
+                elif fast < unpacked_at(size):
                     min_rows[size] = size
                 else:
                     continue
-                packed[size] = weights
-        how = (f"cap {memory_bytes / MB:.0f} MB: generation_config.{CONFIG_MAX_MB} or {ENV_MAX_MB} sets it, 0 turns "
-               f"packing off")
+                packed[size], packed_seconds[size] = weights, fast
+            transposed: list[int] = []
+            calls = [_transposed_forward(layer.weight, layer.bias) for layer in linears]
+            below = 0
+            for probe in probes:
+                other = min([unpacked_at(probe)] + [packed_seconds[size] for size, smallest in min_rows.items()
+                                                    if smallest <= probe <= size])
+                if median_seconds(lambda: run(probe, calls), repeats, device) < other:
+                    transposed.extend(range(below + 1, probe + 1))  # a forward of m rows takes the next probe's choice
+                below = probe
         if len(packed) == len(sizes) or copy_bytes * (len(packed) + 1) <= memory_bytes:  # not cut short by the cap
-            measurements.save("packed_rows", stored_key, {"min_rows": {str(k): v for k, v in min_rows.items()}})
-        if not packed:
-            if copy_bytes > memory_bytes:
-                logger.warning("hf_jetspec: the target's float32 linear weights (%.0f MB a copy) do not fit the memory "
-                               "cap for packed copies (%s): verify forwards run unpacked.", copy_bytes / MB, how)
+            measurements.save("linear_kernels", stored_key, {"min_rows": {str(k): v for k, v in min_rows.items()},
+                                                             "transposed_rows": transposed})
+        if not packed and packing and copy_bytes > memory_bytes:
+            how = (f"cap {memory_bytes / MB:.0f} MB: generation_config.{CONFIG_MAX_MB} or {ENV_MAX_MB} sets it, 0 turns "
+                   f"packing off")
+            logger.warning("hf_jetspec: the target's float32 linear weights (%.0f MB a copy) do not fit the memory "
+                           "cap for packed copies (%s): verify forwards run unpacked.", copy_bytes / MB, how)
+        if not (packed or transposed):
             return None
-        return cls(linears, packed, min_rows)._logged(memory_bytes, "measured now")
+        return cls(linears, packed, min_rows, transposed)._logged(memory_bytes, "measured now")
 
     def _logged(self, memory_bytes: int, source: str) -> PackedLinears:
         how = (f"cap {memory_bytes / MB:.0f} MB: generation_config.{CONFIG_MAX_MB} or {ENV_MAX_MB} sets it, 0 turns "
                f"packing off")
-        logger.warning("hf_jetspec: packed the target's float32 linear weights for verify forwards of %s rows (%s): "
-                       "%d copies, %.0f MB (%s).", "/".join(str(size) for size in self.min_rows), source,
-                       len(self.min_rows), self.nbytes / MB, how)
+        if self.min_rows:
+            logger.warning("hf_jetspec: packed the target's float32 linear weights for verify forwards of %s rows (%s): "
+                           "%d copies, %.0f MB (%s).", "/".join(str(size) for size in self.min_rows), source,
+                           len(self.min_rows), self.nbytes / MB, how)
+        if self.transposed_rows:
+            logger.info("hf_jetspec: verify forwards of %s rows run the target's linears transposed (%s).",
+                        ",".join(str(rows) for rows in sorted(self.transposed_rows)), source)
         return self
+
+    @property
+    def kernels(self) -> dict:
+        """Which products verify forwards run at which row counts (what a measured verify cost depends on)."""
+        return {"packed": {str(size): rows for size, rows in self.min_rows.items()},
+                "transposed": sorted(self.transposed_rows)}
 
     @property
     def nbytes(self) -> int:

@@ -132,8 +132,11 @@ def measure_batch_cost(
     if key in cached:
         return cached[key]
     head_config = hashlib.sha256(head.config.to_json_string(use_diff=False).encode()).hexdigest()
+    decoder = getattr(model, model.base_model_prefix)
+    packed = packed_linears_for(decoder, packed_memory_cap(head.generation_config))
     stored_key = measurements.key("batch_cost", model, head=head_config, head_dtype=str(head.dtype), batch=batch_size,
-                                  sizes=sizes, context_length=context_length, repeats=repeats)
+                                  sizes=sizes, context_length=context_length, repeats=repeats,
+                                  kernels=None if packed is None else packed.kernels)  # the verify forward's linears
     stored = measurements.load("batch_cost", stored_key)  # measured by an earlier process on this machine
     if stored is not None:
         try:
@@ -147,8 +150,6 @@ def measure_batch_cost(
 
     config = model.config.get_text_config()
     generator = torch.Generator().manual_seed(0)
-    decoder = getattr(model, model.base_model_prefix)
-    packed = packed_linears_for(decoder, packed_memory_cap(head.generation_config))
     lm_head = model.get_output_embeddings()
     prefix = torch.randint(config.vocab_size, (batch_size, context_length), generator=generator).to(device)
     cache = DynamicCache()  # plain layers, as the loops use (a sliding window lives in the verify mask)

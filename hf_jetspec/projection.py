@@ -40,10 +40,19 @@ class ProjectionCost:
 
     sizes: tuple[int, ...]
     seconds: tuple[float, ...]
+    transposed: tuple[bool, ...] = ()
 
     def __post_init__(self):
         if not self.sizes or len(self.sizes) != len(self.seconds) or list(self.sizes) != sorted(set(self.sizes)):
             raise ValueError(f"`sizes` must be increasing and match `seconds`, got {self.sizes} and {self.seconds}")
+        if self.transposed and len(self.transposed) != len(self.sizes):
+            raise ValueError(f"`transposed` must be empty or match `sizes`, got {self.transposed} and {self.sizes}")
+
+    def runs_transposed(self, rows: int) -> bool:
+        """Whether a call of `rows` rows (a measured count, see [`padded_rows`]) runs the transposed product
+        (`packed_linear.transposed_linear`), measured faster there than `linear`."""
+        index = bisect.bisect_left(self.sizes, rows)
+        return bool(self.transposed) and index < len(self.sizes) and self.sizes[index] == rows and self.transposed[index]
 
     def padded_rows(self, rows: int) -> int:
         """The measured row count `>= rows` with the lowest cost (the smallest among equals); `rows` itself past the
@@ -72,20 +81,25 @@ def flat_projection_cost() -> ProjectionCost:
 
 
 def measure_projection(model: torch.nn.Module, sizes: tuple[int, ...] = PROBE_SIZES, repeats: int = 5) -> ProjectionCost:
-    """Times `model.get_output_embeddings()` at `sizes` rows (median of `repeats` after a warm-up), once per
+    """Times `model.get_output_embeddings()` at `sizes` rows (median of `repeats` after a warm-up), and for a float32
+    `nn.Linear` on CPU the transposed product too (`packed_linear.transposed_linear`), keeping the faster; once per
     (model, device, dtype); later calls return the cached [`ProjectionCost`]."""
+    from . import measurements
+    from .packed_linear import transposed_available, transposed_linear
+
     lm_head = model.get_output_embeddings()
     device, dtype = lm_head.weight.device, lm_head.weight.dtype
-    key = (str(device), str(dtype), tuple(sizes), repeats)
+    transposing = (type(lm_head) is torch.nn.Linear and dtype == torch.float32 and device.type == "cpu"
+                   and transposed_available())
+    key = (str(device), str(dtype), tuple(sizes), repeats, transposing)
     cached = _MEASURED.setdefault(model, {})
     if key in cached:
         return cached[key]
-    from . import measurements
-
-    stored_key = measurements.key("projection", model, sizes=tuple(sizes), repeats=repeats)
+    stored_key = measurements.key("projection", model, sizes=tuple(sizes), repeats=repeats, transposed=transposing)
     stored = measurements.load("projection", stored_key)  # measured by an earlier process on this machine
     if stored is not None and tuple(stored.get("sizes", ())) == tuple(sizes) and len(stored.get("seconds", ())) == len(sizes):
-        cached[key] = ProjectionCost(sizes=tuple(sizes), seconds=tuple(stored["seconds"]))
+        cached[key] = ProjectionCost(sizes=tuple(sizes), seconds=tuple(stored["seconds"]),
+                                     transposed=tuple(stored.get("transposed", ())))
         return cached[key]
     flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.float32) if device.type == "cpu" else None
     generator = torch.Generator().manual_seed(0)
@@ -93,7 +107,15 @@ def measure_projection(model: torch.nn.Module, sizes: tuple[int, ...] = PROBE_SI
     evict = None if flush is None else lambda: flush.fill_(1.0)  # as a verify forward does before accept needs them
     with torch.no_grad():
         seconds = [median_seconds(lambda: lm_head(hidden[:rows]), repeats, device, before=evict) for rows in sizes]
-    cost = ProjectionCost(sizes=tuple(sizes), seconds=tuple(seconds))
+        transposed = [False] * len(sizes)
+        if transposing:
+            for index, rows in enumerate(sizes):
+                other = median_seconds(lambda: transposed_linear(hidden[:rows], lm_head.weight, lm_head.bias), repeats,
+                                       device, before=evict)
+                if other < seconds[index]:
+                    seconds[index], transposed[index] = other, True
+    cost = ProjectionCost(sizes=tuple(sizes), seconds=tuple(seconds), transposed=tuple(transposed) if transposing else ())
     cached[key] = cost
-    measurements.save("projection", stored_key, {"sizes": list(sizes), "seconds": list(seconds)})
+    measurements.save("projection", stored_key, {"sizes": list(sizes), "seconds": list(seconds),
+                                                 "transposed": list(cost.transposed)})
     return cost

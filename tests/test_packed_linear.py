@@ -92,6 +92,7 @@ def test_forwards_are_restored_after_an_error_and_changed_weights_are_measured_a
 
 def test_measure_respects_the_switch_the_memory_cap_and_foreign_forwards(monkeypatch):
     decoder = make_tiny_target("llama").model
+    monkeypatch.setenv(packed_linear.ENV_TRANSPOSED, "0")  # packing alone here (transposed products: below)
     assert PackedLinears.measure(decoder, memory_bytes=0) is None  # no room for one copy
     monkeypatch.setenv("HF_JETSPEC_PACKED_LINEARS", "0")
     assert PackedLinears.measure(decoder, memory_bytes=1 << 30) is None
@@ -177,6 +178,8 @@ def test_memory_cap_is_a_setting_a_target_that_does_not_fit_runs_unpacked_and_th
     default share), the "does not fit" call packed and this test failed."""
     from transformers import GenerationConfig
 
+    monkeypatch.setenv(packed_linear.ENV_TRANSPOSED, "0")  # packing alone here (transposed products: below)
+
     monkeypatch.setattr(packed_linear, "_PACKED", type(packed_linear._PACKED)())
     monkeypatch.delenv(packed_linear.ENV_MAX_MB, raising=False)
     assert packed_linear.packed_memory_cap(GenerationConfig()) is None  # default: the share of available memory
@@ -212,3 +215,4 @@ def test_memory_cap_is_a_setting_a_target_that_does_not_fit_runs_unpacked_and_th
     head.generation_config.tree_budget, head.generation_config.packed_weights_max_mb = 4, 0
     target.generate(torch.tensor([[1, 2, 3]]), do_sample=False, max_new_tokens=4, assistant_model=head)
     assert packed_linear._PACKED[target.model] == (0, None)
+
