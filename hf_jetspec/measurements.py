@@ -43,6 +43,14 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def config_fingerprint(config) -> str:
+    """A hash of a model config's values, without where it was loaded from (`_name_or_path`): the same model loaded
+    by another path, or with another working directory, is the same measurement."""
+    values = json.loads(config.to_json_string(use_diff=False))
+    values.pop("_name_or_path", None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
 def key(kind: str, model: torch.nn.Module, **what) -> str:
     """A hash of everything a `kind` measurement of `model` depends on, plus `what` (sizes, caps, ...)."""
     import transformers
@@ -50,13 +58,13 @@ def key(kind: str, model: torch.nn.Module, **what) -> str:
     from . import __version__
     from .cpu import cpu_class
 
-    config = model.config.to_json_string(use_diff=False)
+    config = config_fingerprint(model.config)
     facts = {
         "kind": kind, "cpu": _cpu_model(), "cpu_class": cpu_class(), "cores": os.cpu_count(),
         "threads": torch.get_num_threads(), "caps": [os.environ.get(name) for name in (
             "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")],
         "torch": torch.__version__, "transformers": transformers.__version__, "hf_jetspec": __version__,
-        "config": hashlib.sha256(config.encode()).hexdigest(), "dtype": str(model.dtype), "device": str(model.device),
+        "config": config, "dtype": str(model.dtype), "device": str(model.device),
         "attn": getattr(model.config, "_attn_implementation", None), "what": what,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -131,7 +130,7 @@ def measure_batch_cost(
     cached = pair_state(model, head).batch_costs
     if key in cached:
         return cached[key]
-    head_config = hashlib.sha256(head.config.to_json_string(use_diff=False).encode()).hexdigest()
+    head_config = measurements.config_fingerprint(head.config)
     decoder = getattr(model, model.base_model_prefix)
     packed = packed_linears_for(decoder, packed_memory_cap(head.generation_config))
     stored_key = measurements.key("batch_cost", model, head=head_config, head_dtype=str(head.dtype), batch=batch_size,

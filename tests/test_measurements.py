@@ -54,3 +54,20 @@ def test_a_second_process_reuses_the_first_ones_measurements(tmp_path):
 def test_the_store_turned_off_keeps_nothing(tmp_path):
     assert run("off")["timed"] > 0 and run("off")["timed"] > 0
     assert not (tmp_path / "store").exists()
+
+
+def test_where_a_model_or_head_was_loaded_from_is_not_part_of_the_key():
+    """The same head loaded by a relative and an absolute path (or the target from another folder) is the same
+    measurement; checked because a benchmark's workers and a script in the same checkout re-measured (10 s) before."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_tiny_target
+
+    from hf_jetspec import JetSpecHead, measurements
+
+    target = make_tiny_target("qwen3")
+    head = JetSpecHead.from_target(target, num_hidden_layers=1)
+    before = measurements.key("batch_cost", target), measurements.config_fingerprint(head.config)
+    target.config._name_or_path, head.config._name_or_path = "/somewhere/target", "heads/some-head"
+    assert (measurements.key("batch_cost", target), measurements.config_fingerprint(head.config)) == before
+    head.config.block_size += 1
+    assert measurements.config_fingerprint(head.config) != before[1]
