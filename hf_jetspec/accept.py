@@ -15,6 +15,7 @@ from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
 )
 
+from .packed_linear import transposed_linear
 from .projection import ProjectionCost
 
 
@@ -52,7 +53,7 @@ def accept_round(trees, node_hidden: torch.Tensor, emit, lm_head, projection: Pr
         node_hidden (`torch.Tensor` of shape `(rows, n, hidden)`): the verify forward's last hidden states.
         emit (`Callable`): `emit(i, logits_or_token, draft_tokens) -> (token, stop)` for row `i` at its current node.
         lm_head (`Callable`): the target's logits of hidden states (its logit transform included; a
-            [`TargetLogits`], called with `transposed=True` where `projection` measured that faster).
+            [`TargetLogits`], given `transposed_linear` as its product where `projection` measured that faster).
         projection ([`ProjectionCost`]): the lm_head's measured cost against rows.
         argmax ([`ExactArgmax`], *optional*): greedy tokens without the logits.
 
@@ -78,7 +79,7 @@ def accept_round(trees, node_hidden: torch.Tensor, emit, lm_head, projection: Pr
             repeats = [wanted[-1]] * (padded - len(wanted))  # to the cheaper count
             hidden = node_hidden[torch.tensor([i for i, _ in wanted + repeats], device=device),
                                  torch.tensor([node for _, node in wanted + repeats], device=device)]
-            logits = lm_head(hidden, transposed=True) if projection.runs_transposed(padded) else lm_head(hidden)
+            logits = lm_head(hidden, transposed_linear) if projection.runs_transposed(padded) else lm_head(hidden)
         seconds += time.perf_counter() - started
         for (i, node), row_logits in zip(wanted, logits):
             node_logits[i][node] = row_logits

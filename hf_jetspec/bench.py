@@ -1,7 +1,8 @@
 """`jetspec-bench`: tau and speedup of JetSpec against plain `generate()` and Transformers' own speculative methods,
 measured side by side in one process, on the same prompts, in interleaved order, with bootstrap confidence intervals.
 
-Every (prompt, method) run is appended to `records.jsonl` as it finishes, so an interrupted benchmark resumes. Every
+Every (prompt, method) run is appended to `records.jsonl` as it finishes, so an interrupted benchmark resumes (also
+with a larger `--limit`: prompts run round-robin over the datasets, so a part run covers each alike). Every
 lossless method's output is compared token by token with plain greedy `generate()` on the same prompt; a mismatch is
 reported loudly (and recorded). Results: `results.json` (settings, hardware, versions, per-prompt records, summary),
 `results.md` (the table), `speedup.png` (speedup per dataset with CI bars), `budget.png` (tau and tokens/s vs tree
@@ -69,6 +70,23 @@ def load_eval_prompts(data_dir: str | Path, datasets: list[str], limit: int | No
             prompts.append({"dataset": dataset, "id": str(row.get("id", f"{name}-{line_number}")),
                             "prompt": row["prompt"]})
     return prompts
+
+
+def interleaved(prompts: list[dict]) -> list[dict]:
+    """`prompts` in round-robin order over their datasets (the first of each, then the second, ...), so that a run
+    stopped part way, or resumed with a larger `--limit`, has covered every dataset alike."""
+    by_dataset: dict[str, list[dict]] = {}
+    for row in prompts:
+        by_dataset.setdefault(row["dataset"], []).append(row)
+    columns = list(by_dataset.values())
+    return [column[i] for i in range(max(map(len, columns), default=0)) for column in columns if i < len(column)]
+
+
+def same_settings(recorded: dict | None, settings: dict) -> bool:
+    """Whether a record was made with `settings`, whatever its run's `--limit` (a prompt's run does not depend on it)."""
+    if not isinstance(recorded, dict):
+        return False
+    return {k: v for k, v in recorded.items() if k != "limit"} == {k: v for k, v in settings.items() if k != "limit"}
 
 
 # -------------------------------------------------------------------------------------------------------- methods
@@ -434,7 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
     for method in methods:
         method_kwargs(method, head, draft_model)  # fail on a bad method name before any work
 
-    prompts = load_eval_prompts(args.data_dir, args.datasets, args.limit)
+    prompts = interleaved(load_eval_prompts(args.data_dir, args.datasets, args.limit))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = {"target": args.target, "head": args.head, "draft_model": args.draft_model,
@@ -448,13 +466,15 @@ def main(argv: list[str] | None = None) -> dict:
         settings["temperature"] = args.temperature
     records_path = output_dir / "records.jsonl"
     records = []
-    if records_path.is_file():  # resume: keep runs made with the same settings
+    if records_path.is_file():  # resume: keep runs made with the same settings (any limit) on the prompts run now
+        selected = {(row["dataset"], row["id"]) for row in prompts}
         for line in records_path.read_text().split("\n"):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if record.get("settings") == settings:
+            if (same_settings(record.get("settings"), settings)
+                    and (record.get("dataset"), record.get("id")) in selected):
                 records.append(record)
     done = {(r["dataset"], r["id"], r["method"]) for r in records}
 

@@ -48,14 +48,12 @@ class TargetLogits(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.lm_head.weight
 
-    def forward(self, hidden_states: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-        """The logits of `hidden_states`; `transposed=True`: the `lm_head`'s product computed as
-        `packed_linear.transposed_linear` does (a float32 `nn.Linear` on CPU, where `projection.py` measured it
+    def forward(self, hidden_states: torch.Tensor, product=None) -> torch.Tensor:
+        """The logits of `hidden_states`; `product`: the `lm_head`'s `F.linear(hidden_states, weight, bias)` computed
+        another way (an `nn.Linear` `lm_head`; e.g. `packed_linear.transposed_linear`, where `projection.py` measured it
         faster)."""
-        if transposed:
-            from .packed_linear import transposed_linear
-
-            logits = transposed_linear(hidden_states, self.lm_head.weight, self.lm_head.bias)
+        if product is not None:
+            logits = product(hidden_states, self.lm_head.weight, self.lm_head.bias)
         else:
             logits = self.lm_head(hidden_states)
         if self.divide not in (None, 1.0):

@@ -167,3 +167,28 @@ def test_benchmark_loads_the_target_with_the_requested_device_dtype_and_attentio
     environment = results["environment"]
     assert environment["dtype"] == "torch.bfloat16" and environment["attn_implementation"] == "eager"
     assert environment["device"] == "cpu" and results["mismatches"] == 0
+
+
+def test_a_benchmark_runs_the_datasets_round_robin_and_resumes_with_a_larger_limit(tmp_path):
+    """A part run covers every dataset alike, and a rerun with a larger `--limit` keeps the runs already made (a
+    prompt's run does not depend on the limit): only the new prompts run."""
+    from hf_jetspec.bench import interleaved
+
+    rows = [{"dataset": d, "id": f"{d}{i}"} for d, n in (("a", 3), ("b", 1), ("c", 2)) for i in range(n)]
+    assert [row["id"] for row in interleaved(rows)] == ["a0", "b0", "c0", "a1", "c1", "a2"]
+    target, _ = save_tiny_target(tmp_path / "target")
+    JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4).save_pretrained(tmp_path / "head")
+    write_eval_sets(tmp_path / "eval", count=4)
+    argv = ["--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--data-dir",
+            str(tmp_path / "eval"), "--datasets", "alpha", "spec_bench", "--max-new-tokens", "6",
+            "--methods", "jetspec:4", "--output-dir", str(tmp_path / "out")]
+    first = main(argv + ["--limit", "1"])
+    assert len(first["records"]) == 3 * 2  # alpha, spec_bench/qa, spec_bench/math_reasoning x (plain, jetspec:4)
+    lines = (tmp_path / "out" / "records.jsonl").read_text().splitlines()
+    second = main(argv + ["--limit", "2"])
+    after = (tmp_path / "out" / "records.jsonl").read_text().splitlines()
+    assert after[: len(lines)] == lines and len(after) == 2 * len(lines)  # the first run's records kept, 3 prompts more
+    assert len(second["records"]) == 12 and second["mismatches"] == 0
+    assert [json.loads(line)["dataset"] for line in after[len(lines)::2]] == ["alpha", "spec_bench/qa",
+                                                                             "spec_bench/math_reasoning"]
+    assert len(main(argv + ["--limit", "1"])["records"]) == 6  # a smaller limit summarises its own prompts only

@@ -97,7 +97,7 @@ def test_training_dtype_auto_on_a_cpu_follows_the_measurement(monkeypatch, tmp_p
 
 
 @pytest.mark.parametrize("forced", ["1", "0"])
-def test_greedy_output_is_exact_with_the_bf16_paths_forced_on_and_off(forced):
+def test_greedy_output_is_exact_with_the_bf16_paths_and_transposed_products_on_and_off(forced):
     out = run("""
 import json, torch, sys
 sys.path.insert(0, "tests")
@@ -111,7 +111,13 @@ for family in ("llama", "qwen3"):
     head = oracle_for(target, expected, rank_of_truth=1)
     out = target.generate(prompt, do_sample=False, max_new_tokens=40, assistant_model=head, tree_budget=16)
     assert out.tolist() == expected.tolist(), family
-print(json.dumps({**cpu_description(), "argmax": exact_argmax_for(target) is not None}))
-""", {"HF_JETSPEC_BF16_PATHS": forced})
+from hf_jetspec.packed_linear import packed_linears_for
+from hf_jetspec.projection import measure_projection
+print(json.dumps({**cpu_description(), "argmax": exact_argmax_for(target) is not None,
+                  "transposed": sorted(getattr(packed_linears_for(target.model), "transposed_rows", ()))
+                                + [i for i, on in enumerate(measure_projection(target).transposed) if on]}))
+""", {"HF_JETSPEC_BF16_PATHS": forced, "HF_JETSPEC_TRANSPOSED_LINEARS": forced})
     result = json.loads(out)
     assert result["bf16_draft_projection_and_exact_argmax"] is (forced == "1") and result["argmax"] is (forced == "1")
+    if forced == "0":  # the transposed products too (on, they run where timed faster: exactness in test_transposed_linear)
+        assert result["transposed"] == []

@@ -88,9 +88,9 @@ def test_generate_with_transposed_verify_forwards_and_lm_head_equals_plain_gener
         ran["verify"] += rows in self.transposed_rows
         return original_use(self, rows)
 
-    def logits(self, hidden_states, transposed=False):
-        ran["lm_head"] += transposed
-        return original_logits(self, hidden_states, transposed)
+    def logits(self, hidden_states, product=None):
+        ran["lm_head"] += product is packed_linear.transposed_linear
+        return original_logits(self, hidden_states, product)
 
     monkeypatch.setattr(PackedLinears, "use", use)
     monkeypatch.setattr(TargetLogits, "forward", logits)
