@@ -94,6 +94,12 @@ def mkl_packing_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(ops, "_mkl_linear") and hasattr(ops, "_mkl_reorder_linear_weight")
 
 
+def _cap_hint(memory_bytes: int) -> str:
+    """What the logs say of the memory cap on packed copies, and how to set it."""
+    return (f"cap {memory_bytes / MB:.0f} MB: generation_config.{CONFIG_MAX_MB} or {ENV_MAX_MB} sets it, 0 turns "
+            "packing off")
+
+
 def transposed_available() -> bool:
     """Whether the transposed product may be timed and used (`HF_JETSPEC_TRANSPOSED_LINEARS` does not turn it off)."""
     return os.environ.get(ENV_TRANSPOSED, "1").lower() not in ("0", "false", "off", "no")
@@ -329,17 +335,15 @@ class PackedLinears:
             measurements.save("linear_kernels", stored_key, {"min_rows": {str(k): v for k, v in min_rows.items()},
                                                              "transposed_rows": transposed})
         if not packed and packing and copy_bytes > memory_bytes:
-            how = (f"cap {memory_bytes / MB:.0f} MB: generation_config.{CONFIG_MAX_MB} or {ENV_MAX_MB} sets it, 0 turns "
-                   f"packing off")
             logger.warning("hf_jetspec: the target's float32 linear weights (%.0f MB a copy) do not fit the memory "
-                           "cap for packed copies (%s): verify forwards run unpacked.", copy_bytes / MB, how)
+                           "cap for packed copies (%s): verify forwards run unpacked.", copy_bytes / MB,
+                           _cap_hint(memory_bytes))
         if not (packed or transposed):
             return None
         return cls(linears, packed, min_rows, transposed)._logged(memory_bytes, "measured now")
 
     def _logged(self, memory_bytes: int, source: str) -> PackedLinears:
-        how = (f"cap {memory_bytes / MB:.0f} MB: generation_config.{CONFIG_MAX_MB} or {ENV_MAX_MB} sets it, 0 turns "
-               f"packing off")
+        how = _cap_hint(memory_bytes)
         if self.min_rows:
             logger.warning("hf_jetspec: packed the target's float32 linear weights for verify forwards of %s rows (%s): "
                            "%d copies, %.0f MB (%s).", "/".join(str(size) for size in self.min_rows), source,

@@ -139,6 +139,19 @@ def test_other_threads_run_the_unpacked_product_while_one_thread_runs_packed():
     torch.testing.assert_close(packed_out, torch.nn.functional.linear(mine, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
+def oracle_generate(target, prompt, mask, expected):
+    """generate() with an oracle head that knows `expected` (one row: ranked second; a batch: per row), budget 8."""
+    if prompt.shape[0] == 1:
+        head = oracle_for(target, expected, rank_of_truth=1)
+    else:
+        from test_batched import batch_oracle_for, real_tokens
+
+        head = batch_oracle_for(target, real_tokens(expected, mask))
+    head.generation_config.tree_budget = 8
+    return target.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0,
+                           assistant_model=head)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_generate_with_packed_verify_forwards_equals_plain_generate(family, batch, monkeypatch):
@@ -156,16 +169,7 @@ def test_generate_with_packed_verify_forwards_equals_plain_generate(family, batc
         return original(self, rows)
 
     monkeypatch.setattr(PackedLinears, "use", spy)
-    if batch == 1:
-        head = oracle_for(target, expected, rank_of_truth=1)
-    else:
-        from test_batched import batch_oracle_for, real_tokens
-
-        head = batch_oracle_for(target, real_tokens(expected, mask))
-    head.generation_config.tree_budget = 8
-    out = target.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0,
-                          assistant_model=head)
-    assert out.tolist() == expected.tolist()
+    assert oracle_generate(target, prompt, mask, expected).tolist() == expected.tolist()
     assert any(size is not None for size in used)  # some verify forwards ran packed
     assert not packing_on()
 

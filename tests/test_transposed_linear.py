@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_target, oracle_for
+from conftest import make_tiny_target
+from test_packed_linear import oracle_generate
 
 import hf_jetspec.packed_linear as packed_linear
 from hf_jetspec.packed_linear import PackedLinears
@@ -94,16 +95,7 @@ def test_generate_with_transposed_verify_forwards_and_lm_head_equals_plain_gener
 
     monkeypatch.setattr(PackedLinears, "use", use)
     monkeypatch.setattr(TargetLogits, "forward", logits)
-    if batch == 1:
-        head = oracle_for(target, expected, rank_of_truth=1)
-    else:
-        from test_batched import batch_oracle_for, real_tokens
-
-        head = batch_oracle_for(target, real_tokens(expected, mask))
-    head.generation_config.tree_budget = 8
-    out = target.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=0,
-                          assistant_model=head)
-    assert out.tolist() == expected.tolist()
+    assert oracle_generate(target, prompt, mask, expected).tolist() == expected.tolist()
     assert ran["verify"] and ran["lm_head"]
     assert not packing_on()
 
