@@ -52,8 +52,12 @@ def rows_from_benchmark(results: dict, method: str | list[str] = "jetspec") -> l
     if env.get("gpu"):
         hardware = f"{env['gpu']}, {env['dtype'].replace('torch.', '')}"
     else:
-        hardware = (f"{env['cpu_count']}-core {env['machine']} CPU, {env['torch_threads']} torch threads, "
-                    f"{env['dtype'].replace('torch.', '')}")
+        cpu = f"{env['cpu_count']}-core {env['machine']} CPU"
+        if env.get("cpu_class"):  # the class the benchmark ran as (caps applied), and whether the bf16 paths ran
+            paths = env.get("bf16_draft_projection_and_exact_argmax")
+            cpu += f" ({env['cpu_class']} class" + ("" if paths is None else
+                                                     f", bf16 draft paths {'on' if paths else 'off'}") + ")"
+        hardware = f"{cpu}, {env['torch_threads']} torch threads, {env['dtype'].replace('torch.', '')}"
     decoding = "greedy" if settings.get("greedy", True) else f"sampling at temperature {settings.get('temperature')}"
     rows = []
     summary = sorted(results["summary"], key=lambda r: methods.index(r["method"]) if r["method"] in methods else 0)

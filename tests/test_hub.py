@@ -209,6 +209,10 @@ def test_card_rows_come_straight_from_benchmark_results(saved_head):
     rows = rows_from_benchmark(results)
     assert len(rows) == 1 and rows[0]["dataset"] == "gsm8k_test" and rows[0]["tau"] == 3.0
     assert rows[0]["hardware"] == "2-core x86_64 CPU, 2 torch threads, float32"
+    classed = {**results, "environment": {**results["environment"], "cpu_class": "AVX2",
+                                          "bf16_draft_projection_and_exact_argmax": False}}
+    assert rows_from_benchmark(classed)[0]["hardware"] == ("2-core x86_64 CPU (AVX2 class, bf16 draft paths off), "
+                                                           "2 torch threads, float32")
     assert rows[0]["speedup"] == round(12.0 / 6.6, 2) and "tree budget 16, top-7, no prompt lookup" in rows[0]["settings"]
     auto = {**results, "settings": {"max_new_tokens": 256, "head_tree": {"tree_budget": "auto", "tree_topk": 7}}}
     assert "tree budget auto, top-7, prompt-lookup proposals of up to 10 tokens" in rows_from_benchmark(auto)[0]["tree"]
