@@ -54,9 +54,11 @@ def rows_from_benchmark(results: dict, method: str | list[str] = "jetspec") -> l
     else:
         cpu = f"{env['cpu_count']}-core {env['machine']} CPU"
         if env.get("cpu_class"):  # the class the benchmark ran as (caps applied), and whether the bf16 paths ran
+            details = [f"{env['cpu_class']} class"]
             paths = env.get("bf16_draft_projection_and_exact_argmax")
-            cpu += f" ({env['cpu_class']} class" + ("" if paths is None else
-                                                     f", bf16 draft paths {'on' if paths else 'off'}") + ")"
+            if paths is not None:
+                details.append(f"bf16 draft paths {'on' if paths else 'off'}")
+            cpu += f" ({', '.join(details)})"
         hardware = f"{cpu}, {env['torch_threads']} torch threads, {env['dtype'].replace('torch.', '')}"
     decoding = "greedy" if settings.get("greedy", True) else f"sampling at temperature {settings.get('temperature')}"
     rows = []
