@@ -1,5 +1,9 @@
-"""hf_jetspec_kernels: Triton kernels for JetSpec verification (installed under this name: a top-level `kernels`
-package would shadow Hugging Face's `kernels` library).
+"""hf_jetspec_kernels: Triton kernels for JetSpec verification.
+
+The package lives in `kernels/hf_jetspec_kernels/`, and `kernels/` itself has no `__init__.py`: a regular `kernels`
+package at the repository root would shadow Hugging Face's `kernels` library whenever the root is on `sys.path`
+(`python -m pytest`, `python -c`), and transformers >= 5.25 imports that library at `import transformers` when it is
+installed. A folder without `__init__.py` is only a namespace portion, which an installed regular package outranks.
 
 `tree_attention` (and the `tree_attention` module) load lazily, so importing this package pulls in neither Triton nor a
 kernel decoration: set `TRITON_INTERPRET=1` before the first access to run the kernels on CPU.
