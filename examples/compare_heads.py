@@ -3,12 +3,14 @@
 Greedy `generate(assistant_model=head)` at fixed tree budgets, prompt lookup off, so tau measures the head and nothing
 else (no timing: tau does not depend on the machine's load, so this may run beside other work). Per prompt, tau is
 (accepted drafts + rounds) / rounds; each (head, dataset, budget) gets the mean over prompts with a 95% bootstrap
-interval, and every head after the first a paired difference to the first (same prompts).
+interval, and every head after the first a paired difference to the first (same prompts). Where acceptance stops:
+each record keeps how many rounds accepted 0, 1, 2, ... drafts, and each row of `results.json` the share of rounds
+accepting at least d drafts (`reach`, pooled over its prompts), plotted at budget 8 in `reach.png`.
 
 Usage:
     python examples/compare_heads.py --heads heads/a heads/b --datasets gsm8k_test mt_bench --limit 50 \\
         --budgets 2 4 8 16 32 64 --max-new-tokens 256 --output-dir outputs/compare
-Writes `records.jsonl` (resumable), `results.json` and `tau_budget.png` in the output folder.
+Writes `records.jsonl` (resumable), `results.json`, `tau_budget.png` and `reach.png` in the output folder.
 """
 
 from __future__ import annotations
@@ -29,13 +31,24 @@ def _mean(values):
     return sum(values) / len(values)
 
 
+def reach(histograms: list[list[int]]) -> list[float]:
+    """Share of rounds that accepted at least 1, 2, ... drafts, pooled over the histograms (rounds per length)."""
+    counts = [0] * max(map(len, histograms), default=0)
+    for histogram in histograms:
+        for length, rounds in enumerate(histogram):
+            counts[length] += rounds
+    total = sum(counts)
+    return [round(sum(counts[depth:]) / total, 4) for depth in range(1, len(counts))] if total else []
+
+
 def summarize(records: list[dict], heads: list[str]) -> list[dict]:
     rows = []
     keys = sorted({(r["dataset"].split("/")[0], r["budget"]) for r in records})
     for dataset, budget in keys:
-        by_head = {h: {r["id"]: r["tau"] for r in records
-                       if r["head"] == h and r["budget"] == budget and r["dataset"].split("/")[0] == dataset}
-                   for h in heads}
+        chosen = {h: [r for r in records
+                      if r["head"] == h and r["budget"] == budget and r["dataset"].split("/")[0] == dataset]
+                  for h in heads}
+        by_head = {h: {r["id"]: r["tau"] for r in chosen[h]} for h in heads}
         base = by_head[heads[0]]
         for head in heads:
             taus = list(by_head[head].values())
@@ -44,6 +57,8 @@ def summarize(records: list[dict], heads: list[str]) -> list[dict]:
             low, high = bootstrap_ci(taus, _mean)
             row = {"head": head, "dataset": dataset, "budget": budget, "prompts": len(taus),
                    "tau": round(_mean(taus), 3), "tau_ci": [round(low, 3), round(high, 3)]}
+            if all("lengths" in r for r in chosen[head]):
+                row["reach"] = reach([r["lengths"] for r in chosen[head]])
             shared = sorted(set(base) & set(by_head[head]))
             if head != heads[0] and len(shared) > 1:
                 diffs = [by_head[head][i] - base[i] for i in shared]
@@ -75,6 +90,32 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("tree budget (nodes, root included)")
         ax.set_ylabel("tau (tokens per round)")
         ax.set_title(f"{dataset}: greedy, prompt lookup off (95% CI)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reach(rows: list[dict], path: Path, budget: int = 8) -> None:
+    """Share of rounds accepting at least d drafts against d, one line per head, at one budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in rows if r["budget"] == budget and r.get("reach")]
+    datasets = sorted({r["dataset"] for r in chosen})
+    if not datasets:
+        return
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for row in (r for r in chosen if r["dataset"] == dataset):
+            ax.plot(range(1, len(row["reach"]) + 1), row["reach"], marker="o", label=Path(row["head"]).name)
+        ax.set_xlabel("accepted drafts per round, at least")
+        ax.set_ylabel("share of rounds")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{dataset}: budget {budget}, greedy, prompt lookup off")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -116,8 +157,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             with torch.no_grad():
                 target.generate(input_ids, do_sample=False, max_new_tokens=args.max_new_tokens, assistant_model=head)
             stats = head.last_generate_stats
+            lengths = [0] * (max(stats.accepted_lengths, default=0) + 1)
+            for length in stats.accepted_lengths:
+                lengths[length] += 1
             record = {"head": head_path, "dataset": prompt["dataset"], "id": prompt["id"], "budget": budget,
-                      "rounds": stats.rounds, "accepted": stats.accepted_drafts,
+                      "rounds": stats.rounds, "accepted": stats.accepted_drafts, "lengths": lengths,
                       "tau": (stats.accepted_drafts + stats.rounds) / max(stats.rounds, 1)}
             handle.write(json.dumps(record) + "\n")
             handle.flush()
@@ -125,6 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = summarize([r for r in records if r["head"] in args.heads], args.heads)
     (out / "results.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
     plot(rows, out / "tau_budget.png")
+    plot_reach(rows, out / "reach.png")
     for row in rows:
         extra = f"  diff {row['diff_vs_first']:+.3f} {row['diff_ci']}" if "diff_vs_first" in row else ""
         print(f"{Path(row['head']).name:40s} {row['dataset']:12s} B={row['budget']:3d} tau {row['tau']:.3f} "

@@ -26,6 +26,8 @@ class JetSpecGenerateStats:
             own decoding instead; the round and token counts then stay 0.
         row_rounds (`int`): rounds summed over the rows taking part in them.
         tree_sizes (`list[int]`): nodes per row verified in each round (root included).
+        accepted_lengths (`list[int]`): drafted tokens accepted in each row-round, in order (rows of a round in row
+            order): their distribution shows at which depth acceptance stops.
         max_nodes (`int`): largest tree per row the call allowed.
         drafting_stopped_at (`int`, *optional*): the round after which the head first paused because its drafts did
             not pay.
@@ -54,6 +56,7 @@ class JetSpecGenerateStats:
     speculated: bool = True
     row_rounds: int = 0
     tree_sizes: list[int] = field(default_factory=list)
+    accepted_lengths: list[int] = field(default_factory=list)
     max_nodes: int = 0
     drafting_stopped_at: int | None = None
     undrafted_rounds: int = 0
@@ -71,6 +74,7 @@ class JetSpecGenerateStats:
         for tree, path in zip(trees, accepted):
             self.drafted_nodes += tree.num_nodes - 1
             self.accepted_drafts += len(path)
+            self.accepted_lengths.append(len(path))
             if tree.lookup_nodes:
                 self.lookup_nodes += len(tree.lookup_nodes)
                 self.accepted_lookup += len(set(path).intersection(tree.lookup_nodes))

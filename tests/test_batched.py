@@ -134,6 +134,7 @@ def test_greedy_batch_equals_plain_generate_row_by_row(family, drafter, budget, 
     assert sum(at < len(rounds) for at in spec_streamer.rounds_at_put[1:]) >= len(spec_streamer.chunks[1:]) // 2
     stats = head.last_generate_stats
     assert stats.speculated and stats.batch_size == 4 and max(stats.tree_sizes) <= budget
+    assert len(stats.accepted_lengths) == stats.row_rounds and sum(stats.accepted_lengths) == stats.accepted_drafts
     if drafter == "oracle":
         assert stats.mean_accepted_length > 2.0  # multi-token rounds in every row
         assert stats.rounds < 30 / 2
