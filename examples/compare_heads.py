@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="only summarize and plot the output folder's records of --heads (nothing generated)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,10 +143,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     records_path = out / "records.jsonl"
     records = [json.loads(line) for line in records_path.read_text().splitlines()] if records_path.is_file() else []
     done = {(r["head"], r["dataset"], r["id"], r["budget"]) for r in records}
-    target, tokenizer = hf_jetspec.load_default_target()
-    prompts = load_eval_prompts(args.data_dir, args.datasets, args.limit)
-    todo = [(h, p, b) for h in args.heads for b in args.budgets for p in prompts
-            if (h, p["dataset"], p["id"], b) not in done]
+    todo = []
+    if not args.summarize_only:
+        prompts = load_eval_prompts(args.data_dir, args.datasets, args.limit)
+        todo = [(h, p, b) for h in args.heads for b in args.budgets for p in prompts
+                if (h, p["dataset"], p["id"], b) not in done]
+    if todo:
+        target, tokenizer = hf_jetspec.load_default_target()
     heads = {}
     with records_path.open("a") as handle:
         for head_path, prompt, budget in tqdm(todo, desc="tau"):
