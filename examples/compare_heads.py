@@ -69,15 +69,25 @@ def summarize(records: list[dict], heads: list[str]) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def _plot_per_dataset(datasets: list[str], draw, path: Path) -> None:
+    """One panel per dataset, side by side, `draw(ax, dataset)` filling each; saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = sorted({r["dataset"] for r in rows})
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
+        draw(ax, dataset)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    def draw(ax, dataset):
         for head in dict.fromkeys(r["head"] for r in rows):
             points = sorted((r["budget"], r["tau"], r["tau_ci"]) for r in rows if r["head"] == head and r["dataset"] == dataset)
             if not points:
@@ -90,37 +100,25 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("tree budget (nodes, root included)")
         ax.set_ylabel("tau (tokens per round)")
         ax.set_title(f"{dataset}: greedy, prompt lookup off (95% CI)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    _plot_per_dataset(sorted({r["dataset"] for r in rows}), draw, path)
 
 
 def plot_reach(rows: list[dict], path: Path, budget: int = 8) -> None:
     """Share of rounds accepting at least d drafts against d, one line per head, at one budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     chosen = [r for r in rows if r["budget"] == budget and r.get("reach")]
-    datasets = sorted({r["dataset"] for r in chosen})
-    if not datasets:
-        return
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+
+    def draw(ax, dataset):
         for row in (r for r in chosen if r["dataset"] == dataset):
             ax.plot(range(1, len(row["reach"]) + 1), row["reach"], marker="o", label=Path(row["head"]).name)
         ax.set_xlabel("accepted drafts per round, at least")
         ax.set_ylabel("share of rounds")
         ax.set_ylim(0, 1)
         ax.set_title(f"{dataset}: budget {budget}, greedy, prompt lookup off")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    datasets = sorted({r["dataset"] for r in chosen})
+    if datasets:
+        _plot_per_dataset(datasets, draw, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
