@@ -2,6 +2,7 @@
 on-policy corpus (parquet, loaded with `datasets`), whose prompts never come near an eval prompt."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from hf_jetspec_training.corpus import (
     eval_prompts,
     follow_up_rows,
     load_corpus,
+    pick_validation,
     recover_prompt,
     self_instruct_prompts,
     write_corpus,
@@ -88,7 +90,42 @@ def test_corpus_round_trips_through_datasets_and_trains(tmp_path):
                               tau_eval_steps=2, tau_eval_prompts=2, tau_eval_max_new_tokens=4)
     trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
     assert len(trainer.train_dataset) == 8  # 2 first turns held out for tau
-    assert JetSpecHead.from_pretrained(final_dir).config.training_recipe["corpus"] == "corpus"
+    recipe = JetSpecHead.from_pretrained(final_dir).config.training_recipe
+    assert recipe["corpus"] == "corpus" and recipe["validation"] is None
+    assert load_corpus(folder, split="validation") is None
+
+
+def test_a_corpus_validation_split_is_never_trained_on_and_measures_the_head(tmp_path):
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=15, vocab_size=len(tokenizer))
+    rows = [{"id": f"r{i}", "source": "gsm8k_train" if i % 2 else "chat_self_instruct", "turn": 1,
+             "input_ids": [4 + (i * 7 + j) % 20 for j in range(14 + i)], "prompt_length": 5} for i in range(12)]
+    rows.append({**rows[0], "id": "r0#turn2", "turn": 2})
+    card = {"target": "tiny", "target_lines": "- tiny", "max_new_tokens": 8, "near_eval": 0,
+            "self_instruct_dropped": "none", "how": "test"}
+    # r0 is followed by a second turn and r1..r3 are rows earlier heads trained on: neither can be held out
+    held = pick_validation(rows, 3, already=set(), exclude={"r1", "r2", "r3"}, seed=0)
+    assert len(held) == 3 and not held & {"r0", "r1", "r2", "r3", "r0#turn2"}
+    assert pick_validation(rows, 4, already=held, exclude=set(), seed=1) > held  # an earlier split is kept
+    with pytest.raises(ValueError, match="only 8 new first-turn rows"):
+        pick_validation(rows, 9, already=set(), exclude={"r1", "r2", "r3"})
+    folder = write_corpus(rows, tmp_path / "corpus", card, validation_ids=held)
+    text = (folder / "README.md").read_text()
+    assert "- split: validation\n    path: data/validation-*.parquet" in text and "Split `validation`: 3" in text
+    assert {row["id"] for row in load_corpus(folder, split="validation")} == held
+    assert not held & {row["id"] for row in load_corpus(folder)} and len(load_corpus(folder)) == 10
+    from datasets import load_dataset
+
+    assert len(load_dataset(str(folder), split="validation")) == 3  # the card's configs name the split for datasets
+
+    config = short_run_config(tmp_path, tmp_path / "unused.jsonl", train_files=[], corpus=str(folder), max_steps=2,
+                              eval_strategy="steps", eval_steps=1, logging_steps=1)
+    trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
+    assert len(trainer.train_dataset) == 10 and len(trainer.eval_dataset) == 3
+    measured = JetSpecHead.from_pretrained(final_dir).config.training_recipe["validation"]
+    assert measured["sequences"] == 3 and 0.0 <= measured["top1_depth1"] <= 1.0 and measured["expected_chain_tau"] >= 1
+    curve = json.loads((Path(config.output_dir) / "training_curve.json").read_text())
+    assert [point["step"] for point in curve["eval_top1_depth1"]][:2] == [1, 2]
 
 
 def test_overlap_check_rejects_a_planted_near_duplicate_of_an_eval_prompt(tmp_path):
@@ -159,13 +196,14 @@ def test_extending_a_corpus_keeps_its_rows_and_recovers_its_prompts(tmp_path):
     rows.append({"id": "self_instruct_target/0#turn2", "source": "self_instruct_target", "turn": 2,
                  "input_ids": list(turn2_ids) + [7, 1], "prompt_length": len(turn2_ids)})
     folder = write_corpus(rows, tmp_path / "corpus", {"target": "tiny", "target_lines": "- tiny", "max_new_tokens": 8,
-                                                      "near_eval": 0, "self_instruct_dropped": "none", "how": "first run"})
+                                                      "near_eval": 0, "self_instruct_dropped": "none", "how": "first run"},
+                          validation_ids={"gsm8k_train-3"})
     assert recover_prompt(tokenizer, [0] + rows[0]["input_ids"], rows[0]["prompt_length"] + 1) is None  # not its template
 
     work = tmp_path / "work"
     work.mkdir()
-    earlier, how, ids = _seed_caches_from(folder, work, tokenizer)
-    assert how == "first run" and ids == {row["id"] for row in rows}
+    earlier, how, ids, held = _seed_caches_from(folder, work, tokenizer)
+    assert how == "first run" and ids == {row["id"] for row in rows} and held == {"gsm8k_train-3"}
     assert {row["id"]: row["prompt"] for row in earlier} == prompts
     turn1, turn2 = read_cache(work / "turn1.jsonl"), read_cache(work / "turn2.jsonl")
     assert set(turn1) == set(prompts) and set(turn2) == {"self_instruct_target/0#turn2"}

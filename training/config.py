@@ -138,6 +138,9 @@ class JetSpecTrainingConfig(_BaseConfig):
     # deprecated alias left unset) resolves to `activation_checkpointing=False` without a deprecation warning.
     gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep all collated fields."})
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "Evaluation keeps the loss and agreement only (the head's logits are large)."}
+    )
     save_strategy: str = field(default="steps", metadata={"help": "Checkpoint strategy."})
     save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})

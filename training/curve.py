@@ -9,7 +9,7 @@ from pathlib import Path
 def training_curve(log_history: list[dict]) -> dict[str, list[dict]]:
     """Splits a `TrainerState.log_history` into the series a curve needs, each point with `step` and `train_minutes`
     (points logged before the clock existed are dropped)."""
-    series = {"loss": [], "top1_depth1": [], "tau": []}
+    series = {"loss": [], "top1_depth1": [], "eval_top1_depth1": [], "tau": []}
     for entry in log_history:
         if "train_minutes" not in entry:
             continue
@@ -44,6 +44,11 @@ def save_training_curve(log_history: list[dict], output_dir: str | Path) -> tupl
         twin = axes[0].twinx()
         twin.plot([p["train_minutes"] for p in accuracy], [p["top1_depth1"] for p in accuracy], color="tab:orange",
                   alpha=0.7)
+        held = series["eval_top1_depth1"]
+        if held:  # the corpus' validation split: rows the head never trained on
+            twin.plot([p["train_minutes"] for p in held], [p["eval_top1_depth1"] for p in held], color="tab:red",
+                      marker="o", label="validation rows")
+            twin.legend(loc="lower right")
         twin.set_ylabel("depth-1 top-1 agreement", color="tab:orange")
     if tau:  # (runs without `tau_eval_steps` have none: no empty panel)
         axes[1].plot([p["train_minutes"] for p in tau], [p["tau"] for p in tau], marker="o", color="tab:green")

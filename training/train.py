@@ -75,13 +75,17 @@ def prepare_data(config: JetSpecTrainingConfig, target, tokenizer, target_layer_
     """Responses and teacher features (main process first; the others then read the cache).
 
     Returns the feature dataset, the held-out prompt rows (`prompt` or `input_ids` of the prompt), the skipped-row
-    counts and the response rows.
+    counts, the response rows, and the corpus' `validation` split as a feature dataset (`None` without one).
     """
     data_dir = Path(config.data_dir)
+    validation = None
     if config.corpus:
         from .corpus import load_corpus
 
-        rows = [dict(row) for row in load_corpus(resolve_corpus(config.corpus))]  # or the packaged copy
+        folder = resolve_corpus(config.corpus)  # or the packaged copy
+        rows = [dict(row) for row in load_corpus(folder)]
+        validation = load_corpus(folder, split="validation")
+        validation = [dict(row) for row in validation] if validation is not None else None
         random.Random(config.seed).shuffle(rows)
         first_turns = [row for row in rows if row["turn"] == 1][:holdout]
         held_ids = {row["id"] for row in first_turns}
@@ -108,11 +112,12 @@ def prepare_data(config: JetSpecTrainingConfig, target, tokenizer, target_layer_
                 temperature=config.generation_temperature, batch_size=config.generation_batch_size,
             )
             del writer
-        paths = compute_teacher_features(
-            target, responses, data_dir / f"features-{'-'.join(map(str, target_layer_ids))}", target_layer_ids,
-            topk=config.teacher_topk,
-        )
-    return TeacherFeatureDataset(paths), held_out, skipped, responses
+        features = data_dir / f"features-{'-'.join(map(str, target_layer_ids))}"
+        paths = compute_teacher_features(target, responses, features, target_layer_ids, topk=config.teacher_topk)
+        if validation:
+            validation = TeacherFeatureDataset(
+                compute_teacher_features(target, validation, features, target_layer_ids, topk=config.teacher_topk))
+    return TeacherFeatureDataset(paths), held_out, skipped, responses, validation
 
 
 def continue_from_head(config: JetSpecTrainingConfig) -> tuple[str | None, dict | None]:
@@ -194,13 +199,15 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     head = build_head(config, target)
     core = head.get_base_model() if config.use_peft else head
     holdout = config.tau_eval_prompts if config.tau_eval_steps else 0
-    dataset, held_out, skipped, responses = prepare_data(config, target, tokenizer, core.config.target_layer_ids, holdout)
+    dataset, held_out, skipped, responses, validation = prepare_data(
+        config, target, tokenizer, core.config.target_layer_ids, holdout)
     if config.prepare_only:
         logger.info("prepare_only: %d sequences cached in %s", len(dataset), config.data_dir)
         return None, Path(config.data_dir)
 
     resume, previous = continue_from_head(config)  # before the trainer: it may set max_steps
-    trainer = JetSpecTrainer(model=head, args=config, train_dataset=dataset)
+    # the corpus' validation split (rows no head trains on): `--eval_strategy steps` puts its agreement on the curve
+    trainer = JetSpecTrainer(model=head, args=config, train_dataset=dataset, eval_dataset=validation)
     if resume and config.continue_training:
         trainer.add_callback(ContinuedSchedule())
         trainer.run_start_minutes = float((previous or {}).get("train_minutes") or 0.0)  # max_train_minutes: this run's
@@ -214,6 +221,13 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         logger.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
 
+    validation_metrics = None
+    if validation is not None:  # the head as trained, on unseen on-policy rows, before the draft vocabulary is cut
+        torch.manual_seed(config.seed)  # the same random anchors for every head
+        measured = trainer.evaluate()
+        validation_metrics = {"sequences": len(validation), "top1_depth1": measured.get("eval_top1_depth1"),
+                              "expected_chain_tau": measured.get("eval_expected_chain_tau"),
+                              "loss": round(measured["eval_loss"], 4) if "eval_loss" in measured else None}
     draft_vocab_coverage = None
     if config.draft_vocab_size:
         draft_vocab_coverage = set_draft_vocab_from_responses(
@@ -267,6 +281,7 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         "use_peft": config.use_peft,
         "draft_vocab_size": core.config.draft_vocab_size,
         "draft_vocab_coverage_of_responses": draft_vocab_coverage,
+        "validation": validation_metrics,
     }
     final_dir = Path(config.output_dir) / "final"
     trainer.save_model(str(final_dir))

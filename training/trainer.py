@@ -92,6 +92,14 @@ class JetSpecTrainer(_BaseTrainer):
         self._depth_metrics[f"{mode}_accuracy"].append(metrics["accuracy"].detach().cpu())
         return (loss, outputs) if return_outputs else loss
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation (the corpus' validation split): the distillation loss and per-depth agreement, as in training;
+        the batch has no `labels`, so `Trainer`'s default would call the head on the teacher's fields."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         values = self._depth_metrics.pop(f"{mode}_accuracy", [])
