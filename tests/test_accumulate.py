@@ -127,6 +127,25 @@ def test_a_corpus_validation_split_is_never_trained_on_and_measures_the_head(tmp
     curve = json.loads((Path(config.output_dir) / "training_curve.json").read_text())
     assert [point["step"] for point in curve["eval_top1_depth1"]][:2] == [1, 2]
 
+    # eval_only: the saved head on the validation rows and on as many training rows, nothing trained or saved
+    config = short_run_config(tmp_path, tmp_path / "unused.jsonl", train_files=[], corpus=str(folder),
+                              head_init=str(final_dir), eval_only=True, output_dir=str(tmp_path / "eval"))
+    trainer, nothing = train(config, target=target, tokenizer=tokenizer)
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert nothing is None and trainer.state.global_step == 0 and not list((tmp_path / "eval").glob("checkpoint-*"))
+    assert results["validation"]["sequences"] == results["train"]["sequences"] == 3
+    assert results["validation"]["top1_depth1"] == measured["top1_depth1"]  # same head, rows and anchors as in training
+    with pytest.raises(ValueError, match="has no validation split"):
+        train(short_run_config(tmp_path, tmp_path / "unused.jsonl", train_files=[], corpus=str(_corpus_without_validation(tmp_path, rows)),
+                               head_init=str(final_dir), eval_only=True), target=target, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="`eval_only` measures `head_init`"):
+        short_run_config(tmp_path, tmp_path / "unused.jsonl", eval_only=True)
+
+
+def _corpus_without_validation(tmp_path, rows):
+    return write_corpus(rows, tmp_path / "no-validation", {"target": "tiny", "target_lines": "- tiny",
+                        "max_new_tokens": 8, "near_eval": 0, "self_instruct_dropped": "none", "how": "test"})
+
 
 def test_overlap_check_rejects_a_planted_near_duplicate_of_an_eval_prompt(tmp_path):
     (tmp_path / "gsm8k_test.jsonl").write_text(json.dumps({

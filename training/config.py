@@ -67,6 +67,10 @@ class JetSpecTrainingConfig(_BaseConfig):
         data_dir (`str`, defaults to `"outputs/jetspec-data"`): cache of responses and teacher features.
         prepare_only (`bool`, defaults to `False`): stop after the responses and teacher features are cached (prepare
             the data on one machine, train on another, or tune the training settings on cached data).
+        eval_only (`bool`, defaults to `False`): train nothing; measure `head_init` (loss, depth-1 agreement, expected
+            chain tau) on the corpus' `validation` split and on as many of its training rows, and write
+            `eval_results.json` to `output_dir`: the gap between the two says whether a head needs more data or more
+            steps.
         tau_eval_steps (`int`, defaults to 0): measure tau with the real `generate()` path every N steps (0 = off).
         tau_eval_prompts (`int`, defaults to 4): held-out prompts for that measurement.
         tau_eval_max_new_tokens (`int`, defaults to 64).
@@ -118,6 +122,8 @@ class JetSpecTrainingConfig(_BaseConfig):
     num_negative_tokens: int = field(default=2048, metadata={"help": "Random extra tokens for loss_vocabulary=batch."})
     data_dir: str = field(default="outputs/jetspec-data", metadata={"help": "Cache of responses and features."})
     prepare_only: bool = field(default=False, metadata={"help": "Only cache responses and teacher features."})
+    eval_only: bool = field(default=False, metadata={"help": "Measure head_init on the validation split and as many "
+                                                             "training rows; train nothing."})
     tau_eval_steps: int = field(default=0, metadata={"help": "Measure tau with generate() every N steps (0: off)."})
     tau_eval_prompts: int = field(default=4, metadata={"help": "Held-out prompts for tau."})
     tau_eval_max_new_tokens: int = field(default=64, metadata={"help": "New tokens per tau prompt."})
@@ -166,6 +172,8 @@ class JetSpecTrainingConfig(_BaseConfig):
             raise ValueError(f"`block_size` must be >= 2, got {self.block_size}")
         if self.max_anchors < 1 or self.teacher_topk < 1 or self.num_head_layers < 1:
             raise ValueError("`max_anchors`, `teacher_topk` and `num_head_layers` must be >= 1")
+        if self.eval_only and not (self.head_init and self.corpus):
+            raise ValueError("`eval_only` measures `head_init` on a `corpus` with a validation split: give both")
         if self.continue_training and not self.head_init:
             raise ValueError("`continue_training` needs `head_init`: the head folder whose training to continue")
         if self.more_steps is not None and (self.more_steps < 1 or not self.continue_training):

@@ -181,7 +181,7 @@ def set_draft_vocab_from_responses(head, responses: list[dict], size: int, eos_t
 
 def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[JetSpecTrainer | None, Path]:
     """Runs the whole pipeline; returns the trainer and the directory of the saved head (with `prepare_only`:
-    `None` and the data directory).
+    `None` and the data directory; with `eval_only`: the trainer and `None`).
 
     `target`/`tokenizer` may be passed already loaded; otherwise `config.target_model` is loaded.
     """
@@ -204,6 +204,9 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     if config.prepare_only:
         logger.info("prepare_only: %d sequences cached in %s", len(dataset), config.data_dir)
         return None, Path(config.data_dir)
+
+    if config.eval_only:
+        return evaluate_head(config, head, dataset, validation), None
 
     resume, previous = continue_from_head(config)  # before the trainer: it may set max_steps
     # the corpus' validation split (rows no head trains on): `--eval_strategy steps` puts its agreement on the curve
@@ -290,6 +293,28 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     if trainer.is_world_process_zero():
         save_training_curve(trainer.state.log_history, config.output_dir)
     return trainer, final_dir
+
+
+def evaluate_head(config: JetSpecTrainingConfig, head, dataset, validation) -> JetSpecTrainer:
+    """`eval_only`: the head's loss and agreement on the validation split (text no head trained on) and on the first
+    as many training rows (text it may have trained on), with the same random anchors; written to
+    `output_dir/eval_results.json` and logged."""
+    if validation is None:
+        raise ValueError(f"`eval_only`: the corpus {config.corpus} has no validation split (build one with "
+                         "`python -m hf_jetspec_training.corpus --extend --validation N`)")
+    trainer = JetSpecTrainer(model=head, args=config, train_dataset=dataset)
+    seen = torch.utils.data.Subset(dataset, range(min(len(validation), len(dataset))))
+    results = {"head": config.head_init, "corpus": Path(config.corpus).name, "max_anchors": config.max_anchors}
+    for name, rows in (("validation", validation), ("train", seen)):
+        torch.manual_seed(config.seed)
+        measured = trainer.evaluate(eval_dataset=rows, metric_key_prefix="eval")
+        results[name] = {"sequences": len(rows), "loss": round(measured["eval_loss"], 4),
+                         "top1_depth1": measured["eval_top1_depth1"],
+                         "expected_chain_tau": measured["eval_expected_chain_tau"]}
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(config.output_dir) / "eval_results.json").write_text(json.dumps(results, indent=1))
+    logger.info("eval_only: %s", json.dumps(results))
+    return trainer
 
 
 def _cpu_hours(minutes: float | None, threads: int | None) -> float | None:
