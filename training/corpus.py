@@ -17,8 +17,8 @@ written twice), the counts become totals, and only the missing rows are generate
 
 Usage:
     python -m hf_jetspec_training.corpus --out training/corpora/smollm2-135m-instruct --work outputs/corpus-work
-    python -m hf_jetspec_training.corpus --out training/corpora/smollm2-135m-instruct --extend --limits 1800 427 1200 251 \
-        --self-instruct 3600 --second-turns 1200
+    python -m hf_jetspec_training.corpus --out training/corpora/smollm2-135m-instruct --extend --limits 1200 427 800 251 \
+        --self-instruct 2400 --second-turns 900 --max-new-tokens 160 --validation 150
 """
 
 from __future__ import annotations
@@ -365,7 +365,7 @@ def pick_validation(rows: list[dict], count: int, already: set[str], exclude: se
     return set(already) | set(pool[: count - len(already)])
 
 
-def _seed_caches_from(folder: Path, work: Path, tokenizer) -> tuple[list[dict], str | None]:
+def _seed_caches_from(folder: Path, work: Path, tokenizer) -> tuple[list[dict], str | None, set[str], set[str]]:
     """For `--extend`: the corpus already in `folder` goes into the turn caches (so its rows are not generated again)
     and its first turns' prompts are recovered from their ids; returns those prompt rows, the card's "how", the ids of
     all its rows and those of its validation split."""
@@ -393,12 +393,6 @@ def _seed_caches_from(folder: Path, work: Path, tokenizer) -> tuple[list[dict], 
     how = card.split("## How it was made", 1)[1].strip() if "## How it was made" in card else None
     logger.info("extending %s: %d rows kept (%d first turns)", folder, len(rows), len(prompts))
     return prompts, how, {row["id"] for row in rows}, held
-
-
-def _jsonl_rows_ids(path: Path) -> list[str]:
-    from .data import read_cache
-
-    return list(read_cache(path))
 
 
 def _jsonl_rows(path: Path) -> list[dict]:
@@ -479,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     turn1 = [{**row, **by_id[row["id"]]} for row in _jsonl_rows(turn1_cache) if row["id"] in by_id]
     chat = [row for row in turn1 if row["source"] in order]
     random.Random(args.seed).shuffle(chat)
-    has_turn2 = set(_jsonl_rows_ids(turn2_cache)) if args.extend else set()
+    has_turn2 = {row["id"] for row in _jsonl_rows(turn2_cache)} if args.extend else set()
     chat.sort(key=lambda row: f"{row['id']}#turn2" not in has_turn2)  # an earlier run's second turns stay
     second = follow_up_rows(chat[: args.second_turns], tokenizer)
     if not args.write_only:
