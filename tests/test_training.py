@@ -10,6 +10,7 @@ from hf_jetspec import chat_input_ids
 from hf_jetspec_training import (
     AnchorCollator,
     JetSpecTrainingConfig,
+    candidate_distillation_loss,
     candidate_vocabulary,
     depth_weights,
     distillation_loss,
@@ -71,6 +72,39 @@ def test_candidate_vocabulary_keeps_every_teacher_token():
     expected, _ = distillation_loss(logits, teacher_ids, probs, valid, weights)
     restricted, _ = distillation_loss(logits[..., full_vocabulary], full_local, probs, valid, weights)
     torch.testing.assert_close(restricted, expected)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_candidate_loss_equals_the_materialised_one(autocast):
+    """The chunked loss (logits never held whole, recomputed in the backward) gives the loss, gradient and agreement
+    of `distillation_loss` on `hidden @ weight.T`, in fp32 and under CPU bf16 autocast (as training runs there)."""
+    generator = torch.Generator().manual_seed(0)
+    batch, anchors, depth, hidden_size, vocab, k = 2, 5, 3, 16, 40, 4
+    hidden = torch.randn(batch, anchors, depth, hidden_size, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, generator=generator)
+    teacher_ids = torch.randint(vocab, (batch, anchors, depth, k), generator=generator)
+    teacher_probs = torch.rand(batch, anchors, depth, k, generator=generator)
+    teacher_probs[1, 3:] = 0  # padded anchors: no teacher probabilities
+    valid = torch.rand(batch, anchors, depth, generator=generator) > 0.2
+    valid[1, 3:] = False
+    weights = depth_weights(depth + 1, 0.8)
+    results = []
+    for chunked in (False, True):
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if chunked:  # chunk_rows=7: chunks that do not divide the rows
+                loss, metrics = candidate_distillation_loss(hidden, weight, teacher_ids, teacher_probs, valid, weights,
+                                                            chunk_rows=7)
+            else:
+                loss, metrics = distillation_loss(hidden @ weight.T, teacher_ids, teacher_probs, valid, weights)
+        loss.backward()
+        results.append((loss.detach(), metrics["accuracy"], hidden.grad.clone()))
+    (loss, accuracy, grad), (chunked_loss, chunked_accuracy, chunked_grad) = results
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if autocast else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(chunked_loss, loss, **tolerance)
+    torch.testing.assert_close(chunked_grad, grad, **tolerance)
+    torch.testing.assert_close(chunked_accuracy, accuracy)
+    assert grad[1, 3:].abs().max() == 0 and chunked_grad[1, 3:].abs().max() == 0  # padded anchors get no gradient
 
 
 def test_anchors_and_label_rows():
@@ -186,6 +220,16 @@ def test_training_over_the_batch_candidate_vocabulary(tmp_path, causal_block):
     assert head.config.causal_block is causal_block
     with pytest.raises(ValueError, match="loss_vocabulary"):
         JetSpecTrainingConfig(output_dir=str(tmp_path / "x"), loss_vocabulary="sampled")
+    # the trainer's chunked loss (no softcapping) equals its materialised one (taken where the target caps its
+    # logits): a cap far above every logit is the identity, so the two paths see the same logits
+    batch = next(iter(trainer.get_train_dataloader()))
+    head = trainer.model
+    losses = []
+    for cap in (None, 1e9):
+        head.config.final_logit_softcapping = cap
+        torch.manual_seed(0)  # the same negative tokens
+        losses.append(trainer.compute_loss(head, batch))
+    torch.testing.assert_close(losses[0], losses[1])
 
 
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):

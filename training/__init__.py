@@ -8,7 +8,14 @@ from .collator import AnchorCollator
 from .config import JetSpecTrainingConfig
 from .data import generate_responses, load_prompts
 from .features import TeacherFeatureDataset, compute_teacher_features
-from .objective import candidate_vocabulary, depth_weights, distillation_loss, sample_anchors, teacher_rows
+from .objective import (
+    candidate_distillation_loss,
+    candidate_vocabulary,
+    depth_weights,
+    distillation_loss,
+    sample_anchors,
+    teacher_rows,
+)
 from .trainer import JetSpecTrainer, TauCallback, measure_tau, unwrap_head
 
 __all__ = [
@@ -19,6 +26,7 @@ __all__ = [
     "TeacherFeatureDataset",
     "compute_teacher_features",
     "depth_weights",
+    "candidate_distillation_loss",
     "candidate_vocabulary",
     "distillation_loss",
     "generate_responses",

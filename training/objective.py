@@ -119,12 +119,95 @@ def distillation_loss(
     probs = teacher_probs.float()
     probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
     cross_entropy = -(probs * log_q.gather(-1, teacher_ids)).sum(-1)  # (batch, anchors, depth)
+    with torch.no_grad():
+        hits = head_logits.argmax(-1) == teacher_ids[..., 0]
+    return _reduce_per_depth(cross_entropy, hits, valid, weights)
+
+
+def _reduce_per_depth(cross_entropy: torch.Tensor, hits: torch.BoolTensor, valid: torch.BoolTensor,
+                      weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-(anchor, depth) cross-entropies and top-1 hits -> the depth-weighted loss over valid pairs, and per-depth
+    agreement and counts."""
     mask = valid.float()
     per_depth_count = mask.sum(dim=(0, 1))
     per_depth_loss = (cross_entropy * mask).sum(dim=(0, 1)) / per_depth_count.clamp_min(1)
     present = per_depth_count > 0
     loss = (per_depth_loss * weights.to(per_depth_loss))[present].sum() / weights.to(per_depth_loss)[present].sum().clamp_min(1e-12)
     with torch.no_grad():
-        hits = (head_logits.argmax(-1) == teacher_ids[..., 0]).float() * mask
-        accuracy = hits.sum(dim=(0, 1)) / per_depth_count.clamp_min(1)
+        accuracy = (hits.float() * mask).sum(dim=(0, 1)) / per_depth_count.clamp_min(1)
     return loss, {"accuracy": accuracy, "count": per_depth_count}
+
+
+class _CandidateCrossEntropy(torch.autograd.Function):
+    """Soft-label cross-entropy over candidate-vocabulary logits `hidden @ weight.T`, computed and differentiated in
+    chunks of rows: the `(rows, vocabulary)` logits are never held whole, and the backward recomputes each chunk's
+    logits instead of keeping them (the lm_head rows are frozen: no gradient for `weight`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_ids, teacher_probs, compute_dtype, chunk_rows):
+        rows = hidden.shape[0]
+        cross_entropy = hidden.new_empty(rows, dtype=torch.float32)
+        top1 = torch.empty(rows, dtype=torch.long, device=hidden.device)
+        log_normalizer = hidden.new_empty(rows, dtype=torch.float32)
+        low_weight = weight.to(compute_dtype)
+        for start in range(0, rows, chunk_rows):
+            end = min(start + chunk_rows, rows)
+            logits = (hidden[start:end].to(compute_dtype) @ low_weight.T).float()
+            lse = logits.logsumexp(-1)
+            probs = teacher_probs[start:end]
+            cross_entropy[start:end] = probs.sum(-1) * lse - (probs * logits.gather(-1, teacher_ids[start:end])).sum(-1)
+            top1[start:end] = logits.argmax(-1)
+            log_normalizer[start:end] = lse
+        ctx.save_for_backward(hidden, low_weight, teacher_ids, teacher_probs, log_normalizer)
+        ctx.chunk_rows = chunk_rows
+        ctx.mark_non_differentiable(top1)
+        return cross_entropy, top1
+
+    @staticmethod
+    def backward(ctx, grad_cross_entropy, _grad_top1):
+        hidden, low_weight, teacher_ids, teacher_probs, log_normalizer = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            end = min(start + ctx.chunk_rows, hidden.shape[0])
+            logits = (hidden[start:end].to(low_weight.dtype) @ low_weight.T).float()
+            probs, grad = teacher_probs[start:end], grad_cross_entropy[start:end, None]
+            # d(sum(p) * lse - p . z) / dz = sum(p) * softmax(z) - p (scattered onto the teacher's tokens)
+            grad_logits = (logits - log_normalizer[start:end, None]).exp_().mul_(probs.sum(-1, keepdim=True) * grad)
+            grad_logits.scatter_add_(-1, teacher_ids[start:end], -probs * grad)
+            grad_hidden[start:end] = (grad_logits.to(low_weight.dtype) @ low_weight).to(hidden.dtype)
+        return grad_hidden, None, None, None, None, None
+
+
+def candidate_distillation_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_ids: torch.LongTensor,
+    teacher_probs: torch.Tensor,
+    valid: torch.BoolTensor,
+    weights: torch.Tensor,
+    chunk_rows: int = 512,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """[`distillation_loss`] of the logits `hidden @ weight.T` (no softcapping), without materialising them: the same
+    loss and agreement, computed chunk by chunk (CPU training spends most of a step on these logits otherwise).
+
+    Args:
+        hidden (`torch.FloatTensor` of shape `(batch, num_anchors, depth, hidden_size)`): the drafted rows' states.
+        weight (`torch.FloatTensor` of shape `(vocab, hidden_size)`): lm_head rows of the candidate vocabulary
+            (frozen).
+        teacher_ids, teacher_probs, valid, weights: as in [`distillation_loss`] (`teacher_ids` index `weight`'s rows).
+        chunk_rows (`int`): rows of logits computed at once.
+
+    The matmul runs in the CPU autocast dtype when autocast is on (as `hidden @ weight.T` would), else in
+    `hidden`'s dtype; softmax and loss in float32.
+    """
+    compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden.dtype
+    if hidden.device.type != "cpu" and torch.is_autocast_enabled(hidden.device.type):
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type)
+    shape = teacher_ids.shape[:-1]
+    probs = teacher_probs.float()
+    probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+    cross_entropy, top1 = _CandidateCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight.detach(), teacher_ids.reshape(-1, teacher_ids.shape[-1]),
+        probs.reshape(-1, probs.shape[-1]), compute_dtype, chunk_rows,
+    )
+    return _reduce_per_depth(cross_entropy.view(shape), top1.view(shape) == teacher_ids[..., 0], valid, weights)

@@ -13,7 +13,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from hf_jetspec import JetSpecHead, draft_attention_mask
 
 from .collator import AnchorCollator
-from .objective import candidate_vocabulary, depth_weights, distillation_loss
+from .objective import candidate_distillation_loss, candidate_vocabulary, depth_weights, distillation_loss
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +77,22 @@ class JetSpecTrainer(_BaseTrainer):
             attention_mask=mask,
             logits_to_keep=full,
         )
-        teacher_ids, valid = inputs["teacher_ids"], inputs["valid"]
+        teacher_ids, valid, probs = inputs["teacher_ids"], inputs["valid"], inputs["teacher_probs"]
+        head = unwrap_head(model)
         if full:
-            logits = outputs.logits
+            loss, metrics = distillation_loss(outputs.logits, teacher_ids, probs, valid, self.depth_weights)
         else:  # softmax over the batch's candidate tokens only: the lm_head rows of the rest are never multiplied
-            lm_head = unwrap_head(model)._bound()[1]
+            lm_head = head._bound()[1]
             vocabulary, teacher_ids = candidate_vocabulary(
                 teacher_ids, valid, lm_head.weight.shape[0], self.args.num_negative_tokens
             )
             drafted = outputs.last_hidden_state.view(*inputs["anchor_ids"].shape, self.block_size, -1)[:, :, 1:]
-            logits = unwrap_head(model).softcap(drafted @ lm_head.weight[vocabulary].to(drafted.dtype).T)
-        loss, metrics = distillation_loss(logits, teacher_ids, inputs["teacher_probs"], valid, self.depth_weights)
+            if head.config.final_logit_softcapping is None:  # in chunks: the logits are never held whole
+                loss, metrics = candidate_distillation_loss(
+                    drafted, lm_head.weight[vocabulary], teacher_ids, probs, valid, self.depth_weights)
+            else:
+                logits = head.softcap(drafted @ lm_head.weight[vocabulary].to(drafted.dtype).T)
+                loss, metrics = distillation_loss(logits, teacher_ids, probs, valid, self.depth_weights)
         mode = "train" if model.training else "eval"
         self._depth_metrics[f"{mode}_accuracy"].append(metrics["accuracy"].detach().cpu())
         return (loss, outputs) if return_outputs else loss
