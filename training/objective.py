@@ -140,8 +140,9 @@ def _reduce_per_depth(cross_entropy: torch.Tensor, hits: torch.BoolTensor, valid
 
 class _CandidateCrossEntropy(torch.autograd.Function):
     """Soft-label cross-entropy over candidate-vocabulary logits `hidden @ weight.T`, computed and differentiated in
-    chunks of rows: the `(rows, vocabulary)` logits are never held whole, and the backward recomputes each chunk's
-    logits instead of keeping them (the lm_head rows are frozen: no gradient for `weight`)."""
+    chunks of rows: the float32 `(rows, vocabulary)` logits, their log-softmax and its gradient are never held whole
+    (only the logits in the matmul's dtype are kept for the backward; the lm_head rows are frozen: no gradient for
+    `weight`)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, teacher_ids, teacher_probs, compute_dtype, chunk_rows):
@@ -150,31 +151,34 @@ class _CandidateCrossEntropy(torch.autograd.Function):
         top1 = torch.empty(rows, dtype=torch.long, device=hidden.device)
         log_normalizer = hidden.new_empty(rows, dtype=torch.float32)
         low_weight = weight.to(compute_dtype)
+        kept = hidden.new_empty(rows, weight.shape[0], dtype=compute_dtype)
         for start in range(0, rows, chunk_rows):
             end = min(start + chunk_rows, rows)
-            logits = (hidden[start:end].to(compute_dtype) @ low_weight.T).float()
+            torch.matmul(hidden[start:end].to(compute_dtype), low_weight.T, out=kept[start:end])
+            logits = kept[start:end].float()
             lse = logits.logsumexp(-1)
             probs = teacher_probs[start:end]
             cross_entropy[start:end] = probs.sum(-1) * lse - (probs * logits.gather(-1, teacher_ids[start:end])).sum(-1)
             top1[start:end] = logits.argmax(-1)
             log_normalizer[start:end] = lse
-        ctx.save_for_backward(hidden, low_weight, teacher_ids, teacher_probs, log_normalizer)
+        ctx.save_for_backward(kept, low_weight, teacher_ids, teacher_probs, log_normalizer)
+        ctx.hidden_dtype = hidden.dtype
         ctx.chunk_rows = chunk_rows
         ctx.mark_non_differentiable(top1)
         return cross_entropy, top1
 
     @staticmethod
     def backward(ctx, grad_cross_entropy, _grad_top1):
-        hidden, low_weight, teacher_ids, teacher_probs, log_normalizer = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            end = min(start + ctx.chunk_rows, hidden.shape[0])
-            logits = (hidden[start:end].to(low_weight.dtype) @ low_weight.T).float()
+        kept, low_weight, teacher_ids, teacher_probs, log_normalizer = ctx.saved_tensors
+        grad_hidden = kept.new_empty(kept.shape[0], low_weight.shape[1], dtype=ctx.hidden_dtype)
+        for start in range(0, kept.shape[0], ctx.chunk_rows):
+            end = min(start + ctx.chunk_rows, kept.shape[0])
+            logits = kept[start:end].float()
             probs, grad = teacher_probs[start:end], grad_cross_entropy[start:end, None]
             # d(sum(p) * lse - p . z) / dz = sum(p) * softmax(z) - p (scattered onto the teacher's tokens)
             grad_logits = (logits - log_normalizer[start:end, None]).exp_().mul_(probs.sum(-1, keepdim=True) * grad)
             grad_logits.scatter_add_(-1, teacher_ids[start:end], -probs * grad)
-            grad_hidden[start:end] = (grad_logits.to(low_weight.dtype) @ low_weight).to(hidden.dtype)
+            grad_hidden[start:end] = (grad_logits.to(low_weight.dtype) @ low_weight).to(ctx.hidden_dtype)
         return grad_hidden, None, None, None, None, None
 
 
