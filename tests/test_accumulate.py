@@ -57,6 +57,19 @@ def test_continuing_a_saved_head_picks_up_its_steps_schedule_and_optimizer(tmp_p
     assert recipe["total_cpu_hours"] == pytest.approx(sum(run["cpu_hours"] for run in recipe["runs"]))
     assert all(run["train_minutes"] >= 0 for run in recipe["runs"])
 
+    # a warm restart: the step count and AdamW state go on, the rate starts its own decay over the 4 new steps from
+    # this run's learning_rate
+    restart = short_run_config(tmp_path, prompts, output_dir=str(tmp_path / "run4"), head_init=str(head_dir),
+                               continue_training=True, more_steps=4, restart_schedule=True, learning_rate=1e-3,
+                               logging_steps=1, lr_scheduler_type="linear", warmup_steps=0)
+    trainer, _ = train(restart, target=target, tokenizer=tokenizer)
+    assert trainer.state.global_step == 10
+    assert float(trainer.optimizer.state_dict()["state"][first_param]["step"]) == 10
+    lrs = {log["step"]: log["learning_rate"] for log in trainer.state.log_history if "learning_rate" in log}
+    assert [lrs[step] for step in (7, 8, 9, 10)] == pytest.approx([1e-3, 0.75e-3, 0.5e-3, 0.25e-3], rel=1e-6)
+    with pytest.raises(ValueError, match="restart_schedule"):
+        short_run_config(tmp_path, prompts, head_init=str(head_dir), restart_schedule=True)
+
     with pytest.raises(ValueError, match="more_steps"):
         train(short_run_config(tmp_path, prompts, output_dir=str(tmp_path / "run3"), head_init=str(final_dir),
                                continue_training=True, max_steps=5), target=target, tokenizer=tokenizer)

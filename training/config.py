@@ -34,6 +34,13 @@ class JetSpecTrainingConfig(_BaseConfig):
             is a warm start (weights only).
         more_steps (`int`, *optional*): with `continue_training`, train this many steps past the head's step count
             (`max_steps` then counts from the first run).
+        restart_schedule (`bool`, defaults to `False`): with `continue_training`, give the run its own warmup and decay
+            over `more_steps`, peaking at `learning_rate` (a warm restart: the optimizer's moments and the step count
+            carry on), instead of stretching the head's schedule over the new total, where every continuation starts
+            from a smaller rate than the last (from step 5932 of a cosine, 1400 more steps start at 9e-5 of 1e-3).
+        grow_to_layers (`int`, *optional*): with `head_init`, give the head this many decoder layers: new ones go on
+            top with zero output projections, so the grown head drafts as before (`hf_jetspec_training.grow`); with
+            `continue_training` the old weights keep their optimizer state.
         layer_family (`str`, defaults to `"qwen3"`): a new head's layers: `"qwen3"` (any target family; the layout
             vLLM's DFlash drafter runs) or `"target"` (the target's own family, as heads were built before).
         corpus (`str`, *optional*): an on-policy corpus folder (`hf_jetspec_training.corpus`, parquet shards + card)
@@ -94,6 +101,12 @@ class JetSpecTrainingConfig(_BaseConfig):
     head_init: str | None = field(default=None, metadata={"help": "Start from this head (path)."})
     continue_training: bool = field(default=False, metadata={"help": "Continue head_init's run (optimizer, steps)."})
     more_steps: int | None = field(default=None, metadata={"help": "With continue_training: steps past the head's."})
+    restart_schedule: bool = field(
+        default=False, metadata={"help": "With continue_training: a new warmup and decay over more_steps (warm restart)."}
+    )
+    grow_to_layers: int | None = field(
+        default=None, metadata={"help": "With head_init: grow the head to this many decoder layers (drafts unchanged)."}
+    )
     layer_family: str = field(default="qwen3", metadata={"help": "A new head's layers: 'qwen3' or 'target'."})
     corpus: str | None = field(default=None, metadata={"help": "On-policy corpus folder to train on."})
     num_head_layers: int = field(default=1, metadata={"help": "Decoder layers of a new head."})
@@ -174,8 +187,16 @@ class JetSpecTrainingConfig(_BaseConfig):
             raise ValueError("`max_anchors`, `teacher_topk` and `num_head_layers` must be >= 1")
         if self.eval_only and not (self.head_init and self.corpus):
             raise ValueError("`eval_only` measures `head_init` on a `corpus` with a validation split: give both")
+        if self.grow_to_layers is not None and not self.head_init:
+            raise ValueError("`grow_to_layers` grows a trained head: give it with `head_init` (a new head takes "
+                             "`num_head_layers`)")
+        if self.grow_to_layers is not None and self.use_peft:
+            raise ValueError("`grow_to_layers` trains the new layers in full: it does not go with `use_peft`")
         if self.continue_training and not self.head_init:
             raise ValueError("`continue_training` needs `head_init`: the head folder whose training to continue")
+        if self.restart_schedule and not (self.continue_training and self.more_steps):
+            raise ValueError("`restart_schedule` restarts the rate over a continued run's own steps: give it with "
+                             "`continue_training` and `more_steps`")
         if self.more_steps is not None and (self.more_steps < 1 or not self.continue_training):
             raise ValueError("`more_steps` must be >= 1 and goes with `continue_training`")
         if self.layer_family not in ("qwen3", "target"):

@@ -34,6 +34,7 @@ from .config import JetSpecTrainingConfig
 from .curve import save_training_curve
 from .data import generate_responses, load_prompts
 from .features import TeacherFeatureDataset, compute_teacher_features
+from .grow import grow_head, migrate_optimizer_state
 from .resources import resolve_corpus, resolve_recipe
 from .trainer import ContinuedSchedule, JetSpecTrainer, TauCallback
 
@@ -52,6 +53,8 @@ def load_target(name_or_path: str, dtype: torch.dtype, attn_implementation: str 
 def build_head(config: JetSpecTrainingConfig, target) -> torch.nn.Module:
     if config.head_init:
         head = JetSpecHead.from_pretrained(config.head_init).bind(target)  # follows the target's device
+        if config.grow_to_layers is not None:
+            grow_head(head, config.grow_to_layers)  # new layers on top, drafts unchanged
     else:
         taps = hf_jetspec.default_target_layer_ids(
             target.config.get_text_config().num_hidden_layers, config.num_taps or max(config.num_head_layers, 3)
@@ -120,15 +123,17 @@ def prepare_data(config: JetSpecTrainingConfig, target, tokenizer, target_layer_
     return TeacherFeatureDataset(paths), held_out, skipped, responses, validation
 
 
-def continue_from_head(config: JetSpecTrainingConfig) -> tuple[str | None, dict | None]:
-    """With `continue_training`: the checkpoint the trainer resumes from and the head's earlier recipe.
+def continue_from_head(config: JetSpecTrainingConfig, head=None) -> tuple[str | None, dict | None, bool]:
+    """With `continue_training`: the checkpoint the trainer resumes from, the head's earlier recipe, and whether that
+    checkpoint was made from the head folder just now (`False` when resuming a checkpoint of this run).
 
     The head folder's `training_state/` (optimizer, scheduler, trainer state) and its weights become
     `output_dir/checkpoint-<step>` unless the output folder already holds a checkpoint (a continuation run that was
-    itself stopped resumes from its own latest one). `max_steps` becomes the head's step count + `more_steps`.
+    itself stopped resumes from its own latest one). `max_steps` becomes the head's step count + `more_steps`. A head
+    grown deeper (`grow_to_layers`, passed as `head`) goes into the checkpoint as grown.
     """
     if not config.continue_training:
-        return None, None
+        return None, None, False
     from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_callback import TrainerState
 
@@ -139,7 +144,7 @@ def continue_from_head(config: JetSpecTrainingConfig) -> tuple[str | None, dict 
         logger.warning("%s has no training_state/: warm start from its weights only", head_dir)
         if config.more_steps:
             config.max_steps = config.more_steps
-        return None, previous
+        return None, previous, False
     step = TrainerState.load_from_json(str(state_dir / TRAINER_STATE_NAME)).global_step
     if config.more_steps:
         config.max_steps = step + config.more_steps
@@ -149,12 +154,20 @@ def continue_from_head(config: JetSpecTrainingConfig) -> tuple[str | None, dict 
     config.ignore_data_skip = True  # the data may have grown: start the new run's epoch from its beginning
     output_dir = Path(config.output_dir)
     if output_dir.is_dir() and get_last_checkpoint(str(output_dir)):
-        return get_last_checkpoint(str(output_dir)), previous
+        return get_last_checkpoint(str(output_dir)), previous, False
     checkpoint = output_dir / f"checkpoint-{step}"
     checkpoint.mkdir(parents=True, exist_ok=True)
     for path in [*state_dir.iterdir(), head_dir / "config.json", head_dir / "model.safetensors"]:
         shutil.copy2(path, checkpoint / path.name)
-    return str(checkpoint), previous
+    if config.restart_schedule:  # the restored scheduler peaks at this run's rate, not the head's
+        from transformers.trainer import SCHEDULER_NAME
+
+        scheduler = torch.load(checkpoint / SCHEDULER_NAME, weights_only=False)
+        scheduler["base_lrs"] = [config.learning_rate] * len(scheduler["base_lrs"])
+        torch.save(scheduler, checkpoint / SCHEDULER_NAME)
+    if config.grow_to_layers is not None and head is not None:
+        head.save_pretrained(checkpoint)  # the trainer loads the checkpoint's weights: the grown ones
+    return str(checkpoint), previous, True
 
 
 def save_training_state(trainer: JetSpecTrainer, head_dir: Path) -> None:
@@ -208,10 +221,17 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
     if config.eval_only:
         return evaluate_head(config, head, dataset, validation), None
 
-    resume, previous = continue_from_head(config)  # before the trainer: it may set max_steps
+    resume, previous, fresh = continue_from_head(config, core)  # before the trainer: it may set max_steps
     # the corpus' validation split (rows no head trains on): `--eval_strategy steps` puts its agreement on the curve
     trainer = JetSpecTrainer(model=head, args=config, train_dataset=dataset, eval_dataset=validation)
+    if fresh and config.grow_to_layers is not None:  # the saved AdamW state, re-indexed for the grown head
+        from transformers.trainer import OPTIMIZER_NAME
+
+        old_layers = json.loads((Path(config.head_init) / "config.json").read_text())["num_hidden_layers"]
+        migrate_optimizer_state(Path(resume) / OPTIMIZER_NAME, trainer, head, old_layers)
     if resume and config.continue_training:
+        if config.restart_schedule:
+            trainer.schedule_start = config.max_steps - config.more_steps  # the head's step count
         trainer.add_callback(ContinuedSchedule())
         trainer.run_start_minutes = float((previous or {}).get("train_minutes") or 0.0)  # max_train_minutes: this run's
     if config.tau_eval_steps:

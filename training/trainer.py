@@ -51,6 +51,8 @@ class JetSpecTrainer(_BaseTrainer):
         self._depth_metrics = defaultdict(list)
         self._clock: tuple[float, float] | None = None  # (monotonic start of this process's run, minutes before it)
         self.run_start_minutes = 0.0  # a continued head's recorded minutes: where this run's budget starts
+        # a continued run with `restart_schedule`: the head's step count, where this run's own warmup and decay start
+        self.schedule_start: int | None = None
         super().__init__(
             model=model,
             args=args,
@@ -96,6 +98,17 @@ class JetSpecTrainer(_BaseTrainer):
         mode = "train" if model.training else "eval"
         self._depth_metrics[f"{mode}_accuracy"].append(metrics["accuracy"].detach().cpu())
         return (loss, outputs) if return_outputs else loss
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """`Trainer`'s scheduler; with `schedule_start` (a warm restart) it runs over this run's own steps only, from
+        `learning_rate`: the step count (and the optimizer's moments) carry on, the rate starts a new warmup and
+        decay."""
+        if self.lr_scheduler is not None or self.schedule_start is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        start = self.schedule_start
+        scheduler = super().create_scheduler(num_training_steps - start, optimizer)
+        scheduler.lr_lambdas = [lambda step, rate=rate: rate(max(step - start, 0)) for rate in scheduler.lr_lambdas]
+        return scheduler
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation (the corpus' validation split): the distillation loss and per-depth agreement, as in training;
