@@ -1,8 +1,8 @@
 """Training arms side by side: validation depth-1 agreement and training loss against this run's minutes.
 
 Reads each arm's `training_curve.json` (written by `jetspec-train`) and its head's `config.json` (the validation
-measurement after training, in the recipe). Arms that continue one head share its history: only the points after the
-head's recorded minutes (`--since-minutes`, default: the earliest run start among the arms) are drawn.
+measurement after training, in the recipe). Arms that continue one head share its history: only the points of each
+arm's own last run (after the minutes its recipe had before that run) are drawn, against that run's minutes.
 
 Usage:
     python examples/plot_training_arms.py --arms "1 layer=outputs/ablation-long/l1" "2 layers=outputs/ablation-long/l2" \\
@@ -19,11 +19,17 @@ from pathlib import Path
 
 def load_arm(folder: Path) -> dict:
     curve = json.loads((folder / "training_curve.json").read_text())
-    recipe = json.loads((folder / "final" / "config.json").read_text())["training_recipe"]
+    config = json.loads((folder / "final" / "config.json").read_text())
+    recipe = config["training_recipe"]
     run = recipe["runs"][-1]
     start = recipe["train_minutes"] - run["train_minutes"]
     return {"curve": curve, "run": run, "start_minutes": start, "validation": recipe.get("validation"),
-            "layers": json.loads((folder / "final" / "config.json").read_text())["num_hidden_layers"]}
+            "layers": config["num_hidden_layers"]}
+
+
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """Mean of each value and the up to `window - 1` before it."""
+    return [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
 def main() -> None:
@@ -64,10 +70,8 @@ def main() -> None:
         ys = [p["value"] for p in row["eval_top1_depth1"]] + [row["validation_after_training"]["top1_depth1"]]
         left.plot(xs, ys, marker="o", label=name)
         losses = [p for p in arm["curve"]["loss"] if p["train_minutes"] > start + 1e-6]
-        window = 10
-        smooth = [sum(p["loss"] for p in losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-                  for i in range(len(losses))]
-        right.plot([p["train_minutes"] - start for p in losses], smooth, label=name)
+        right.plot([p["train_minutes"] - start for p in losses], moving_mean([p["loss"] for p in losses], 10),
+                   label=name)
     left.set(xlabel="minutes of this run", ylabel="depth-1 agreement, 150 validation rows",
              title="validation agreement")
     right.set(xlabel="minutes of this run", ylabel="training loss (moving mean of 10 logs)", title="training loss")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_target, tiny_tokenizer
-from test_training import short_run_config, write_prompts
+from test_training import short_run_config, tiny_run_inputs
 
 from hf_jetspec import JetSpecHead
 from hf_jetspec.chat import chat_input_ids
@@ -27,10 +27,7 @@ from hf_jetspec_training.train import train
 
 
 def test_continuing_a_saved_head_picks_up_its_steps_schedule_and_optimizer(tmp_path):
-    tokenizer = tiny_tokenizer()
-    target = make_tiny_target("llama", seed=13, vocab_size=len(tokenizer))
-    prompts = tmp_path / "prompts.jsonl"
-    write_prompts(prompts, 8)
+    target, tokenizer, prompts = tiny_run_inputs(tmp_path, seed=13, count=8)
     first = short_run_config(tmp_path, prompts, output_dir=str(tmp_path / "run1"), max_steps=6, logging_steps=1,
                              lr_scheduler_type="linear", warmup_steps=0)
     trainer, head_dir = train(first, target=target, tokenizer=tokenizer)

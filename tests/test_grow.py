@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_target, tiny_tokenizer
-from test_training import short_run_config, write_prompts
+from conftest import make_tiny_target
+from test_training import short_run_config, tiny_run_inputs
 
 from hf_jetspec import JetSpecHead
 from hf_jetspec_training.grow import grow_head
@@ -48,10 +48,7 @@ def test_a_grown_head_drafts_as_before_and_saves_its_depth(tmp_path):
 
 
 def test_continuing_a_grown_head_keeps_the_old_weights_optimizer_state(tmp_path):
-    tokenizer = tiny_tokenizer()
-    target = make_tiny_target("llama", seed=13, vocab_size=len(tokenizer))
-    prompts = tmp_path / "prompts.jsonl"
-    write_prompts(prompts, 8)
+    target, tokenizer, prompts = tiny_run_inputs(tmp_path, seed=13, count=8)
     first = short_run_config(tmp_path, prompts, output_dir=str(tmp_path / "run1"), max_steps=5, logging_steps=1,
                              lr_scheduler_type="linear", warmup_steps=0, layer_family="qwen3", anchor_context=False)
     _, head_dir = train(first, target=target, tokenizer=tokenizer)

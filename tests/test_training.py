@@ -149,10 +149,7 @@ def test_collator_pads_and_masks(tmp_path):
 
 
 def test_tiny_training_run_lowers_loss_raises_tau_and_resumes(tmp_path):
-    tokenizer = tiny_tokenizer()
-    target = make_tiny_target("llama", seed=11, vocab_size=len(tokenizer))
-    prompts = tmp_path / "prompts.jsonl"
-    write_prompts(prompts, 16, ['not json'])
+    target, tokenizer, prompts = tiny_run_inputs(tmp_path, seed=11, count=16, extra_lines=["not json"])
     prompt_ids = [chat_input_ids(tokenizer, json.loads(line)["prompt"]) for line in prompts.read_text().splitlines()[:4]]
 
     def config(**overrides):
@@ -191,6 +188,16 @@ def test_tiny_training_run_lowers_loss_raises_tau_and_resumes(tmp_path):
     assert tau_after > tau_before + 0.3
 
 
+def tiny_run_inputs(tmp_path, seed: int, count: int = 8, extra_lines=()):
+    """A tiny Llama target on the tiny tokenizer, and `count` prompts written to `tmp_path/prompts.jsonl`: returns
+    (target, tokenizer, prompts path)."""
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=seed, vocab_size=len(tokenizer))
+    prompts = tmp_path / "prompts.jsonl"
+    write_prompts(prompts, count, extra_lines)
+    return target, tokenizer, prompts
+
+
 def short_run_config(tmp_path, prompts, **overrides) -> JetSpecTrainingConfig:
     """A few steps of a block-4 head on `prompts`, outputs under `tmp_path`; `overrides` set the rest."""
     values = dict(output_dir=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), train_files=[str(prompts)],
@@ -204,10 +211,7 @@ def short_run_config(tmp_path, prompts, **overrides) -> JetSpecTrainingConfig:
 @pytest.mark.parametrize("causal_block", [True, False])
 def test_training_over_the_batch_candidate_vocabulary(tmp_path, causal_block):
     """Also trains a bidirectional block (`causal_block: false`, the paper's DFlash-style ablation arm)."""
-    tokenizer = tiny_tokenizer()
-    target = make_tiny_target("llama", seed=11, vocab_size=len(tokenizer))
-    prompts = tmp_path / "prompts.jsonl"
-    write_prompts(prompts, 8)
+    target, tokenizer, prompts = tiny_run_inputs(tmp_path, seed=11, count=8)
     config = short_run_config(tmp_path, prompts, max_steps=12, logging_steps=4, loss_vocabulary="batch",
                               num_negative_tokens=0, causal_block=causal_block)
     trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
@@ -317,10 +321,7 @@ def test_lora_adapter_on_a_head_and_a_peft_wrapped_target(tmp_path):
 
 
 def test_draft_vocabulary_from_responses_and_a_wall_clock_budget(tmp_path):
-    tokenizer = tiny_tokenizer()
-    target = make_tiny_target("llama", seed=12, vocab_size=len(tokenizer))
-    prompts = tmp_path / "prompts.jsonl"
-    write_prompts(prompts, 8)
+    target, tokenizer, prompts = tiny_run_inputs(tmp_path, seed=12, count=8)
     config = short_run_config(tmp_path, prompts, max_steps=50, logging_steps=1, draft_vocab_size=10,
                               max_train_minutes=1e-6,  # stops after the first step
                               generation_dtype="bfloat16")  # a bf16 copy writes the responses

@@ -157,16 +157,18 @@ def continue_from_head(config: JetSpecTrainingConfig, head=None) -> tuple[str | 
         return get_last_checkpoint(str(output_dir)), previous, False
     checkpoint = output_dir / f"checkpoint-{step}"
     checkpoint.mkdir(parents=True, exist_ok=True)
-    for path in [*state_dir.iterdir(), head_dir / "config.json", head_dir / "model.safetensors"]:
+    grown = config.grow_to_layers is not None and head is not None
+    weights = [] if grown else [head_dir / "config.json", head_dir / "model.safetensors"]
+    for path in [*state_dir.iterdir(), *weights]:
         shutil.copy2(path, checkpoint / path.name)
+    if grown:
+        head.save_pretrained(checkpoint)  # the trainer loads the checkpoint's weights: the grown ones
     if config.restart_schedule:  # the restored scheduler peaks at this run's rate, not the head's
         from transformers.trainer import SCHEDULER_NAME
 
         scheduler = torch.load(checkpoint / SCHEDULER_NAME, weights_only=False)
         scheduler["base_lrs"] = [config.learning_rate] * len(scheduler["base_lrs"])
         torch.save(scheduler, checkpoint / SCHEDULER_NAME)
-    if config.grow_to_layers is not None and head is not None:
-        head.save_pretrained(checkpoint)  # the trainer loads the checkpoint's weights: the grown ones
     return str(checkpoint), previous, True
 
 
