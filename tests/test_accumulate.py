@@ -67,6 +67,16 @@ def test_continuing_a_saved_head_picks_up_its_steps_schedule_and_optimizer(tmp_p
     with pytest.raises(ValueError, match="restart_schedule"):
         short_run_config(tmp_path, prompts, head_init=str(head_dir), restart_schedule=True)
 
+    # a continued run logs and saves at ITS intervals, not the saved head's (transformers restores those with the
+    # checkpoint: logging every step, saving every 100, as the first run had)
+    other = short_run_config(tmp_path, prompts, output_dir=str(tmp_path / "run5"), head_init=str(head_dir),
+                             continue_training=True, more_steps=4, logging_steps=2, save_steps=3,
+                             save_total_limit=None)
+    trainer, _ = train(other, target=target, tokenizer=tokenizer)
+    assert sorted(log["step"] for log in trainer.state.log_history if "loss" in log and log["step"] > 6) == [8, 10]
+    saved = {path.name for path in (tmp_path / "run5").glob("checkpoint-*")}
+    assert "checkpoint-9" in saved and not saved & {"checkpoint-7", "checkpoint-8"}
+
     with pytest.raises(ValueError, match="more_steps"):
         train(short_run_config(tmp_path, prompts, output_dir=str(tmp_path / "run3"), head_init=str(final_dir),
                                continue_training=True, max_steps=5), target=target, tokenizer=tokenizer)

@@ -63,6 +63,7 @@ class JetSpecTrainer(_BaseTrainer):
             optimizers=optimizers,
         )
         self.add_callback(_TrainClock(self))
+        self.add_callback(_ThisRunsIntervals())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         features = inputs["context_features"]
@@ -159,6 +160,15 @@ class _TrainClock(TrainerCallback):
             logger.warning("max_train_minutes=%s reached at step %d: stopping", limit, state.global_step)
             control.should_training_stop = True
             control.should_save = True
+
+
+class _ThisRunsIntervals(TrainerCallback):
+    """Logs, evaluates and saves every `logging_steps` / `eval_steps` / `save_steps` of THIS run's arguments.
+    Transformers restores the intervals of the checkpoint it resumes from (`trainer_state.json`), so a run continuing
+    a saved head with `--eval_steps 100` evaluated only at the earlier run's multiples (every 500 steps)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.compute_steps(args, state.max_steps)
 
 
 class ContinuedSchedule(TrainerCallback):
