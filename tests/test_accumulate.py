@@ -266,3 +266,37 @@ def test_extending_a_corpus_keeps_its_rows_and_recovers_its_prompts(tmp_path):
     assert [row["prompt"] for row in kept[2:]] == ["red blue one two", "six five four three"]
     assert dropped["duplicate"] == 1
     assert self_instruct_prompts(Writer(), tokenizer, seeds, 2, existing=existing)[0] == existing  # nothing to add
+
+
+@pytest.mark.parametrize("speedup, written_in", [(0.04, "float32"), (3.0, "bfloat16")])
+def test_corpus_writes_in_bf16_only_where_bf16_measures_faster(monkeypatch, tmp_path, speedup, written_in):
+    """`jetspec-corpus --generation-dtype auto` (the default): a bf16 copy of the target writes the responses only on a
+    CPU where bf16 measures faster (AMX, AVX-512 BF16); on an AVX2 CPU it writes several times slower, so the target as loaded
+    (fp32) writes them. The card's command names the dtype the rows were written in."""
+    import hf_jetspec
+    import hf_jetspec.cpu
+    from hf_jetspec_training import corpus
+
+    tokenizer = tiny_tokenizer()
+    target = make_tiny_target("llama", seed=21, vocab_size=len(tokenizer))
+    dtypes = []
+    real_generate = type(target).generate
+
+    def generate(self, *args, **kwargs):
+        dtypes.append(self.dtype)
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(target), "generate", generate)
+    monkeypatch.setattr(hf_jetspec, "load_default_target", lambda *a, **k: (target, tokenizer))
+    monkeypatch.setattr(hf_jetspec.cpu, "bf16_autocast_speedup", lambda *a, **k: speedup)
+    train = tmp_path / "train"
+    train.mkdir()
+    texts = ["the cat sat on the mat", "a dog ran under a log", "one two three four five", "red big cat ran"]
+    for i, name in enumerate(("gsm8k_train", "chat_self_instruct", "math_train", "mbpp_train")):
+        (train / f"{name}.jsonl").write_text(json.dumps({"id": f"{name}/{i}", "prompt": texts[i]}) + "\n")
+    out = tmp_path / "corpus"
+    corpus.main(["--out", str(out), "--work", str(tmp_path / "work"), "--train-dir", str(train), "--limits", "1", "1",
+                 "1", "1", "--self-instruct", "0", "--second-turns", "0", "--max-new-tokens", "3", "--batch-size", "4"])
+    assert dtypes and set(dtypes) == {getattr(torch, written_in)}
+    assert f"--generation-dtype {written_in} --seed 0" in (out / "README.md").read_text()
+    assert len(load_corpus(out)) == 4
