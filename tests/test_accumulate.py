@@ -296,7 +296,8 @@ def test_corpus_writes_in_bf16_only_where_bf16_measures_faster(monkeypatch, tmp_
         (train / f"{name}.jsonl").write_text(json.dumps({"id": f"{name}/{i}", "prompt": texts[i]}) + "\n")
     out = tmp_path / "corpus"
     corpus.main(["--out", str(out), "--work", str(tmp_path / "work"), "--train-dir", str(train), "--limits", "1", "1",
-                 "1", "1", "--self-instruct", "0", "--second-turns", "0", "--max-new-tokens", "3", "--batch-size", "4"])
+                 "1", "1", "--self-instruct", "0", "--second-turns", "0", "--max-new-tokens", "3", "--batch-size", "4",
+                 "--device", "cpu"])
     assert dtypes and set(dtypes) == {getattr(torch, written_in)}
     assert f"--generation-dtype {written_in} --seed 0" in (out / "README.md").read_text()
     assert len(load_corpus(out)) == 4

@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--generation-dtype", default="auto", help="dtype of the copy of the target that writes the "
                         "responses; auto: bfloat16 where bf16 measures faster than fp32 on this CPU (AMX, AVX-512 BF16), "
                         "else float32")
+    parser.add_argument("--device", default="auto", help="where the target writes (auto: the first GPU if there is one, "
+                        "else the CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-only", action="store_true", help="write the shards from the caches, generate nothing")
     parser.add_argument("--validation", type=int, default=0, help="first-turn rows (in all, an earlier corpus' "
@@ -440,12 +442,13 @@ def main(argv: list[str] | None = None) -> None:
     earlier, earlier_how, earlier_ids, validation_ids = [], None, set(), set()
     if args.extend:
         earlier, earlier_how, earlier_ids, validation_ids = _seed_caches_from(Path(args.out), work, tokenizer)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.generation_dtype == "auto":
         from .config import auto_generation_dtype
 
-        args.generation_dtype = auto_generation_dtype() or str(target.dtype).removeprefix("torch.")
+        args.generation_dtype = auto_generation_dtype(device.type != "cpu") or str(target.dtype).removeprefix("torch.")
         logger.info("generation dtype auto: %s", args.generation_dtype)
-    writer = target.to(getattr(torch, args.generation_dtype))
+    writer = target.to(device=device, dtype=getattr(torch, args.generation_dtype))
     train_dir = Path(args.train_dir)
     files = [train_dir / f"{name}.jsonl" for name in ("gsm8k_train", "chat_self_instruct", "math_train", "mbpp_train")]
     prompts = load_prompts(files, args.limits, seed=args.seed)
