@@ -301,3 +301,15 @@ def test_corpus_writes_in_bf16_only_where_bf16_measures_faster(monkeypatch, tmp_
     assert dtypes and set(dtypes) == {getattr(torch, written_in)}
     assert f"--generation-dtype {written_in} --seed 0" in (out / "README.md").read_text()
     assert len(load_corpus(out)) == 4
+    # extended: the card keeps each run's command and self-instruct drop counts
+    texts = ["one red cat sat", "two big dogs ran", "a log under the mat", "five cats on a log"]
+    for i, name in enumerate(("gsm8k_train", "chat_self_instruct", "math_train", "mbpp_train")):
+        with (train / f"{name}.jsonl").open("a") as handle:
+            handle.write(json.dumps({"id": f"{name}/{i + 10}", "prompt": texts[i]}) + "\n")
+    corpus.main(["--out", str(out), "--work", str(tmp_path / "work"), "--train-dir", str(train), "--limits", "2", "2",
+                 "2", "2", "--self-instruct", "0", "--second-turns", "0", "--max-new-tokens", "3", "--batch-size", "4",
+                 "--device", "cpu", "--extend"])
+    card = (out / "README.md").read_text()
+    assert len(load_corpus(out)) == 8 and card.count(f"--generation-dtype {written_in}") == 2
+    assert ("dropped: length 0, duplicate 0, near_eval 0 (first run); length 0, duplicate 0, near_eval 0 "
+            "(extension 1).") in " ".join(card.split())

@@ -403,6 +403,19 @@ def _jsonl_rows(path: Path) -> list[dict]:
     return list(read_cache(path).values())
 
 
+def _dropped_history(earlier_card: Path | None, dropped: dict[str, int]) -> str:
+    """The card's self-instruct drop counts: this run's, after every earlier run's when a corpus is extended."""
+    this = ", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"
+    card = earlier_card.read_text(encoding="utf-8") if earlier_card is not None and earlier_card.is_file() else ""
+    match = re.search(r"in either direction dropped: (.*?)\.\s*\n\s*\n", card, re.S)
+    if not match:
+        return this
+    earlier = " ".join(match.group(1).split())
+    if "(" not in earlier:
+        earlier += " (first run)"
+    return f"{earlier}; {this} (extension {card.count('Then extended') + 1})"
+
+
 def main(argv: list[str] | None = None) -> None:
     from hf_jetspec import load_default_target
     from hf_jetspec.default_target import DEFAULT_TARGET_FILE, DEFAULT_TARGET_SHA256
@@ -517,7 +530,8 @@ def main(argv: list[str] | None = None) -> None:
     write_corpus(corpus, args.out, validation_ids=validation_ids, card={
         "target": "SmolLM2-135M-Instruct", "target_lines": target_lines, "max_new_tokens": args.max_new_tokens,
         "near_eval": prompts.skipped.get("near_eval_variant", 0),
-        "self_instruct_dropped": ", ".join(f"{k} {v}" for k, v in dropped.items()) or "none", "how": how})
+        "self_instruct_dropped": _dropped_history(Path(args.out) / "README.md" if args.extend else None, dropped),
+        "how": how})
     logger.info("corpus: %d rows (%d second turns) in %s", len(corpus), len(turn2), args.out)
 
 
