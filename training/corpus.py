@@ -30,6 +30,7 @@ import logging
 import random
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -120,6 +121,9 @@ def eval_prompts(eval_dir: str | Path) -> list[str]:
     return texts
 
 
+NO_DROPS = {"length": 0, "duplicate": 0, "near_eval": 0}  # self-instruct prompts dropped, by reason
+
+
 @torch.no_grad()
 def self_instruct_prompts(
     target,
@@ -140,7 +144,7 @@ def self_instruct_prompts(
     `count`, come first in the result, and new prompts must not repeat them; new ids continue after theirs.
     """
     if count <= len(existing or []):  # nothing new to write (`--self-instruct 0`, or an extension that keeps its count)
-        return [dict(row) for row in existing or []], {"length": 0, "duplicate": 0, "near_eval": 0}
+        return [dict(row) for row in existing or []], dict(NO_DROPS)
     rng = random.Random(seed)
     short_seeds = [s for s in seeds if len(s) < 160 and "\n" not in s]
     if len(short_seeds) < 4:
@@ -148,7 +152,7 @@ def self_instruct_prompts(
     kept = [dict(row) for row in existing or []]
     seen = {" ".join(_words(s)) for s in seeds} | {" ".join(_words(row["prompt"])) for row in kept}
     next_id = 1 + max((int(row["id"].rsplit("/", 1)[1]) for row in kept), default=-1)
-    dropped = {"length": 0, "duplicate": 0, "near_eval": 0}
+    dropped = dict(NO_DROPS)
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     torch.manual_seed(seed)
     attempts, max_attempts = 0, 4 * max(count - len(kept), 0)
@@ -367,10 +371,20 @@ def pick_validation(rows: list[dict], count: int, already: set[str], exclude: se
     return set(already) | set(pool[: count - len(already)])
 
 
-def _seed_caches_from(folder: Path, work: Path, tokenizer) -> tuple[list[dict], str | None, set[str], set[str]]:
+class EarlierCorpus(NamedTuple):
+    """What `--extend` keeps of the corpus already in `--out`."""
+
+    prompts: list[dict]  # its first turns' prompt rows (`id`, `prompt`, `source`)
+    how: str | None  # its card's "How it was made"
+    ids: set[str]  # all its rows' ids
+    validation_ids: set[str]  # its validation split's ids
+    dropped: str | None  # its card's self-instruct drop counts, one entry per earlier run
+    runs: int  # how many runs wrote it (the first plus its extensions)
+
+
+def _seed_caches_from(folder: Path, work: Path, tokenizer) -> EarlierCorpus:
     """For `--extend`: the corpus already in `folder` goes into the turn caches (so its rows are not generated again)
-    and its first turns' prompts are recovered from their ids; returns those prompt rows, the card's "how", the ids of
-    all its rows and those of its validation split."""
+    and its first turns' prompts are recovered from their ids."""
     from .data import read_cache
 
     validation = load_corpus(folder, split="validation")
@@ -393,8 +407,10 @@ def _seed_caches_from(folder: Path, work: Path, tokenizer) -> tuple[list[dict], 
             prompts.append({"id": row["id"], "prompt": text, "source": row["source"]})
     card = (folder / "README.md").read_text(encoding="utf-8") if (folder / "README.md").is_file() else ""
     how = card.split("## How it was made", 1)[1].strip() if "## How it was made" in card else None
+    match = re.search(r"in either direction dropped: (.*?)\.\s*\n\s*\n", card, re.S)
+    dropped = " ".join(match.group(1).split()) if match else None
     logger.info("extending %s: %d rows kept (%d first turns)", folder, len(rows), len(prompts))
-    return prompts, how, {row["id"] for row in rows}, held
+    return EarlierCorpus(prompts, how, {row["id"] for row in rows}, held, dropped, 1 + (how or "").count("Then extended"))
 
 
 def _jsonl_rows(path: Path) -> list[dict]:
@@ -403,17 +419,13 @@ def _jsonl_rows(path: Path) -> list[dict]:
     return list(read_cache(path).values())
 
 
-def _dropped_history(earlier_card: Path | None, dropped: dict[str, int]) -> str:
+def _dropped_history(earlier: EarlierCorpus | None, dropped: dict[str, int]) -> str:
     """The card's self-instruct drop counts: this run's, after every earlier run's when a corpus is extended."""
     this = ", ".join(f"{k} {v}" for k, v in dropped.items()) or "none"
-    card = earlier_card.read_text(encoding="utf-8") if earlier_card is not None and earlier_card.is_file() else ""
-    match = re.search(r"in either direction dropped: (.*?)\.\s*\n\s*\n", card, re.S)
-    if not match:
+    if earlier is None or earlier.dropped is None:
         return this
-    earlier = " ".join(match.group(1).split())
-    if "(" not in earlier:
-        earlier += " (first run)"
-    return f"{earlier}; {this} (extension {card.count('Then extended') + 1})"
+    history = earlier.dropped if "(" in earlier.dropped else f"{earlier.dropped} (first run)"
+    return f"{history}; {this} (extension {earlier.runs})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -452,9 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     target, tokenizer = load_default_target()
-    earlier, earlier_how, earlier_ids, validation_ids = [], None, set(), set()
-    if args.extend:
-        earlier, earlier_how, earlier_ids, validation_ids = _seed_caches_from(Path(args.out), work, tokenizer)
+    kept = _seed_caches_from(Path(args.out), work, tokenizer) if args.extend else None
+    earlier, earlier_how, earlier_ids, validation_ids = kept[:4] if kept else ([], None, set(), set())
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.generation_dtype == "auto":
         from .config import auto_generation_dtype
@@ -530,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
     write_corpus(corpus, args.out, validation_ids=validation_ids, card={
         "target": "SmolLM2-135M-Instruct", "target_lines": target_lines, "max_new_tokens": args.max_new_tokens,
         "near_eval": prompts.skipped.get("near_eval_variant", 0),
-        "self_instruct_dropped": _dropped_history(Path(args.out) / "README.md" if args.extend else None, dropped),
+        "self_instruct_dropped": _dropped_history(kept, dropped),
         "how": how})
     logger.info("corpus: %d rows (%d second turns) in %s", len(corpus), len(turn2), args.out)
 
