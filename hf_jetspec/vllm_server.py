@@ -138,15 +138,19 @@ class VLLMServer:
             `{"method": "dflash", "model": head_dir, "num_speculative_tokens": 7}` or `{"method": "ngram", ...}`.
         threads (`int`, *optional*): OpenMP threads of the server (default: vLLM's own choice).
         max_model_len (`int`), max_num_seqs (`int`): vLLM's limits.
+        enforce_eager (`bool`): vLLM's `--enforce-eager`, no `torch.compile` of the model: the server starts in
+            seconds instead of compiling for one to three minutes on a 2-core CPU, and runs slower (tests, not serving).
         startup_timeout (`float`): seconds to wait for `/health`.
         log_file: where the server's output goes (default: `server.log` beside the target folder).
     """
 
     def __init__(self, target_dir, venv, speculative_config: dict | None = None, threads: int | None = None,
-                 max_model_len: int = 2048, max_num_seqs: int = 8, startup_timeout: float = 900, log_file=None):
+                 max_model_len: int = 2048, max_num_seqs: int = 8, startup_timeout: float = 900, log_file=None,
+                 enforce_eager: bool = False):
         self.target_dir, self.venv = str(target_dir), Path(venv)
         self.speculative_config, self.threads = speculative_config, threads
         self.max_model_len, self.max_num_seqs, self.startup_timeout = max_model_len, max_num_seqs, startup_timeout
+        self.enforce_eager = enforce_eager
         self.log_file = Path(log_file or Path(self.target_dir).parent / "vllm-server.log")
         self.port = None
         self.process = None
@@ -162,6 +166,8 @@ class VLLMServer:
                    "--max-model-len", str(self.max_model_len), "--max-num-seqs", str(self.max_num_seqs)]
         if self.speculative_config:
             command += ["--speculative-config", json.dumps(self.speculative_config)]
+        if self.enforce_eager:
+            command.append("--enforce-eager")
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_file.open("w")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -19,7 +19,7 @@ SHARD, NUM_SHARDS = map(int, os.environ.get("JETSPEC_SHARD", "0/1").split("/"))
 PROMPTS = eval_prompts(per_file=4 if FULL else 1)[SHARD::NUM_SHARDS]
 MAX_NEW_TOKENS = 128 if FULL else 32
 ORACLE_BUDGETS = [1, 8, 32, 128]
-RANDOM_BUDGETS = [1, 8, 32, 128] if FULL else [8, 32]
+RANDOM_BUDGETS = [1, 8, 32, 128] if FULL else [8]  # CI: the wide trees are the oracle's (32 and 128)
 
 pytestmark = pytest.mark.slow
 
