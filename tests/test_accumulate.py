@@ -241,9 +241,10 @@ def test_extending_a_corpus_keeps_its_rows_and_recovers_its_prompts(tmp_path):
 
     work = tmp_path / "work"
     work.mkdir()
-    earlier, how, ids, held, dropped, runs = _seed_caches_from(folder, work, tokenizer)
+    kept = _seed_caches_from(folder, work, tokenizer)
+    earlier, how, ids, held, dropped = kept
     assert how == "first run" and ids == {row["id"] for row in rows} and held == {"gsm8k_train-3"}
-    assert dropped == "none" and runs == 1
+    assert dropped == "none" and kept.runs == 1
     assert {row["id"]: row["prompt"] for row in earlier} == prompts
     turn1, turn2 = read_cache(work / "turn1.jsonl"), read_cache(work / "turn2.jsonl")
     assert set(turn1) == set(prompts) and set(turn2) == {"self_instruct_target/0#turn2"}

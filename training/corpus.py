@@ -379,7 +379,11 @@ class EarlierCorpus(NamedTuple):
     ids: set[str]  # all its rows' ids
     validation_ids: set[str]  # its validation split's ids
     dropped: str | None  # its card's self-instruct drop counts, one entry per earlier run
-    runs: int  # how many runs wrote it (the first plus its extensions)
+
+    @property
+    def runs(self) -> int:
+        """How many runs wrote it: the first plus the extensions its "how" names."""
+        return 1 + (self.how or "").count("Then extended")
 
 
 def _seed_caches_from(folder: Path, work: Path, tokenizer) -> EarlierCorpus:
@@ -410,7 +414,7 @@ def _seed_caches_from(folder: Path, work: Path, tokenizer) -> EarlierCorpus:
     match = re.search(r"in either direction dropped: (.*?)\.\s*\n\s*\n", card, re.S)
     dropped = " ".join(match.group(1).split()) if match else None
     logger.info("extending %s: %d rows kept (%d first turns)", folder, len(rows), len(prompts))
-    return EarlierCorpus(prompts, how, {row["id"] for row in rows}, held, dropped, 1 + (how or "").count("Then extended"))
+    return EarlierCorpus(prompts, how, {row["id"] for row in rows}, held, dropped)
 
 
 def _jsonl_rows(path: Path) -> list[dict]:
