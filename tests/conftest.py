@@ -15,6 +15,36 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 # tests/test_measurements.py turns the store on where it tests it. Subprocesses inherit this.
 os.environ["HF_JETSPEC_MEASUREMENTS"] = "off"
 
+
+def _worker_threads() -> int | None:
+    """Under pytest-xdist (`-n auto`, the README's test command) each worker's share of this process's cores, else None.
+
+    torch's default (every core in every worker) would oversubscribe them: on 2 cores, 2 workers at 2 threads each run
+    slower than 1 process at 2 threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers)
+
+
+if _worker_threads() is not None:
+    torch.set_num_threads(_worker_threads())
+    os.environ.setdefault("OMP_NUM_THREADS", str(_worker_threads()))  # subprocesses (vLLM server, venv probes)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with vLLM tests first, then the other `slow` files, then the rest, each file's tests kept together in
+    their order: under `--dist loadfile` a long file handed out last would leave the other workers idle while it runs."""
+    def rank(item):
+        return 0 if item.get_closest_marker("vllm") else 1 if item.get_closest_marker("slow") else 2
+
+    file_rank = {}
+    for item in items:
+        file_rank[item.path] = min(file_rank.get(item.path, 2), rank(item))
+    first_seen = {path: i for i, path in reversed(list(enumerate(item.path for item in items)))}
+    items.sort(key=lambda item: (file_rank[item.path], first_seen[item.path]))
+
 import hf_jetspec  # hooks generate()  # noqa: E402
 import hf_jetspec.accept
 from hf_jetspec import JetSpecHead

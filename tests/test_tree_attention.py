@@ -270,7 +270,7 @@ def test_attention_function_rejects_bad_tree_masks_and_training():
 @pytest.mark.skipif(INTERPRETED, reason="this process already runs under the interpreter")
 def test_kernel_cases_run_under_the_triton_interpreter(request):
     """Runs this file's `interpreted` tests in a child with TRITON_INTERPRET=1 (honouring `-m`)."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted", __file__]
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-k", "interpreted", __file__]
     if request.config.getoption("markexpr"):
         command += ["-m", request.config.getoption("markexpr")]
     child = subprocess.run(
