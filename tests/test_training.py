@@ -12,6 +12,7 @@ from hf_jetspec_training import (
     JetSpecTrainingConfig,
     candidate_distillation_loss,
     candidate_vocabulary,
+    compute_teacher_features,
     depth_weights,
     distillation_loss,
     load_prompts,
@@ -146,6 +147,31 @@ def test_collator_pads_and_masks(tmp_path):
     assert batch["teacher_ids"][0, 0, :, 0].tolist() == [4, 5]  # depth d of anchor a: target row a + d - 1
     assert not batch["valid"][1].any()  # 1-token response: no anchor, only padding
     assert batch["valid"][0].all()  # anchor 8 drafts tokens 9 and 10, labelled by target rows 8 and 9
+
+
+def test_teacher_pass_labels_response_positions_only(tmp_path):
+    from safetensors.torch import load_file
+
+    from hf_jetspec_training.features import feature_path
+
+    target = make_tiny_target("llama").float().eval()
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"id": "a", "input_ids": torch.randint(96, (14,), generator=generator).tolist(), "prompt_length": 5},
+            {"id": "b", "input_ids": torch.randint(96, (9,), generator=generator).tolist(), "prompt_length": 9},  # no response token
+            {"id": "c", "input_ids": torch.randint(96, (11,), generator=generator).tolist(), "prompt_length": 0}]
+    compute_teacher_features(target, rows, tmp_path, target_layer_ids=[0, 2], topk=4, batch_size=2)
+    for row in rows:
+        saved = load_file(str(feature_path(tmp_path, row["id"])))
+        with torch.no_grad():
+            probs = target(torch.tensor([row["input_ids"]])).logits[0].float().softmax(-1)
+        expected_probs, expected_ids = probs.topk(4, dim=-1)
+        start = row["prompt_length"]
+        assert saved["taps"].shape == (len(row["input_ids"]), 2 * target.config.hidden_size)  # context rows: all
+        assert torch.equal(saved["teacher_ids"][start:].long(), expected_ids[start:])
+        torch.testing.assert_close(saved["teacher_probs"][start:].float(), expected_probs[start:], atol=2e-3, rtol=2e-3)
+        assert not saved["teacher_probs"][:start].any()  # prompt rows: no anchor reads them
+    batch = AnchorCollator(block_size=4, max_anchors=8)([load_file(str(feature_path(tmp_path, "a")))])
+    assert (batch["teacher_probs"][batch["valid"]].sum(-1) > 0).all()  # every label a training anchor reads is set
 
 
 def test_tiny_training_run_lowers_loss_raises_tau_and_resumes(tmp_path):

@@ -22,6 +22,25 @@ def feature_path(directory: Path, row_id: str) -> Path:
     return directory / f"{hashlib.sha1(row_id.encode()).hexdigest()[:16]}.safetensors"
 
 
+def teacher_topk(lm_head, hidden: torch.Tensor, prompt_length: int, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's top-k next-token ids and probabilities `(T, topk)` at the response positions of one sequence.
+
+    Training anchors lie at `prompt_length` or later and read labels from their own position onwards, so rows before
+    `prompt_length` are never read: they stay zero (id 0, probability 0) and the output head skips them, about 40%
+    of the corpus' positions. Probabilities are normalised over the whole vocabulary (top-k of the logits, then
+    `exp(logit - logsumexp)`), without materialising the softmax.
+    """
+    length = hidden.shape[0]
+    start = min(max(int(prompt_length), 0), length)
+    top_ids = torch.zeros(length, topk, dtype=torch.long, device=hidden.device)
+    top_probs = torch.zeros(length, topk, dtype=torch.float32, device=hidden.device)
+    if start < length:
+        logits = lm_head(hidden[start:]).float()
+        top_logits, top_ids[start:] = logits.topk(topk, dim=-1)
+        top_probs[start:] = (top_logits - logits.logsumexp(-1, keepdim=True)).exp()
+    return top_ids, top_probs
+
+
 @torch.no_grad()
 def compute_teacher_features(
     target,
@@ -32,7 +51,8 @@ def compute_teacher_features(
     batch_size: int = 4,
     dtype: torch.dtype = torch.float16,
 ) -> list[Path]:
-    """Writes `input_ids`, `prompt_length`, `taps` `(T, K*H)`, `teacher_ids`/`teacher_probs` `(T, topk)` per row.
+    """Writes `input_ids`, `prompt_length`, `taps` `(T, K*H)`, `teacher_ids`/`teacher_probs` `(T, topk)` per row
+    (the labels at response positions only: [`teacher_topk`]).
 
     Args:
         target: the frozen causal LM.
@@ -66,8 +86,7 @@ def compute_teacher_features(
         taps = tap_features(out.hidden_states, target_layer_ids)
         for index, row in enumerate(batch):
             length = len(row["input_ids"])
-            probs = lm_head(out.last_hidden_state[index, :length]).float().softmax(-1)
-            top_probs, top_ids = probs.topk(topk, dim=-1)
+            top_ids, top_probs = teacher_topk(lm_head, out.last_hidden_state[index, :length], row["prompt_length"], topk)
             tensors = {
                 "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),
                 "prompt_length": torch.tensor([row["prompt_length"]], dtype=torch.long),
