@@ -19,10 +19,16 @@ Methods:
     prompt_lookup    Transformers' prompt-lookup decoding (`prompt_lookup_num_tokens=10`)
     assisted         Transformers' assisted generation with a smaller draft model sharing the target's tokenizer
                      (`--draft-model`; the default target, SmolLM2-135M, has no smaller sibling installed here)
+    jetspec@NAME     another head at its own tree settings, given with `--compare-heads` (NAME: its folder's name,
+                     or the part of a repo id after the last `/`); added after `jetspec` when not listed. Its row
+                     also carries the speedup over `jetspec` (the `--head`) paired prompt by prompt: two heads side by
+                     side in one run
 
 Usage:
     jetspec-bench --head heads/smollm2-135m-instruct-jetspec --datasets gsm8k_test mt_bench --limit 50 \\
         --max-new-tokens 256 --methods plain jetspec prompt_lookup --output-dir outputs/bench
+    jetspec-bench --head heads/smollm2-135m-instruct-jetspec --compare-heads heads/smollm2-135m-instruct-jetspec-vllm \\
+        --methods plain jetspec prompt_lookup --output-dir outputs/bench-heads
 """
 
 from __future__ import annotations
@@ -90,8 +96,21 @@ def same_settings(recorded: dict | None, settings: dict) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------------- methods
-def method_kwargs(method: str, head, draft_model=None) -> dict:
-    """`generate()` keyword arguments of a method name (see the module docstring)."""
+def head_name(name_or_path: str) -> str:
+    """The `jetspec@NAME` name of a `--compare-heads` entry: its folder's name, or a repo id's last part."""
+    return Path(str(name_or_path).rstrip("/")).name
+
+
+def method_kwargs(method: str, head, draft_model=None, other_heads: dict | None = None) -> dict:
+    """`generate()` keyword arguments of a method name (see the module docstring); `other_heads` maps the names of
+    `jetspec@NAME` methods to their bound heads."""
+    if method.startswith("jetspec@"):
+        name = method.split("@", 1)[1]
+        if name not in (other_heads or {}):
+            known = ", ".join(sorted(other_heads or {})) or "none"
+            raise ValueError(f"method {method!r} names no head given with --compare-heads (given: {known}); pass "
+                             f"--compare-heads <path>/{name}")
+        return {"assistant_model": other_heads[name]}
     if method == "plain":
         return {}
     if method == "prompt_lookup":
@@ -119,7 +138,7 @@ def method_kwargs(method: str, head, draft_model=None) -> dict:
         return {"assistant_model": head, "tree_budget": int(budget)}
     raise ValueError(
         f"unknown method {method!r}; known: plain, jetspec, jetspec:<budget>, jetspec:auto, jetspec:head, chain, "
-        "prompt_lookup, assisted"
+        "prompt_lookup, assisted, jetspec@<name of a --compare-heads head>"
     )
 
 
@@ -127,7 +146,7 @@ ROUND_PHASES = ("draft", "verify", "accept", "cache", "overhead")
 
 
 def is_jetspec(method: str) -> bool:
-    return method == "jetspec" or method == "chain" or method.startswith("jetspec:")
+    return method == "jetspec" or method == "chain" or method.startswith(("jetspec:", "jetspec@"))
 
 
 def prompt_seed(dataset: str, prompt_id) -> int:
@@ -136,9 +155,9 @@ def prompt_seed(dataset: str, prompt_id) -> int:
 
 
 def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: int, draft_model=None,
-            temperature: float = 0.0, seed: int = 0) -> dict:
+            temperature: float = 0.0, seed: int = 0, other_heads: dict | None = None) -> dict:
     """One `generate()` call: greedy, or sampling at `temperature` seeded with `seed` (`torch.manual_seed`)."""
-    kwargs = method_kwargs(method, head, draft_model)
+    kwargs = method_kwargs(method, head, draft_model, other_heads)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     tree_settings = {key: kwargs.pop(key) for key in ("tree_budget", "tree_topk", "prompt_lookup_num_tokens")
                      if key in kwargs and kwargs.get("assistant_model") is head}
@@ -158,8 +177,9 @@ def run_one(model, head, input_ids: torch.Tensor, method: str, max_new_tokens: i
             setattr(head.generation_config, key, value)
     tokens = output[0, input_ids.shape[1] :].tolist()
     record = {"method": method, "new_tokens": len(tokens), "seconds": seconds, "tokens": tokens}
-    if head is not None and kwargs.get("assistant_model") is head:
-        stats = head.last_generate_stats
+    assistant = kwargs.get("assistant_model")
+    if assistant is not None and (assistant is head or assistant in (other_heads or {}).values()):
+        stats = assistant.last_generate_stats
         record.update(rounds=stats.rounds, accepted_drafts=stats.accepted_drafts, tree_budget=stats.tree_budget,
                       tree_topk=stats.tree_topk, tau=stats.mean_accepted_length, drafted_nodes=stats.drafted_nodes,
                       draft_rounds=stats.draft_rounds, lookup_nodes=stats.lookup_nodes,
@@ -220,6 +240,10 @@ def summarize(records: list[dict], methods: list[str], greedy: bool = True) -> l
                 versus = [(runs["prompt_lookup"], runs[method]) for runs in prompts]
                 row["vs_prompt_lookup"] = throughput_ratio(versus)
                 row["vs_prompt_lookup_ci95"] = bootstrap_ci(versus, throughput_ratio)
+            if method.startswith("jetspec@") and "jetspec" in methods:  # two heads, paired prompt by prompt
+                versus = [(runs["jetspec"], runs[method]) for runs in prompts]
+                row["vs_jetspec"] = throughput_ratio(versus)
+                row["vs_jetspec_ci95"] = bootstrap_ci(versus, throughput_ratio)
             if all("rounds" in m for _, m in pairs):
                 taus = [m["tau"] for _, m in pairs]
                 row["tau"] = sum(taus) / len(taus)  # mean over prompts of tokens per round
@@ -242,18 +266,23 @@ def markdown_table(rows: list[dict]) -> str:
     """tau: tokens per round over all rounds; drafted tau: over the rounds the head drafted (`"auto"` runs plain
     steps where drafting does not pay); nodes: verified tree nodes per round, root included."""
     versus = any("vs_prompt_lookup" in row for row in rows)
+    heads = any("vs_jetspec" in row for row in rows)
     lines = ["| dataset | method | prompts | tau (95% CI) | drafted tau | nodes/round | tokens/s | speedup vs plain (95% CI) |"
-             + (" vs prompt lookup (95% CI) |" if versus else "") + " mismatches |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if versus else "") + "---|"]
+             + (" vs prompt lookup (95% CI) |" if versus else "") + (" vs jetspec (95% CI) |" if heads else "")
+             + " mismatches |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if versus else "") + ("---|" if heads else "") + "---|"]
+
+    def ratio(row, key):
+        if key not in row:
+            return " - |"
+        return f" {row[key]:.2f}x ({row[key + '_ci95'][0]:.2f}-{row[key + '_ci95'][1]:.2f}) |"
+
     for row in rows:
         tau = f"{row['tau']:.2f} ({row['tau_ci95'][0]:.2f}-{row['tau_ci95'][1]:.2f})" if "tau" in row else "-"
         drafted = f"{row['drafted_tau']:.2f}" if "drafted_tau" in row else "-"
         nodes = f"{row['tree_size']:.1f}" if "tree_size" in row else "-"
         low, high = row["speedup_ci95"]
-        cell = ""
-        if versus:
-            cell = (f" {row['vs_prompt_lookup']:.2f}x ({row['vs_prompt_lookup_ci95'][0]:.2f}-"
-                    f"{row['vs_prompt_lookup_ci95'][1]:.2f}) |" if "vs_prompt_lookup" in row else " - |")
+        cell = (ratio(row, "vs_prompt_lookup") if versus else "") + (ratio(row, "vs_jetspec") if heads else "")
         lines.append(f"| {row['dataset']} | {row['method']} | {row['prompts']} | {tau} | {drafted} | {nodes} | "
                      f"{row['tokens_per_s']:.1f} | {row['speedup']:.2f}x ({low:.2f}-{high:.2f}) |{cell} "
                      f"{'-' if row['mismatches'] is None else row['mismatches']} |")
@@ -423,6 +452,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_target_arguments(parser)
     parser.add_argument("--head", default=None, help="JetSpec head directory or repo id")
+    parser.add_argument("--compare-heads", nargs="+", default=[],
+                        help="more head directories or repo ids, run as methods jetspec@<folder name> beside --head")
     parser.add_argument("--draft-model", default=None,
                         help="a smaller causal LM with the target's tokenizer, for the 'assisted' method")
     parser.add_argument("--data-dir", default=str(DEFAULT_EVAL_DIR))
@@ -440,22 +471,33 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_jetspec import JetSpecHead, chat_input_ids
 
     methods = list(dict.fromkeys(["plain"] + args.methods))
+    if args.compare_heads and not args.head:
+        raise ValueError("--compare-heads runs beside --head (method jetspec): pass --head too")
+    names = [head_name(path) for path in args.compare_heads]
+    if len(set(names)) != len(names) or head_name(args.head or "") in names:
+        raise ValueError(f"--compare-heads need distinct folder names, unlike --head's: {names}")
+    if names:  # each compared head right after `jetspec`, unless listed
+        extra = [f"jetspec@{name}" for name in names if f"jetspec@{name}" not in methods]
+        at = methods.index("jetspec") + 1 if "jetspec" in methods else len(methods)
+        methods = methods[:at] + extra + methods[at:]
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_target(args.target, **target_arguments(args))
     head = JetSpecHead.from_pretrained(args.head).bind(model) if args.head else None  # follows the target
+    other_heads = {name: JetSpecHead.from_pretrained(path).bind(model) for name, path in zip(names, args.compare_heads)}
     draft_model = None
     if args.draft_model:
         from transformers import AutoModelForCausalLM
 
         draft_model = AutoModelForCausalLM.from_pretrained(args.draft_model, dtype=model.dtype).to(model.device).eval()
     for method in methods:
-        method_kwargs(method, head, draft_model)  # fail on a bad method name before any work
+        method_kwargs(method, head, draft_model, other_heads)  # fail on a bad method name before any work
 
     prompts = interleaved(load_eval_prompts(args.data_dir, args.datasets, args.limit))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = {"target": args.target, "head": args.head, "draft_model": args.draft_model,
+                **({"compare_heads": dict(zip(names, args.compare_heads))} if names else {}),
                 "datasets": args.datasets, "limit": args.limit,
                 "max_new_tokens": args.max_new_tokens, "methods": methods, "greedy": args.temperature <= 0,
                 "head_tree": {"tree_budget": getattr(head.generation_config, "tree_budget", None),
@@ -480,7 +522,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     warm_up = chat_input_ids(tokenizer, "Hello").to(model.device)
     for method in methods:  # warm-up (also measures the verify cost that tree_budget="auto" uses, once)
-        run_one(model, head, warm_up, method, 4, draft_model)
+        run_one(model, head, warm_up, method, 4, draft_model, other_heads=other_heads)
     mismatches = 0
     with records_path.open("a") as handle:
         for index, row in enumerate(tqdm(prompts, desc="prompts")):
@@ -491,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if (row["dataset"], row["id"], method) in done:
                     continue
                 record = {**run_one(model, head, input_ids, method, args.max_new_tokens, draft_model,
-                                    args.temperature, prompt_seed(row["dataset"], row["id"])),
+                                    args.temperature, prompt_seed(row["dataset"], row["id"]), other_heads),
                           "dataset": row["dataset"],
                           "id": row["id"], "settings": settings}
                 runs[method] = record

@@ -101,6 +101,32 @@ def test_benchmark_end_to_end_and_resume(tmp_path, capsys):
     assert (out / "records.jsonl").read_text() == before
 
 
+def test_two_heads_side_by_side_in_one_run(tmp_path):
+    target, _ = save_tiny_target(tmp_path / "target")
+    JetSpecHead.from_target(target, num_hidden_layers=1, block_size=4).save_pretrained(tmp_path / "head")
+    other = JetSpecHead.from_target(target, num_hidden_layers=1, block_size=6, layer_family="qwen3")
+    other.save_pretrained(tmp_path / "heads" / "other-head")
+    write_eval_sets(tmp_path / "eval")
+    argv = ["--target", str(tmp_path / "target"), "--head", str(tmp_path / "head"), "--compare-heads",
+            str(tmp_path / "heads" / "other-head"), "--data-dir", str(tmp_path / "eval"), "--datasets", "alpha",
+            "--limit", "2", "--max-new-tokens", "10", "--methods", "plain", "jetspec", "prompt_lookup",
+            "--output-dir", str(tmp_path / "out")]
+    results = main(argv)
+    assert results["settings"]["methods"] == ["plain", "jetspec", "jetspec@other-head", "prompt_lookup"]
+    assert results["mismatches"] == 0
+    compared = [r for r in results["records"] if r["method"] == "jetspec@other-head"]
+    assert len(compared) == 2 and all("tau" in r and r["tree_budget"] for r in compared)  # its own stats, not --head's
+    row = next(r for r in results["summary"] if (r["dataset"], r["method"]) == ("alpha", "jetspec@other-head"))
+    low, high = row["vs_jetspec_ci95"]
+    assert low <= row["vs_jetspec"] <= high and "vs_prompt_lookup" in row
+    assert "vs_jetspec" not in next(r for r in results["summary"] if r["method"] == "jetspec")
+    assert "| alpha | jetspec@other-head |" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(ValueError, match="compare-heads"):
+        method_kwargs("jetspec@missing", object(), other_heads={"other-head": object()})
+    with pytest.raises(ValueError, match="--head"):
+        main([a for a in argv if a not in ("--head", str(tmp_path / "head"))])
+
+
 def test_summary_reports_a_mismatch():
     records = [
         {"dataset": "d", "id": "0", "method": "plain", "tokens": [1, 2], "new_tokens": 2, "seconds": 2.0},
