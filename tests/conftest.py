@@ -28,9 +28,10 @@ def _worker_threads() -> int | None:
     return max(1, cores // workers)
 
 
-if _worker_threads() is not None:
-    torch.set_num_threads(_worker_threads())
-    os.environ.setdefault("OMP_NUM_THREADS", str(_worker_threads()))  # subprocesses (vLLM server, venv probes)
+WORKER_THREADS = _worker_threads()
+if WORKER_THREADS is not None:
+    torch.set_num_threads(WORKER_THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(WORKER_THREADS))  # subprocesses (vLLM server, venv probes)
 
 
 def pytest_collection_modifyitems(config, items):
