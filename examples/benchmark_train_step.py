@@ -11,7 +11,7 @@ The two paths alternate which goes first; their losses must agree. Reports the m
 of their means with a 95% bootstrap interval over batches; saves `results.json` and `train_step.png` in `--out`.
 
 Usage (the features come from `jetspec-train --config training/recipes/smollm2-135m-cpu-qwen3.yaml --prepare_only true`):
-    python examples/benchmark_train_step.py --head heads/smollm2-135m-instruct-jetspec-vllm \\
+    python examples/benchmark_train_step.py --head heads/smollm2-135m-instruct-jetspec \\
         --features outputs/jetspec-data/smollm2-135m-corpus/features-1-14-27 --batches 12 --threads 2 --out outputs/train-step
 """
 

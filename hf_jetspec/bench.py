@@ -27,7 +27,7 @@ Methods:
 Usage:
     jetspec-bench --head heads/smollm2-135m-instruct-jetspec --datasets gsm8k_test mt_bench --limit 50 \\
         --max-new-tokens 256 --methods plain jetspec prompt_lookup --output-dir outputs/bench
-    jetspec-bench --head heads/smollm2-135m-instruct-jetspec --compare-heads heads/smollm2-135m-instruct-jetspec-vllm \\
+    jetspec-bench --head heads/smollm2-135m-instruct-jetspec --compare-heads heads/previous/smollm2-135m-instruct-jetspec-llama \\
         --methods plain jetspec prompt_lookup --output-dir outputs/bench-heads
 """
 

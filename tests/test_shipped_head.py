@@ -8,10 +8,12 @@ from huggingface_hub import ModelCard
 import hf_jetspec
 from hf_jetspec import JetSpecHead, chat_input_ids
 from hf_jetspec.default_target import DEFAULT_TARGET_SOURCE
+from hf_jetspec.vllm_export import vllm_incompatibility
 from hf_jetspec_hub.card import validate_card_metadata
 from hf_jetspec_hub.publish import CODE_FILES, REPO_FILES
 
 SHIPPED = Path(__file__).resolve().parents[1] / "heads" / "smollm2-135m-instruct-jetspec"
+TRAINING_FILES = ("training_state", "training_curve.json", "training_curve.png")
 # not from the eval sets (nor the training prompts)
 PROMPTS = [
     "A farmer has 12 cows and buys 3 times as many goats. He sells 10 goats. How many animals does he have now?",
@@ -22,7 +24,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_shipped_head_is_a_hub_repo_with_a_valid_card():
-    assert sorted(p.name for p in SHIPPED.iterdir()) == sorted(("README.md",) + REPO_FILES)
+    # plus what `jetspec-train --continue_training` reads to pick up where the last run stopped (not uploaded:
+    # `jetspec-publish` writes only the repo files)
+    assert sorted(p.name for p in SHIPPED.iterdir()) == sorted(("README.md",) + REPO_FILES + TRAINING_FILES)
+    assert sorted(p.name for p in (SHIPPED / "training_state").iterdir()) == [
+        "optimizer.pt", "scheduler.pt", "trainer_state.json"]
     assert (SHIPPED / "model.safetensors").stat().st_size <= 25 * 2**20
     card = ModelCard.load(SHIPPED / "README.md")
     validate_card_metadata(card)
@@ -56,3 +62,12 @@ def test_shipped_head_is_trained_and_lossless_on_the_default_target(default_targ
         accepted += head.last_generate_stats.accepted_drafts
         rounds += head.last_generate_stats.rounds
     assert (accepted + rounds) / rounds > 1.25  # an untrained head stays at ~1.0
+
+
+def test_shipped_head_is_family_independent_and_runs_on_vllm(default_target):
+    """The architecture the long training went into: Qwen3-style layers whatever the target's family, no
+    `anchor_context`, so vLLM's DFlash drafter runs it with the same drafts (served in `test_vllm_serve.py`)."""
+    model, tokenizer = default_target
+    head = JetSpecHead.from_pretrained(SHIPPED).bind(model, tokenizer)
+    assert head.config.target_model_type == "llama" and head.config.draft_model_type == "qwen3"
+    assert vllm_incompatibility(head) is None

@@ -24,7 +24,7 @@ from hf_jetspec.vllm_server import VLLMServer, build_venv, default_venv
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-HEAD_FOR_DEFAULT_TARGET = os.path.join(os.path.dirname(__file__), "..", "heads", "smollm2-135m-instruct-jetspec-vllm")
+HEAD_FOR_DEFAULT_TARGET = os.path.join(os.path.dirname(__file__), "..", "heads", "smollm2-135m-instruct-jetspec")
 PROMPTS = [
     "What is 12 times 7? Explain briefly.",
     "Write a haiku about autumn leaves.",

@@ -1,0 +1,1 @@
+../../../hf_jetspec/modeling_jetspec.py

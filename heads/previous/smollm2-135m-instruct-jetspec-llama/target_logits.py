@@ -1,0 +1,1 @@
+../../../hf_jetspec/target_logits.py

@@ -1,1 +1,0 @@
-../../hf_jetspec/configuration_jetspec.py

@@ -1,1 +1,0 @@
-../../hf_jetspec/masks.py

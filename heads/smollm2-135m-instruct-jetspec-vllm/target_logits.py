@@ -1,1 +1,0 @@
-../../hf_jetspec/target_logits.py
