@@ -42,14 +42,10 @@ VLLM_ARCHITECTURE = "DFlashDraftModel"
 _SCALED_EMBEDDINGS = ("ScaledWordEmbedding",)
 
 
-def vllm_incompatibility(head) -> str | None:
-    """Why `head` cannot be exported to vLLM's DFlash drafter with identical drafts, or `None`."""
-    if not isinstance(head, JetSpecHead):
-        base = head.get_base_model() if hasattr(head, "get_base_model") else None
-        if isinstance(base, JetSpecHead):
-            return "it is a PEFT-wrapped head: merge the adapters first (`head = head.merge_and_unload()`)"
-        return f"{type(head).__name__} is not a JetSpecHead"
-    config = head.config
+def vllm_config_incompatibilities(config) -> list[str]:
+    """What in a head's config (a [`JetSpecConfig`]) keeps vLLM's DFlash drafter from running it with the same
+    drafts; empty when nothing does. [`vllm_incompatibility`] adds what only the bound target shows (its embedding
+    module); the model card states the config's answer."""
     reasons = []
     if config.draft_model_type != "qwen3":
         reasons.append(
@@ -69,6 +65,17 @@ def vllm_incompatibility(head) -> str | None:
         )
     if list(config.target_layer_ids) != sorted(set(config.target_layer_ids)):
         reasons.append(f"its taps {config.target_layer_ids} are not strictly increasing; vLLM concatenates them sorted")
+    return reasons
+
+
+def vllm_incompatibility(head) -> str | None:
+    """Why `head` cannot be exported to vLLM's DFlash drafter with identical drafts, or `None`."""
+    if not isinstance(head, JetSpecHead):
+        base = head.get_base_model() if hasattr(head, "get_base_model") else None
+        if isinstance(base, JetSpecHead):
+            return "it is a PEFT-wrapped head: merge the adapters first (`head = head.merge_and_unload()`)"
+        return f"{type(head).__name__} is not a JetSpecHead"
+    reasons = vllm_config_incompatibilities(head.config)
     if head._target_modules is not None:
         embeddings = head._target_modules[0]
         if any(name in type(embeddings).__name__ for name in _SCALED_EMBEDDINGS):

@@ -9,6 +9,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
 from hf_jetspec.lookup import prompt_lookup_tokens
+from hf_jetspec.vllm_export import vllm_config_incompatibilities
 
 TEMPLATE = Path(__file__).with_name("jetspec_head_card.md")
 RESULT_FIELDS = ("dataset", "prompts", "max_new_tokens", "tau", "speedup", "hardware", "settings")
@@ -84,6 +85,35 @@ def rows_from_benchmark(results: dict, method: str | list[str] = "jetspec") -> l
     return rows
 
 
+def _head_layers(config) -> str:
+    layers = config.num_hidden_layers
+    family = {"qwen3": "Qwen3-style (the same whatever the target's family)"}.get(
+        config.draft_model_type, f"{config.draft_model_type} (the target family's)")
+    context = ", `anchor_context` on" if config.anchor_context else ""
+    return f"{layers} {family} decoder layer{'s' if layers != 1 else ''}{context}"
+
+
+def _vllm_serving(config) -> str:
+    reasons = vllm_config_incompatibilities(config)
+    if reasons:
+        return "not servable by vLLM's DFlash drafter: " + "; ".join(reasons)
+    return ("servable by vLLM's DFlash drafter (chains of up to block size - 1 drafts): `jetspec-export-vllm HEAD "
+            "OUT --target TARGET` writes that layout and checks its drafts against this head's")
+
+
+def _training_summary(recipe: dict | None) -> str | None:
+    if not recipe or recipe.get("global_steps") is None:
+        return None
+    parts = [f"{recipe['global_steps']:,} steps"]
+    if recipe.get("runs"):
+        parts.append(f"{len(recipe['runs'])} run{'s' if len(recipe['runs']) != 1 else ''}")
+    if recipe.get("total_cpu_hours") is not None:
+        parts.append(f"{recipe['total_cpu_hours']:.2f} CPU-hours in all")
+    if recipe.get("epochs") is not None:
+        parts.append(f"{recipe['epochs']} epochs")
+    return ", ".join(parts) + " (recipe and every run's command below)"
+
+
 def render_card(head, repo_id: str, results: list[dict] | None = None, license: str = "apache-2.0",
                 datasets: list[str] | None = None) -> ModelCard:
     """The model card of `head` for `repo_id`.
@@ -123,7 +153,9 @@ def render_card(head, repo_id: str, results: list[dict] | None = None, license: 
         card_data, template_path=str(TEMPLATE), model_name=model_name, repo_id=repo_id, base_model=base_model,
         target_name=config.target_name_or_path or base_model, target_note=target_note,
         target_model_type=config.target_model_type, target_num_hidden_layers=config.target_num_hidden_layers,
-        vocab_size=config.vocab_size, num_head_layers=config.num_hidden_layers, block_size=config.block_size,
+        vocab_size=config.vocab_size, head_layers=_head_layers(config), block_size=config.block_size,
+        block="causal block" if config.causal_block else "bidirectional block (DFlash-style)",
+        vllm=_vllm_serving(config), training_summary=_training_summary(recipe),
         target_layer_ids=config.target_layer_ids, num_parameters=f"{head.num_parameters():,}",
         tree_settings=_tree_setting("jetspec", {
             "tree_budget": head.generation_config.tree_budget or "auto", "tree_topk": head.generation_config.tree_topk,

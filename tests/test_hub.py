@@ -189,6 +189,24 @@ def test_card_renders_metadata_and_measured_numbers_with_hardware(saved_head, tm
         render_card(head, "someone/x", results=[{**RESULTS[0], "hardware": ""}])
 
 
+def test_card_states_the_architecture_whether_vllm_serves_it_and_the_training_compute(saved_head):
+    from hf_jetspec_hub import render_card
+
+    _, head, _ = saved_head  # from_target's defaults: anchor_context on, the last layer tapped
+    card = render_card(head, "someone/tiny-jetspec-head")
+    assert "| head | 2 Qwen3-style (the same whatever the target's family) decoder layers, `anchor_context` on, causal " \
+           "block of 6, taps on target layers [0, 2, 3] |" in card.text
+    assert "| vLLM | not servable by vLLM's DFlash drafter: anchor_context=True" in card.text
+    assert "taps the target's last layer (3)" in card.text
+    assert "| training |" not in card.text  # no recipe, no claim
+    head.config.anchor_context, head.config.target_layer_ids = False, [0, 1, 2]
+    head.config.training_recipe = {"global_steps": 1200, "runs": [{}, {}], "total_cpu_hours": 3.456, "epochs": 2.5}
+    card = render_card(head, "someone/tiny-jetspec-head")
+    assert "`anchor_context`" not in card.text.split("| vLLM |")[0]
+    assert "| vLLM | servable by vLLM's DFlash drafter" in card.text
+    assert "| training | 1,200 steps, 2 runs, 3.46 CPU-hours in all, 2.5 epochs" in card.text
+
+
 def test_card_rows_come_straight_from_benchmark_results(saved_head):
     from hf_jetspec.bench import summarize
     from hf_jetspec_hub import render_card, validate_card_metadata
