@@ -111,7 +111,7 @@ def _training_summary(recipe: dict | None) -> str | None:
         parts.append(f"{recipe['total_cpu_hours']:.2f} CPU-hours in all")
     if recipe.get("epochs") is not None:
         parts.append(f"{recipe['epochs']} epochs")
-    return ", ".join(parts) + " (recipe and every run's command below)"
+    return ", ".join(parts) + (" (every run's command in the recipe below)" if recipe.get("runs") else " (recipe below)")
 
 
 def render_card(head, repo_id: str, results: list[dict] | None = None, license: str = "apache-2.0",

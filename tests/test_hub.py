@@ -204,7 +204,7 @@ def test_card_states_the_architecture_whether_vllm_serves_it_and_the_training_co
     card = render_card(head, "someone/tiny-jetspec-head")
     assert "`anchor_context`" not in card.text.split("| vLLM |")[0]
     assert "| vLLM | servable by vLLM's DFlash drafter" in card.text
-    assert "| training | 1,200 steps, 2 runs, 3.46 CPU-hours in all, 2.5 epochs" in card.text
+    assert "| training | 1,200 steps, 2 runs, 3.46 CPU-hours in all, 2.5 epochs (every run's command" in card.text
 
 
 def test_card_rows_come_straight_from_benchmark_results(saved_head):
