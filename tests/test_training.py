@@ -152,7 +152,6 @@ def test_collator_pads_and_masks(tmp_path):
 def test_teacher_pass_labels_response_positions_only(tmp_path):
     from safetensors.torch import load_file
 
-    from hf_jetspec_training.features import feature_path
 
     target = make_tiny_target("llama").float().eval()
     generator = torch.Generator().manual_seed(0)
@@ -260,6 +259,41 @@ def test_training_over_the_batch_candidate_vocabulary(tmp_path, causal_block):
         torch.manual_seed(0)  # the same negative tokens
         losses.append(trainer.compute_loss(head, batch))
     torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_on_demand_teacher_features_train_as_the_precomputed_ones(tmp_path):
+    """`teacher_features="on_demand"` writes a row's feature file when a batch first reads it: a short run writes only
+    the rows it reached, those files match the up-front teacher pass, and the run matches a precomputed one."""
+    from safetensors.torch import load_file
+
+    from hf_jetspec import JetSpecHead
+
+    target, tokenizer, prompts = tiny_run_inputs(tmp_path, seed=11, count=16)
+    runs = {}
+    for mode in ("on_demand", "precompute"):
+        config = short_run_config(tmp_path / mode, prompts, max_steps=2, logging_steps=1, teacher_features=mode,
+                                  data_dir=str(tmp_path / mode / "data"), output_dir=str(tmp_path / mode / "run"))
+        trainer, final_dir = train(config, target=target, tokenizer=tokenizer)
+        runs[mode] = (trainer, final_dir, next((tmp_path / mode / "data").glob("features-*")))
+    (on_demand, on_dir, on_features), (precomputed, pre_dir, pre_features) = runs["on_demand"], runs["precompute"]
+    written = sorted(path.name for path in on_features.glob("*.safetensors"))
+    # 2 steps of 4 rows (and the batch the dataloader reads ahead), of 16
+    assert 2 * 4 <= len(written) <= 3 * 4 < len(list(pre_features.glob("*.safetensors")))
+    for name in written:
+        mine, theirs = load_file(str(on_features / name)), load_file(str(pre_features / name))
+        assert torch.equal(mine["input_ids"], theirs["input_ids"]) and torch.equal(mine["teacher_ids"], theirs["teacher_ids"])
+        torch.testing.assert_close(mine["taps"], theirs["taps"], atol=2e-3, rtol=2e-3)
+    losses = [[entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+              for trainer in (on_demand, precomputed)]
+    assert len(losses[0]) == 2
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-3, rtol=1e-3)  # same batches, same labels
+    run = JetSpecHead.from_pretrained(on_dir).config.training_recipe["runs"][-1]
+    assert run["teacher_rows_computed"] == len(written)
+    assert JetSpecHead.from_pretrained(pre_dir).config.training_recipe["runs"][-1]["teacher_rows_computed"] is None
+    with pytest.raises(ValueError, match="dataloader_num_workers"):
+        short_run_config(tmp_path, prompts, teacher_features="on_demand", dataloader_num_workers=2)
+    with pytest.raises(ValueError, match="teacher_features"):
+        short_run_config(tmp_path, prompts, teacher_features="lazy")
 
 
 def test_accelerate_launch_with_two_cpu_processes(tmp_path):

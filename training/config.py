@@ -83,6 +83,10 @@ class JetSpecTrainingConfig(_BaseConfig):
             (several times cheaper on CPUs, where the lm_head over anchor rows dominates a step).
         num_negative_tokens (`int`, defaults to 2048): random extra tokens of `loss_vocabulary="batch"`.
         data_dir (`str`, defaults to `"outputs/jetspec-data"`): cache of responses and teacher features.
+        teacher_features (`str`, defaults to `"precompute"`): `"precompute"` = the whole teacher pass before the first
+            step; `"on_demand"` = a batch's missing feature files are written when training first reads it (one target
+            forward per batch): training starts at once on a machine without the cache, and a run shorter than an
+            epoch pays only for the rows it reaches. The files are the same either way and are reused.
         prepare_only (`bool`, defaults to `False`): stop after the responses and teacher features are cached (prepare
             the data on one machine, train on another, or tune the training settings on cached data).
         eval_only (`bool`, defaults to `False`): train nothing; measure `head_init` (loss, depth-1 agreement, expected
@@ -145,6 +149,9 @@ class JetSpecTrainingConfig(_BaseConfig):
     loss_vocabulary: str = field(default="full", metadata={"help": "'full' or 'batch' (teacher top-k + negatives)."})
     num_negative_tokens: int = field(default=2048, metadata={"help": "Random extra tokens for loss_vocabulary=batch."})
     data_dir: str = field(default="outputs/jetspec-data", metadata={"help": "Cache of responses and features."})
+    teacher_features: str = field(
+        default="precompute", metadata={"help": "'precompute' (whole teacher pass first) or 'on_demand' (per batch)."}
+    )
     prepare_only: bool = field(default=False, metadata={"help": "Only cache responses and teacher features."})
     eval_only: bool = field(default=False, metadata={"help": "Measure head_init on the validation split and as many "
                                                              "training rows; train nothing."})
@@ -193,6 +200,11 @@ class JetSpecTrainingConfig(_BaseConfig):
             raise ValueError(f"`block_size` must be >= 2, got {self.block_size}")
         if self.max_anchors < 1 or self.teacher_topk < 1 or self.num_head_layers < 1:
             raise ValueError("`max_anchors`, `teacher_topk` and `num_head_layers` must be >= 1")
+        if self.teacher_features not in ("precompute", "on_demand"):
+            raise ValueError(f"`teacher_features` is 'precompute' or 'on_demand', got {self.teacher_features!r}")
+        if self.teacher_features == "on_demand" and self.dataloader_num_workers:
+            raise ValueError("`teacher_features='on_demand'` runs the target in the process that reads the batches: "
+                             "set `dataloader_num_workers=0` (or precompute the features)")
         if self.eval_only and not (self.head_init and self.corpus):
             raise ValueError("`eval_only` measures `head_init` on a `corpus` with a validation split: give both")
         if self.grow_to_layers is not None and not self.head_init:

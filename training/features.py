@@ -2,12 +2,15 @@
 
 For each sequence we keep the tapped hidden states (the head's context rows) and the target's top-k next-token
 distribution at every position (the labels), as one safetensors file per sequence. Written atomically, skipped when
-present, so a killed run resumes.
+present, so a killed run resumes. Either all up front ([`compute_teacher_features`], the `prepare_only` pass) or on
+demand as training reads each batch ([`OnDemandTeacher`], `teacher_features="on_demand"`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +45,55 @@ def teacher_topk(lm_head, hidden: torch.Tensor, prompt_length: int, topk: int) -
 
 
 @torch.no_grad()
+def write_teacher_features(
+    target,
+    rows: list[dict],
+    directory: str | Path,
+    target_layer_ids: list[int],
+    topk: int = 32,
+    dtype: torch.dtype = torch.float16,
+) -> list[Path]:
+    """One right-padded target forward over `rows`; writes each row's feature file (atomically) and returns the paths.
+
+    The files hold `input_ids`, `prompt_length`, `taps` `(T, K*H)`, `teacher_ids`/`teacher_probs` `(T, topk)` (the
+    labels at response positions only: [`teacher_topk`]).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    decoder = getattr(target, target.base_model_prefix)
+    lm_head = target.get_output_embeddings()
+    hidden_state_ids = [i + 1 for i in target_layer_ids]
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for index, row in enumerate(rows):
+        input_ids[index, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+        attention_mask[index, : len(row["input_ids"])] = 1
+    out = decoder(
+        input_ids=input_ids.to(target.device),
+        attention_mask=attention_mask.to(target.device),
+        output_hidden_states=hidden_state_ids,
+    )
+    taps = tap_features(out.hidden_states, target_layer_ids)
+    paths = []
+    for index, row in enumerate(rows):
+        length = len(row["input_ids"])
+        top_ids, top_probs = teacher_topk(lm_head, out.last_hidden_state[index, :length], row["prompt_length"], topk)
+        tensors = {
+            "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),
+            "prompt_length": torch.tensor([row["prompt_length"]], dtype=torch.long),
+            "taps": taps[index, :length].to(dtype).cpu().contiguous(),
+            "teacher_ids": top_ids.to(torch.int32).cpu().contiguous(),
+            "teacher_probs": top_probs.to(dtype).cpu().contiguous(),
+        }
+        path = feature_path(directory, row["id"])
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one writer per process: on-demand ranks may race on a row
+        save_file(tensors, str(tmp), metadata={"id": row["id"]})
+        tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
 def compute_teacher_features(
     target,
     rows: list[dict],
@@ -51,8 +103,8 @@ def compute_teacher_features(
     batch_size: int = 4,
     dtype: torch.dtype = torch.float16,
 ) -> list[Path]:
-    """Writes `input_ids`, `prompt_length`, `taps` `(T, K*H)`, `teacher_ids`/`teacher_probs` `(T, topk)` per row
-    (the labels at response positions only: [`teacher_topk`]).
+    """The whole teacher pass up front: [`write_teacher_features`] for every row without a feature file, shortest
+    first in batches of `batch_size` (little padding); returns every row's path.
 
     Args:
         target: the frozen causal LM.
@@ -64,48 +116,47 @@ def compute_teacher_features(
         dtype (`torch.dtype`): storage dtype of taps and probabilities.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     paths = [feature_path(directory, row["id"]) for row in rows]
     todo = sorted((row for row, path in zip(rows, paths) if not path.is_file()), key=lambda r: len(r["input_ids"]))
-    decoder = getattr(target, target.base_model_prefix)
-    lm_head = target.get_output_embeddings()
-    hidden_state_ids = [i + 1 for i in target_layer_ids]
     for start in tqdm(range(0, len(todo), batch_size), desc="teacher features", total=-(-len(todo) // batch_size)):
-        batch = todo[start : start + batch_size]
-        width = max(len(row["input_ids"]) for row in batch)
-        input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for index, row in enumerate(batch):
-            input_ids[index, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
-            attention_mask[index, : len(row["input_ids"])] = 1
-        out = decoder(
-            input_ids=input_ids.to(target.device),
-            attention_mask=attention_mask.to(target.device),
-            output_hidden_states=hidden_state_ids,
-        )
-        taps = tap_features(out.hidden_states, target_layer_ids)
-        for index, row in enumerate(batch):
-            length = len(row["input_ids"])
-            top_ids, top_probs = teacher_topk(lm_head, out.last_hidden_state[index, :length], row["prompt_length"], topk)
-            tensors = {
-                "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),
-                "prompt_length": torch.tensor([row["prompt_length"]], dtype=torch.long),
-                "taps": taps[index, :length].to(dtype).cpu().contiguous(),
-                "teacher_ids": top_ids.to(torch.int32).cpu().contiguous(),
-                "teacher_probs": top_probs.to(dtype).cpu().contiguous(),
-            }
-            path = feature_path(directory, row["id"])
-            tmp = path.with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata={"id": row["id"]})
-            tmp.replace(path)
+        write_teacher_features(target, todo[start : start + batch_size], directory, target_layer_ids, topk, dtype)
     return paths
 
 
-class TeacherFeatureDataset(Dataset):
-    """Sequences written by [`compute_teacher_features`], loaded lazily."""
+@dataclass
+class OnDemandTeacher:
+    """Writes the feature files of rows the first time a batch asks for them ([`TeacherFeatureDataset`] with
+    `teacher=`): training starts at once instead of after the whole teacher pass, and pays the target forward only
+    for the rows it reaches; later epochs (and later runs over the same `directory`) read the files.
+    """
 
-    def __init__(self, paths: list[str | Path]):
+    target: torch.nn.Module
+    rows: list[dict]
+    directory: Path
+    target_layer_ids: list[int]
+    topk: int = 32
+    dtype: torch.dtype = torch.float16
+    computed: int = 0
+
+    def ensure(self, indices: list[int], paths: list[Path]) -> None:
+        missing = [self.rows[i] for i, path in zip(indices, paths) if not path.is_file()]
+        if missing:
+            # padding costs less than one forward per row for the few rows of a training batch
+            write_teacher_features(self.target, missing, self.directory, self.target_layer_ids, self.topk, self.dtype)
+            self.computed += len(missing)
+
+
+class TeacherFeatureDataset(Dataset):
+    """Sequences written by [`compute_teacher_features`], loaded lazily; with `teacher` ([`OnDemandTeacher`]), the
+    missing ones are written when a batch first reads them (one target forward per batch, `__getitems__`)."""
+
+    def __init__(self, paths: list[str | Path], teacher: OnDemandTeacher | None = None):
         self.paths = [Path(p) for p in paths]
+        self.teacher = teacher
+        if teacher is not None:
+            if len(teacher.rows) != len(self.paths):
+                raise ValueError(f"{len(teacher.rows)} teacher rows for {len(self.paths)} feature paths")
+            return
         missing = [p for p in self.paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} feature files are missing, e.g. {missing[0]}: rerun the teacher pass")
@@ -113,5 +164,11 @@ class TeacherFeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        paths = [self.paths[i] for i in indices]
+        if self.teacher is not None:
+            self.teacher.ensure(list(indices), paths)
+        return [load_file(str(path)) for path in paths]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return load_file(str(self.paths[index]))
+        return self.__getitems__([index])[0]

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import TrlParser
 
@@ -33,7 +34,7 @@ from hf_jetspec.draft_vocab import coverage, select_draft_vocab, token_counts
 from .config import JetSpecTrainingConfig
 from .curve import save_training_curve
 from .data import generate_responses, load_prompts
-from .features import TeacherFeatureDataset, compute_teacher_features
+from .features import OnDemandTeacher, TeacherFeatureDataset, compute_teacher_features, feature_path
 from .grow import grow_head, migrate_optimizer_state
 from .resources import resolve_corpus, resolve_recipe
 from .trainer import ContinuedSchedule, JetSpecTrainer, TauCallback
@@ -116,11 +117,18 @@ def prepare_data(config: JetSpecTrainingConfig, target, tokenizer, target_layer_
             )
             del writer
         features = data_dir / f"features-{'-'.join(map(str, target_layer_ids))}"
-        paths = compute_teacher_features(target, responses, features, target_layer_ids, topk=config.teacher_topk)
-        if validation:
+        teacher = None
+        if config.teacher_features == "on_demand" and not config.prepare_only:
+            paths = [feature_path(features, row["id"]) for row in responses]
+            teacher = OnDemandTeacher(target, responses, features, target_layer_ids, topk=config.teacher_topk)
+            logger.info("teacher features on demand: %d of %d rows already cached in %s",
+                        sum(path.is_file() for path in paths), len(paths), features)
+        else:
+            paths = compute_teacher_features(target, responses, features, target_layer_ids, topk=config.teacher_topk)
+        if validation:  # small, and read whole at every evaluation: computed up front
             validation = TeacherFeatureDataset(
                 compute_teacher_features(target, validation, features, target_layer_ids, topk=config.teacher_topk))
-    return TeacherFeatureDataset(paths), held_out, skipped, responses, validation
+    return TeacherFeatureDataset(paths, teacher=teacher), held_out, skipped, responses, validation
 
 
 def continue_from_head(config: JetSpecTrainingConfig, head=None) -> tuple[str | None, dict | None, bool]:
@@ -211,6 +219,7 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         # embeddings and lm_head the head shares and whose features label the data, goes there too
         target.to(config.device)
     target.requires_grad_(False)
+    set_seed(config.seed)  # a new head's weights follow the seed, not whatever ran before in this process
     head = build_head(config, target)
     core = head.get_base_model() if config.use_peft else head
     holdout = config.tau_eval_prompts if config.tau_eval_steps else 0
@@ -273,6 +282,8 @@ def train(config: JetSpecTrainingConfig, target=None, tokenizer=None) -> tuple[J
         "command": " ".join([Path(sys.argv[0]).name, *(shlex.quote(arg) for arg in sys.argv[1:])]),  # no local paths
         "steps": [start_step, trainer.state.global_step],
         "sequences": len(dataset),
+        # on demand, this run's minutes include the target forwards that wrote these rows' features (this process)
+        "teacher_rows_computed": dataset.teacher.computed if dataset.teacher is not None else None,
         "train_minutes": run_minutes,
         "torch_threads": torch.get_num_threads(),
         "world_size": config.world_size,
