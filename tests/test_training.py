@@ -152,6 +152,8 @@ def test_collator_pads_and_masks(tmp_path):
 def test_teacher_pass_labels_response_positions_only(tmp_path):
     from safetensors.torch import load_file
 
+    from hf_jetspec_training.features import feature_path
+
 
     target = make_tiny_target("llama").float().eval()
     generator = torch.Generator().manual_seed(0)
