@@ -154,7 +154,6 @@ def test_teacher_pass_labels_response_positions_only(tmp_path):
 
     from hf_jetspec_training.features import feature_path
 
-
     target = make_tiny_target("llama").float().eval()
     generator = torch.Generator().manual_seed(0)
     rows = [{"id": "a", "input_ids": torch.randint(96, (14,), generator=generator).tolist(), "prompt_length": 5},
